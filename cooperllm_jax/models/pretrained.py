@@ -1,0 +1,122 @@
+"""One entry point for pretrained models: a name ('minilm', 'smollm2'), a HF directory or a GGUF file.
+
+Returns the model (pure functions), its params and its tokenizer. Encoders get a fresh
+classification head for the task; decoders classify by label words (prompt-based, as MeZO).
+"""
+
+import dataclasses
+import pathlib
+from typing import Optional, Sequence, Union
+
+import jax
+import jax.numpy as jnp
+
+from cooperllm_jax import assets
+from cooperllm_jax.errors import ConfigError, LoaderError
+from cooperllm_jax.models import gguf as gguf_lib
+from cooperllm_jax.models import hf
+from cooperllm_jax.models.decoder import Decoder
+from cooperllm_jax.models.encoder import Encoder
+from cooperllm_jax.models.spec import build_params, init_params
+
+Model = Union[Encoder, Decoder]
+EMBEDDED = {'minilm': assets.MINILM, 'smollm2': assets.SMOLLM2}
+
+
+@dataclasses.dataclass
+class Pretrained:
+  model: Model
+  params: dict
+  tokenizer: object          # a `tokenizers.Tokenizer`
+  pad_id: int
+  source: str
+
+  @property
+  def is_decoder(self) -> bool:
+    return isinstance(self.model, Decoder)
+
+
+def resolve(name_or_path: str) -> pathlib.Path:
+  if name_or_path in EMBEDDED:
+    return EMBEDDED[name_or_path].path()
+  path = pathlib.Path(name_or_path).expanduser()
+  if not path.exists():
+    raise LoaderError(f'model {name_or_path!r} is neither an embedded name '
+                      f'({", ".join(EMBEDDED)}) nor an existing path')
+  return path
+
+
+def label_token_ids(tokenizer, words: Sequence[str]) -> tuple[int, ...]:
+  """The first BPE token of ' word' for each label word (MeZO's verbalizer); must be distinct."""
+  ids = []
+  for w in words:
+    enc = tokenizer.encode(' ' + w.strip(), add_special_tokens=False).ids
+    if not enc:
+      raise ConfigError(f'label word {w!r} encodes to no token')
+    ids.append(enc[0])
+  if len(set(ids)) != len(ids):
+    raise ConfigError(f'label words {list(words)} do not start with distinct tokens')
+  return tuple(ids)
+
+
+def load_pretrained(name_or_path: str, *, num_labels: int = 2,
+                    label_words: Optional[Sequence[str]] = None, dtype: str = 'float32',
+                    param_dtype: str = 'float32', pooling: str = 'mean',
+                    seed: int = 0) -> Pretrained:
+  """Loads weights and tokenizer; `num_labels`/`pooling` shape encoder heads, `label_words` decoders."""
+  path = resolve(name_or_path)
+  pdtype = jnp.dtype(param_dtype)
+  if path.is_file() and path.suffix == '.gguf':
+    f = gguf_lib.GGUFFile(path)
+    tok = gguf_lib.tokenizer(f)
+    words = tuple(label_words or ())
+    cfg = gguf_lib.decoder_config(f, dtype=dtype, param_dtype=param_dtype,
+                                  label_token_ids=label_token_ids(tok, words) if words else ())
+    model = Decoder(cfg)
+    params = build_params(model.specs(), gguf_lib.make_fetch(f, cfg), str(path), pdtype)
+    return Pretrained(model, params, tok, cfg.pad_token_id, str(path))
+  if not path.is_dir():
+    raise LoaderError(f'{path}: expected a Hugging Face model directory or a .gguf file')
+  hf_cfg = hf.read_config(path)
+  kind = hf.model_type(path, hf_cfg)
+  tok, pad_id = hf_tokenizer(path)
+  if kind in hf.DECODER_TYPES:
+    words = tuple(label_words or ())
+    cfg = hf.decoder_config(hf_cfg, dtype=dtype, param_dtype=param_dtype,
+                            label_token_ids=label_token_ids(tok, words) if words else ())
+    model = Decoder(cfg)
+    store, table = hf.decoder_checkpoint(path)
+    params = build_params(model.specs(), hf.make_fetch(table, store.get, cfg.num_layers),
+                          str(path), pdtype)
+    return Pretrained(model, params, tok, pad_id, str(path))
+  cfg = hf.encoder_config(hf_cfg, num_labels=num_labels, pooling=pooling, dtype=dtype,
+                          param_dtype=param_dtype)
+  model = Encoder(cfg)
+  specs = model.specs()
+  store, table = hf.encoder_checkpoint(path, cfg.family)
+  fetch = hf.make_fetch(table, store.get, cfg.num_layers)
+  backbone = {k: v for k, v in specs.items() if k != 'head'}
+  params = build_params(backbone, fetch, str(path), pdtype)
+  head = dict(specs['head'])
+  params['head'] = {}
+  if 'pooler' in head:
+    params['head']['pooler'] = build_params(head.pop('pooler'), lambda p, s: fetch('head/pooler/' + p, s),
+                                            str(path), pdtype)
+  params['head'].update(init_params(head, jax.random.key(seed), pdtype))
+  return Pretrained(model, params, tok, pad_id, str(path))
+
+
+def hf_tokenizer(path: pathlib.Path):
+  """The directory's fast tokenizer (transformers' AutoTokenizer, files only) and its pad id."""
+  import os  # pylint: disable=g-import-not-at-top
+  os.environ.setdefault('HF_HUB_OFFLINE', '1')
+  from transformers import AutoTokenizer  # pylint: disable=g-import-not-at-top
+  try:
+    tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+  except (OSError, ValueError) as e:
+    raise LoaderError(f'{path}: no usable tokenizer files ({str(e).splitlines()[0]})') from None
+  pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+  backend = tok.backend_tokenizer
+  backend.no_padding()    # tokenizer.json may carry a fixed padding/truncation; data/ decides both
+  backend.no_truncation()
+  return backend, int(pad or 0)
