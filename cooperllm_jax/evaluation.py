@@ -1,0 +1,35 @@
+"""Held-out evaluation: accuracy and mean loss over a tokenized split, in fixed-size jitted batches."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from cooperllm_jax.models.common import classification_loss
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _eval_batch(model, params, batch):
+  logits = model.logits(params, batch)
+  correct = (logits.argmax(-1) == batch['labels']) * batch['weight']
+  loss = classification_loss(logits, batch['labels'], batch['weight']) * batch['weight'].sum()
+  return correct.sum(), loss
+
+
+def evaluate(model, params, arrays: dict, labels: np.ndarray, indices: np.ndarray,
+             batch_size: int = 64) -> dict:
+  """{'accuracy', 'loss', 'examples'} on arrays[indices]; the last batch is padded with weight 0."""
+  correct = total_loss = 0.0
+  for start in range(0, len(indices), batch_size):
+    idx = indices[start:start + batch_size]
+    pad = batch_size - len(idx)
+    take = np.concatenate([idx, np.full(pad, idx[0])])
+    batch = {'input_ids': arrays['input_ids'][take], 'attention_mask': arrays['attention_mask'][take],
+             'labels': labels[take].astype(np.int32),
+             'weight': np.concatenate([np.ones(len(idx)), np.zeros(pad)]).astype(np.float32)}
+    c, l = _eval_batch(model, params, jax.tree.map(jnp.asarray, batch))
+    correct += float(c)
+    total_loss += float(l)
+  n = len(indices)
+  return {'accuracy': correct / n, 'loss': total_loss / n, 'examples': n}

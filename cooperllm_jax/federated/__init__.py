@@ -1,0 +1,1 @@
+"""Federated rounds: client sampling and data, algorithms, edge aggregation."""

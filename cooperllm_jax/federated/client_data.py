@@ -1,0 +1,39 @@
+"""Per-round client batches: which clients take part, and the examples each one trains on.
+
+Everything is a deterministic function of (seed, round, client), so a run, a resumed run and the
+edge's replay see the same data. Batches come out stacked as [clients, local_steps, batch, ...] so
+one jitted call trains every sampled client.
+"""
+
+import numpy as np
+
+from cooperllm_jax.errors import ConfigError
+
+
+def sample_clients(num_clients: int, per_round: int, seed: int, round_index: int) -> np.ndarray:
+  """Sorted ids of the clients taking part in a round, without replacement."""
+  if not 1 <= per_round <= num_clients:
+    raise ConfigError(f'clients_per_round={per_round} must be in [1, num_clients={num_clients}]')
+  rng = np.random.default_rng([seed, round_index, 0x5A3])
+  return np.sort(rng.choice(num_clients, per_round, replace=False))
+
+
+def client_example_indices(client_indices: np.ndarray, steps: int, batch_size: int, seed: int,
+                           round_index: int, client: int) -> np.ndarray:
+  """[steps, batch] dataset indices: passes over a fresh permutation of the client's data."""
+  rng = np.random.default_rng([seed, round_index, client, 0xDA7A])
+  need = steps * batch_size
+  passes = -(-need // len(client_indices))
+  order = np.concatenate([rng.permutation(client_indices) for _ in range(passes)])
+  return order[:need].reshape(steps, batch_size)
+
+
+def round_batches(arrays: dict, labels: np.ndarray, clients: list, sampled: np.ndarray, steps: int,
+                  batch_size: int, seed: int, round_index: int):
+  """Stacked batches {name: [C, steps, batch, ...]} and per-client example counts [C]."""
+  idx = np.stack([client_example_indices(clients[c], steps, batch_size, seed, round_index, int(c))
+                  for c in sampled])
+  batches = {k: v[idx] for k, v in arrays.items() if k in ('input_ids', 'attention_mask')}
+  batches['labels'] = labels[idx].astype(np.int32)
+  counts = np.array([len(clients[c]) for c in sampled], np.float32)
+  return batches, counts
