@@ -11,6 +11,7 @@ import numpy as np
 
 from cooperllm_jax.errors import LoaderError
 from cooperllm_jax.models.decoder import DecoderConfig
+from cooperllm_jax.models.hf import check_shape
 
 SUPPORTED_ARCHS = ('llama',)
 SUPPORTED_TYPES = ('F32', 'F16', 'BF16', 'Q4_0', 'Q4_1', 'Q5_0', 'Q5_1', 'Q8_0', 'Q4_K', 'Q6_K')
@@ -89,11 +90,12 @@ def make_fetch(f: GGUFFile, cfg: DecoderConfig):
          'mlp/down/kernel': 'ffn_down.weight'}
   top = {'embed/token': 'token_embd.weight', 'final_norm/scale': 'output_norm.weight',
          'lm_head/kernel': 'output.weight'}
-  heads = {'attn/q/kernel': cfg.num_heads, 'attn/k/kernel': cfg.num_kv_heads,
-           'attn/q/bias': cfg.num_heads, 'attn/k/bias': cfg.num_kv_heads}
+  heads = {'layers/attn/q/kernel': cfg.num_heads, 'layers/attn/k/kernel': cfg.num_kv_heads,
+           'layers/attn/q/bias': cfg.num_heads, 'layers/attn/k/bias': cfg.num_kv_heads}
 
-  def one(path: str, name: str) -> np.ndarray:
-    w = f.get(name)
+  def one(path: str, name: str, shape) -> np.ndarray:
+    # Checked before un-permuting and stacking, which would fail on a bad shape without naming it.
+    w = check_shape(str(f.path), name, path, f.get(name), shape)
     if path in heads:
       w = unpermute_rope_rows(w, heads[path])
     return w.T if path.endswith('kernel') else w
@@ -103,10 +105,11 @@ def make_fetch(f: GGUFFile, cfg: DecoderConfig):
       sub = path[len('layers/'):]
       if sub not in blk:
         raise LoaderError(f'no GGUF mapping for parameter {path!r}')
-      return np.stack([one(sub, f'blk.{i}.{blk[sub]}') for i in range(cfg.num_layers)])
+      return np.stack([one(path, f'blk.{i}.{blk[sub]}', spec.shape[1:])
+                       for i in range(cfg.num_layers)])
     if path not in top:
       raise LoaderError(f'no GGUF mapping for parameter {path!r}')
-    return one(path, top[path])
+    return one(path, top[path], spec.shape)
 
   return fetch
 

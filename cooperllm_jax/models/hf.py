@@ -164,17 +164,34 @@ def _detect_prefix(store: SafetensorsDir, probe: str, prefixes) -> str:
   raise LoaderError(f'{store.directory}: missing tensor {probe!r} (tried prefixes {list(prefixes)})')
 
 
-def make_fetch(table: dict[str, str], get: Callable[[str], np.ndarray], num_layers: int):
-  """fetch(path, spec) for spec.build_params: stacks per-layer tensors and transposes kernels."""
+def check_shape(source: str, name: str, path: str, w: np.ndarray, shape) -> np.ndarray:
+  """Returns tensor `name` (file layout: [out, in] kernels) if it fits our `path` of `shape`."""
+  want = tuple(shape[::-1]) if path.endswith('kernel') else tuple(shape)
+  if tuple(w.shape) != want:
+    raise LoaderError(f'{source}: tensor {name!r} for {path!r} has shape {tuple(w.shape)}, '
+                      f'expected {want}')
+  return w
+
+
+def make_fetch(table: dict[str, str], get: Callable[[str], np.ndarray], num_layers: int,
+               source: str):
+  """fetch(path, spec) for spec.build_params: stacks per-layer tensors and transposes kernels.
+
+  Shapes are checked per tensor, so one mis-shaped layer is named (not a bare np.stack error).
+  """
 
   def fetch(path: str, spec) -> np.ndarray:
     if path not in table:
       raise LoaderError(f'no checkpoint mapping for parameter {path!r}')
     template = table[path]
-    load = lambda name: get(name).T if path.endswith('kernel') else get(name)
+
+    def load(name, shape):
+      w = check_shape(source, name, path, get(name), shape)
+      return w.T if path.endswith('kernel') else w
+
     if path.startswith('layers/'):
-      return np.stack([load(template.format(i=i)) for i in range(num_layers)])
-    return load(template)
+      return np.stack([load(template.format(i=i), spec.shape[1:]) for i in range(num_layers)])
+    return load(template, spec.shape)
 
   return fetch
 

@@ -68,10 +68,10 @@ def load_pretrained(name_or_path: str, *, num_labels: int = 2,
   pdtype = jnp.dtype(param_dtype)
   if path.is_file() and path.suffix == '.gguf':
     f = gguf_lib.GGUFFile(path)
+    cfg = gguf_lib.decoder_config(f, dtype=dtype, param_dtype=param_dtype)  # checks the arch first
     tok = gguf_lib.tokenizer(f)
-    words = tuple(label_words or ())
-    cfg = gguf_lib.decoder_config(f, dtype=dtype, param_dtype=param_dtype,
-                                  label_token_ids=label_token_ids(tok, words) if words else ())
+    if label_words:
+      cfg = dataclasses.replace(cfg, label_token_ids=label_token_ids(tok, tuple(label_words)))
     model = Decoder(cfg)
     params = build_params(model.specs(), gguf_lib.make_fetch(f, cfg), str(path), pdtype)
     return Pretrained(model, params, tok, cfg.pad_token_id, str(path))
@@ -86,7 +86,7 @@ def load_pretrained(name_or_path: str, *, num_labels: int = 2,
                             label_token_ids=label_token_ids(tok, words) if words else ())
     model = Decoder(cfg)
     store, table = hf.decoder_checkpoint(path)
-    params = build_params(model.specs(), hf.make_fetch(table, store.get, cfg.num_layers),
+    params = build_params(model.specs(), hf.make_fetch(table, store.get, cfg.num_layers, str(path)),
                           str(path), pdtype)
     return Pretrained(model, params, tok, pad_id, str(path))
   cfg = hf.encoder_config(hf_cfg, num_labels=num_labels, pooling=pooling, dtype=dtype,
@@ -94,7 +94,7 @@ def load_pretrained(name_or_path: str, *, num_labels: int = 2,
   model = Encoder(cfg)
   specs = model.specs()
   store, table = hf.encoder_checkpoint(path, cfg.family)
-  fetch = hf.make_fetch(table, store.get, cfg.num_layers)
+  fetch = hf.make_fetch(table, store.get, cfg.num_layers, str(path))
   backbone = {k: v for k, v in specs.items() if k != 'head'}
   params = build_params(backbone, fetch, str(path), pdtype)
   head = dict(specs['head'])
