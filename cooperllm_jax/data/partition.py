@@ -7,14 +7,13 @@ partition and nothing depends on (or disturbs) global random state.
 import dataclasses
 import json
 import os
-import pathlib
-import tempfile
 import zipfile
 from typing import Union
 
 import numpy as np
 
 from cooperllm_jax.errors import ConfigError, DataError
+from cooperllm_jax.io import save_npz_atomic
 
 SCHEMES = ('iid', 'dirichlet')
 
@@ -40,18 +39,9 @@ class Partition:
 
   def save(self, path: Union[str, os.PathLike]) -> None:
     """Writes an .npz atomically, so an interrupted run never leaves a truncated partition."""
-    path = pathlib.Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     arrays = {f'client_{i:05d}': c for i, c in enumerate(self.clients)}
     arrays.update(public=self.public, test=self.test, meta=np.asarray(json.dumps(self.meta)))
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f'.{path.name}.', suffix='.tmp')
-    try:
-      with os.fdopen(fd, 'wb') as f:
-        np.savez(f, **arrays)
-      os.replace(tmp, path)
-    except BaseException:
-      os.unlink(tmp)
-      raise
+    save_npz_atomic(path, arrays)
 
   @classmethod
   def load(cls, path: Union[str, os.PathLike]) -> 'Partition':

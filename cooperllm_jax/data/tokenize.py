@@ -7,7 +7,6 @@ copy of it, so the caller's padding and truncation settings are never changed.
 import hashlib
 import os
 import pathlib
-import tempfile
 import zipfile
 from typing import Literal, Optional, Sequence, Union
 
@@ -15,6 +14,7 @@ import numpy as np
 import tokenizers
 
 from cooperllm_jax.errors import ConfigError
+from cooperllm_jax.io import save_npz_atomic
 
 _KEYS = ('input_ids', 'attention_mask', 'length')
 _CACHE_VERSION = b'cooperllm-tokens-v1'
@@ -52,16 +52,8 @@ def _read_cache(path: pathlib.Path, n: int, max_length: int) -> Optional[dict[st
 
 
 def _write_cache(path: pathlib.Path, arrays: dict[str, np.ndarray]) -> None:
-  """Writes via a temp file and os.replace, so readers never see a half-written cache entry."""
-  path.parent.mkdir(parents=True, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f'.{path.stem}.', suffix='.tmp')
-  try:
-    with os.fdopen(fd, 'wb') as f:
-      np.savez(f, **arrays)
-    os.replace(tmp, path)
-  except BaseException:
-    os.unlink(tmp)
-    raise
+  """Atomic, so readers never see a half-written cache entry."""
+  save_npz_atomic(path, arrays)
 
 
 def _encode(tok: tokenizers.Tokenizer, texts: list[str], max_length: int, pad_id: int,
