@@ -13,6 +13,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from helpers import padded_batch
+
 gguf = pytest.importorskip('gguf')
 torch = pytest.importorskip('torch')
 transformers = pytest.importorskip('transformers')
@@ -143,13 +145,9 @@ def _write(path, model=None, *, quant=None, omit=(), replace=None, arch='llama',
 
 
 def _batch(pre):
-  encs = [pre.tokenizer.encode(t).ids for t in TEXTS]
-  ids = np.full((len(encs), max(map(len, encs))), pre.pad_id, np.int32)
-  mask = np.zeros_like(ids)
-  for i, e in enumerate(encs):
-    ids[i, :len(e)], mask[i, :len(e)] = e, 1
-  assert len(set(mask.sum(1))) == len(TEXTS)   # really padded
-  return {'input_ids': ids, 'attention_mask': mask}
+  batch = padded_batch(pre.tokenizer, TEXTS, pre.pad_id)
+  assert len(set(batch['attention_mask'].sum(1))) == len(TEXTS)   # really padded
+  return batch
 
 
 def _ours(pre, batch):

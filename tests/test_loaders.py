@@ -16,6 +16,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from helpers import padded_batch
+
 torch = pytest.importorskip('torch')
 transformers = pytest.importorskip('transformers')
 from safetensors.numpy import load_file, save_file  # pylint: disable=g-import-not-at-top
@@ -89,12 +91,7 @@ def _save(family, directory, **save_kw):
 
 
 def _batch(pre):
-  encs = [pre.tokenizer.encode(t).ids for t in TEXTS]
-  ids = np.full((len(encs), max(map(len, encs))), pre.pad_id, np.int32)
-  mask = np.zeros_like(ids)
-  for i, e in enumerate(encs):
-    ids[i, :len(e)], mask[i, :len(e)] = e, 1
-  return {'input_ids': ids, 'attention_mask': mask}
+  return padded_batch(pre.tokenizer, TEXTS, pre.pad_id)
 
 
 def _ours(pre, batch):

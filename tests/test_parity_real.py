@@ -14,6 +14,7 @@ torch = pytest.importorskip('torch')
 transformers = pytest.importorskip('transformers')
 
 from cooperllm_jax import assets
+from helpers import padded_batch
 from cooperllm_jax.models.spec import path_str
 
 pytestmark = pytest.mark.slow
@@ -23,19 +24,9 @@ TEXTS = ['The Fed raised interest rates again on Wednesday.',
          'Manchester United beat Arsenal 2-1 in a thrilling Premier League match at Old Trafford.']
 
 
-def _batch(tokenizer, texts, pad_id):
-  encs = [tokenizer.encode(t).ids for t in texts]
-  t = max(map(len, encs))
-  ids = np.full((len(texts), t), pad_id, np.int32)
-  mask = np.zeros((len(texts), t), np.int32)
-  for i, e in enumerate(encs):
-    ids[i, :len(e)], mask[i, :len(e)] = e, 1
-  return {'input_ids': ids, 'attention_mask': mask}
-
-
 def test_minilm_matches_torch_bert(minilm):
   ref = transformers.BertModel.from_pretrained(str(assets.MINILM.path())).eval()
-  batch = _batch(minilm.tokenizer, TEXTS, minilm.pad_id)
+  batch = padded_batch(minilm.tokenizer, TEXTS, minilm.pad_id)
   with torch.no_grad():
     out = ref(input_ids=torch.tensor(batch['input_ids']).long(),
               attention_mask=torch.tensor(batch['attention_mask']).long())
@@ -87,7 +78,7 @@ def _assert_logits_close(ours, ref, mask):
 
 
 def test_smollm2_matches_torch_llama_same_weights(smollm2):
-  batch = _batch(smollm2.tokenizer, TEXTS, smollm2.pad_id)
+  batch = padded_batch(smollm2.tokenizer, TEXTS, smollm2.pad_id)
   ours = np.asarray(jax.jit(smollm2.model.lm_logits)(smollm2.params, jax.tree.map(jnp.asarray, batch)))
   ref = _torch_logits(_torch_llama_from_ours(smollm2), batch)
   _assert_logits_close(ours, ref, batch['attention_mask'].astype(bool))
@@ -105,7 +96,7 @@ def hf_gguf_smollm2():
 
 def test_smollm2_matches_transformers_gguf_loader(smollm2, hf_gguf_smollm2):
   _, ref_model = hf_gguf_smollm2
-  batch = _batch(smollm2.tokenizer, TEXTS, smollm2.pad_id)
+  batch = padded_batch(smollm2.tokenizer, TEXTS, smollm2.pad_id)
   ours = np.asarray(jax.jit(smollm2.model.lm_logits)(smollm2.params, jax.tree.map(jnp.asarray, batch)))
   _assert_logits_close(ours, _torch_logits(ref_model, batch), batch['attention_mask'].astype(bool))
 
@@ -124,7 +115,7 @@ def test_smollm2_greedy_next_token_is_sensible(smollm2, hf_gguf_smollm2):
   ref_tok, ref_model = hf_gguf_smollm2
   for prompt, expected in [('The capital of France is', ' Paris'),
                            ('One, two, three, four,', ' five')]:
-    batch = _batch(smollm2.tokenizer, [prompt], smollm2.pad_id)
+    batch = padded_batch(smollm2.tokenizer, [prompt], smollm2.pad_id)
     ours = int(jax.jit(smollm2.model.next_token_logits)(smollm2.params, batch)[0].argmax())
     ref = int(_torch_logits(ref_model, batch)[0, -1].argmax())
     assert ours == ref
