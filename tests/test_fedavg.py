@@ -76,7 +76,7 @@ def test_fedavg_learns_a_separable_task():
   arrays, labels = _task(n=128)
   round_fn = fedavg_bp.make_round(fedavg_bp.make_client_update(model, optax.adam(3e-3)))
   clients = np.array_split(np.arange(128), 4)
-  loss = fedavg_bp.make_loss(model)
+  loss = make_loss(model)
   full = jax.tree.map(jnp.asarray, {**arrays, 'labels': labels})
   before = float(loss(params, full))
   for r in range(1, 9):

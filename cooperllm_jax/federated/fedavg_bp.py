@@ -11,16 +11,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from cooperllm_jax.models.common import classification_loss
-
-
-def make_loss(model) -> Callable:
-  """loss(params, batch) -> mean float32 cross-entropy of the model's class logits."""
-
-  def loss(params, batch):
-    return classification_loss(model.logits(params, batch), batch['labels'], batch.get('weight'))
-
-  return loss
+from cooperllm_jax.models.common import make_loss
 
 
 def make_client_update(model, optimizer: optax.GradientTransformation) -> Callable:

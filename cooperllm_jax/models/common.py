@@ -1,22 +1,37 @@
-"""What every model shares: the perturbation hook and the classification loss."""
+"""What every model shares: the perturbation hooks and the classification loss."""
 
-from typing import Any, Callable, Optional
+from typing import Any, Optional, Protocol
 
 import jax
 import jax.numpy as jnp
 
 Params = Any
 
-# perturb(group, params_of_group, layer_index) -> params_of_group.
-# `group` is a top-level key of the params dict ('embed', 'layers', 'head', ...). For 'layers' the
-# hook runs inside the lax.scan body with that layer's slice and a traced layer index, so a
-# zeroth-order client can perturb one layer at a time (memory like inference); for other groups it
-# runs once with layer_index=None.
-Perturb = Callable[[str, Params, Optional[jax.Array]], Params]
+
+class Perturb(Protocol):
+  """How a zeroth-order client changes the weights a forward pass sees, without copying the model.
+
+  `group(name, params, layer)` gets a top-level group's dense leaves ('layers', 'head', the embedding
+  norm, ...) and returns them perturbed. For 'layers' it runs inside the lax.scan body with one
+  layer's slice and the traced layer index, so at most one perturbed layer is alive at a time.
+  `rows(path, table, ids)` returns table[ids] perturbed, for embedding tables: only the looked-up rows
+  are ever materialized. Models never pass a table to `group`.
+  """
+
+  def group(self, name: str, params: Params, layer: Optional[jax.Array]) -> Params:
+    ...
+
+  def rows(self, path: tuple, table: jax.Array, ids: jax.Array) -> jax.Array:
+    ...
 
 
 def hook(perturb: Optional[Perturb], group: str, params: Params, layer=None) -> Params:
-  return params if perturb is None else perturb(group, params, layer)
+  return params if perturb is None else perturb.group(group, params, layer)
+
+
+def lookup(perturb: Optional[Perturb], path: tuple, table: jax.Array, ids: jax.Array) -> jax.Array:
+  """table[ids], through the perturbation's row hook when there is one."""
+  return table[ids] if perturb is None else perturb.rows(path, table, ids)
 
 
 def scan_layers(body, x, layers: Params, perturb: Optional[Perturb]):
@@ -39,3 +54,14 @@ def classification_loss(logits, labels, weight=None):
     return nll.mean()
   weight = weight.astype(jnp.float32)
   return (nll * weight).sum() / jnp.maximum(weight.sum(), 1.0)
+
+
+def make_loss(model):
+  """loss(params, batch, perturb=None) -> float32 mean cross-entropy of the model's class logits,
+  masked by batch['weight'] when present."""
+
+  def loss(params, batch, perturb: Optional[Perturb] = None):
+    return classification_loss(model.logits(params, batch, perturb), batch['labels'],
+                               batch.get('weight'))
+
+  return loss

@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 
 from cooperllm_jax.models import layers as L
-from cooperllm_jax.models.common import Perturb, hook, scan_layers
+from cooperllm_jax.models.common import Perturb, hook, lookup, scan_layers
 from cooperllm_jax.models.spec import ParamSpec, init_params, stack_specs
 
 
@@ -102,22 +102,30 @@ class Decoder:
     return x + L.linear(m['down'], gated, dtype)
 
   def _body(self, params, batch, perturb):
-    """Returns (final-normed hidden [B, T, H], the possibly perturbed unembedding [V, H])."""
+    """(final-normed hidden [B, T, H], unembed) where unembed(ids) gives unembedding rows [N, H].
+
+    Tied models look their head rows up in the token table, so scoring a few label words never
+    materializes (or perturbs) the whole vocabulary.
+    """
     c = self.cfg
     ids, mask = batch['input_ids'], batch['attention_mask']
-    e = hook(perturb, 'embed', params['embed'])
-    x = e['token'][ids].astype(jnp.dtype(c.dtype))
+    table = params['embed']['token']
+    x = lookup(perturb, ('embed', 'token'), table, ids).astype(jnp.dtype(c.dtype))
     positions = jnp.broadcast_to(jnp.arange(ids.shape[1], dtype=jnp.int32), ids.shape)
     x = scan_layers(lambda y, p: self._layer(y, p, mask, positions), x, params['layers'], perturb)
     x = L.rms_norm(hook(perturb, 'final_norm', params['final_norm']), x, c.rms_norm_eps)
     if c.tie_embeddings:
-      return x, e['token']
-    return x, hook(perturb, 'lm_head', params['lm_head'])['kernel'].T
+      return x, lambda rows: lookup(perturb, ('embed', 'token'), table, rows)
+    return x, lambda rows: hook(perturb, 'lm_head', params['lm_head'])['kernel'].T[rows]
+
+  def _vocab(self):
+    return jnp.arange(self.cfg.vocab_size, dtype=jnp.int32)
 
   def lm_logits(self, params, batch, perturb: Optional[Perturb] = None):
     """Next-token logits [B, T, V] in float32."""
-    x, out = self._body(params, batch, perturb)
-    return jnp.einsum('bth,vh->btv', x, out.astype(x.dtype), preferred_element_type=jnp.float32)
+    x, unembed = self._body(params, batch, perturb)
+    out = unembed(self._vocab()).astype(x.dtype)
+    return jnp.einsum('bth,vh->btv', x, out, preferred_element_type=jnp.float32)
 
   def lm_loss(self, params, batch, perturb: Optional[Perturb] = None):
     """Mean causal-LM cross-entropy over real next tokens, float32."""
@@ -129,20 +137,21 @@ class Decoder:
     return (nll * valid).sum() / jnp.maximum(valid.sum(), 1.0)
 
   def last_hidden(self, params, batch, perturb: Optional[Perturb] = None):
-    """Hidden state at each row's last real token [B, H], and the unembedding [V, H]."""
-    x, out = self._body(params, batch, perturb)
+    """Hidden state at each row's last real token [B, H], and the unembed(ids) function."""
+    x, unembed = self._body(params, batch, perturb)
     last = jnp.maximum(batch['attention_mask'].sum(-1) - 1, 0)
-    return jnp.take_along_axis(x, last[:, None, None], axis=1)[:, 0], out
+    return jnp.take_along_axis(x, last[:, None, None], axis=1)[:, 0], unembed
 
   def next_token_logits(self, params, batch, perturb: Optional[Perturb] = None):
     """LM logits [B, V] at each row's last real token (greedy generation, prompt scoring)."""
-    h, out = self.last_hidden(params, batch, perturb)
-    return jnp.einsum('bh,vh->bv', h, out.astype(h.dtype), preferred_element_type=jnp.float32)
+    h, unembed = self.last_hidden(params, batch, perturb)
+    out = unembed(self._vocab()).astype(h.dtype)
+    return jnp.einsum('bh,vh->bv', h, out, preferred_element_type=jnp.float32)
 
   def logits(self, params, batch, perturb: Optional[Perturb] = None):
     """Class logits [B, C]: the LM logits of the label words only (never the full vocabulary)."""
     if not self.cfg.label_token_ids:
       raise ValueError('DecoderConfig.label_token_ids is empty: set one label word per class')
-    h, out = self.last_hidden(params, batch, perturb)
-    words = out[jnp.asarray(self.cfg.label_token_ids)].astype(h.dtype)
+    h, unembed = self.last_hidden(params, batch, perturb)
+    words = unembed(jnp.asarray(self.cfg.label_token_ids, jnp.int32)).astype(h.dtype)
     return jnp.einsum('bh,ch->bc', h, words, preferred_element_type=jnp.float32)

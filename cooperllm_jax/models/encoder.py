@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 
 from cooperllm_jax.models import layers as L
-from cooperllm_jax.models.common import Perturb, hook, scan_layers
+from cooperllm_jax.models.common import Perturb, hook, lookup, scan_layers
 from cooperllm_jax.models.spec import ParamSpec, init_params, stack_specs
 
 POOLINGS = ('mean', 'cls', 'pooler')
@@ -111,12 +111,14 @@ class Encoder:
     c = self.cfg
     dtype = jnp.dtype(c.dtype)
     ids, mask = batch['input_ids'], batch['attention_mask']
-    e = hook(perturb, 'embed', params['embed'])
-    x = e['token'][ids] + e['position'][self._positions(mask)]
+    e = params['embed']
+    x = (lookup(perturb, ('embed', 'token'), e['token'], ids)
+         + lookup(perturb, ('embed', 'position'), e['position'], self._positions(mask)))
     if c.type_vocab_size:
       types = batch.get('token_type_ids', jnp.zeros_like(ids))
-      x = x + e['type'][types]
-    x = L.layer_norm(e['norm'], x.astype(dtype), c.layer_norm_eps)
+      x = x + lookup(perturb, ('embed', 'type'), e['type'], types)
+    norm = hook(perturb, 'embed', {'norm': e['norm']})['norm']
+    x = L.layer_norm(norm, x.astype(dtype), c.layer_norm_eps)
     return scan_layers(lambda y, p: self._layer(y, p, mask), x, params['layers'], perturb)
 
   def pool(self, head, hidden, mask):

@@ -1,0 +1,237 @@
+"""Federated algorithms behind one interface, selected by name.
+
+Every algorithm is an object with
+    init(params) -> state                              the edge's state (a pytree)
+    run_round(state, batches, counts, clients, round_index) -> (state, RoundResult)
+    model_params(state) -> params                      plain model params (LoRA merged) to evaluate
+where batches is {name: [C, S, B, ...]} (C sampled clients, S local steps), counts float32 [C]
+(examples held by each client: the FedAvg weights) and clients int32 [C] (their ids).
+
+  fedmezo    ZO local steps (MeZO), uplink scalars, edge replays every client's ledger.
+  fedkseed   K candidate seeds fixed for the run; one (seed index, scalar) per step; the model is
+             init + sum_k a_k z_k, so a client syncs from the K accumulators (16 KB at K = 4096).
+  decomfl    server-issued directions shared by all clients; scalars both ways; a client that missed
+             rounds catches up by replaying the broadcast scalars of those rounds.
+  fwdllm     directions chosen by cosine similarity to the previous global update, extra probes while
+             the estimate is noisy (see federated/fwdllm.py).
+  fedavg_bp  clients backprop with optax; FedAvg of dense deltas (the first-order upper bound).
+"""
+
+import dataclasses
+import math
+from typing import Any, Callable, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from cooperllm_jax.errors import ConfigError
+from cooperllm_jax.federated import fedavg_bp, fwdllm, zo
+from cooperllm_jax.models.common import make_loss
+from cooperllm_jax.zoo.perturb import coefficients, replay
+from cooperllm_jax.zoo.spsa import Estimator
+from cooperllm_jax.zoo.trainable import Subset
+
+SCALAR_BYTES = 4
+COUNT_BYTES = 4   # a client's example count, sent with its update
+
+
+@dataclasses.dataclass
+class RoundResult:
+  losses: np.ndarray            # [C, S] mean training loss of each local step
+  uplink_bytes: np.ndarray      # [C] bytes each client sent
+  broadcast_bytes: int          # bytes of what this round adds to the global model, as broadcast
+  forwards: np.ndarray          # [C] forward passes each client ran
+  backwards: np.ndarray         # [C] backward passes each client ran
+  uplink: Optional[zo.Uplink] = None  # the round's ledger (scalar protocols), [C, S, P, ...]
+
+
+def tree_bytes(tree) -> int:
+  return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree))
+
+
+@dataclasses.dataclass
+class ZOAlgorithm:
+  """The scalar protocols: fedmezo, fedkseed, decomfl, fwdllm."""
+  name: str
+  model: Any
+  est: Estimator
+  subset: Subset
+  lr: float
+  seed: int
+  chunk: int = 1
+  backend: str = 'map'
+  kseed_candidates: int = 4096
+  fwdllm_candidates: int = 4
+  fwdllm_min_probes: int = 1
+  fwdllm_var_threshold: float = 0.5
+
+  def __post_init__(self):
+    loss = make_loss(self.model)
+    if self.name == 'fwdllm':
+      self.client_update = fwdllm.make_client_update(
+          loss, self.est, self.subset, self.fwdllm_candidates, self.fwdllm_min_probes,
+          self.fwdllm_var_threshold)
+    else:
+      address_fn = {'fedmezo': zo.own_addresses, 'decomfl': zo.shared_addresses,
+                    'fedkseed': zo.candidate_addresses(self.kseed_candidates)}[self.name]
+      self.client_update = zo.make_client_update(loss, self.est, self.subset, address_fn)
+    self._jit_round = jax.jit(
+        lambda t, rest, *args: self._round(dict(rest, trainable=t), *args), donate_argnums=0)
+    self._jit_client = jax.jit(self.client_update)
+
+  # -- state ---------------------------------------------------------------------------------
+  def init(self, params):
+    trainable, frozen = self.subset.split(params, jax.random.key(self.seed))
+    # Our own copy: rounds donate (update in place) the trainable weights, never the caller's.
+    state = {'trainable': jax.tree.map(jnp.copy, trainable), 'frozen': frozen}
+    if self.name == 'fwdllm':  # the previous global update, which guides the next directions
+      state['prev_update'] = jax.tree.map(lambda x: jnp.zeros(x.shape, jnp.float32), trainable)
+    return state
+
+  def model_params(self, state):
+    return self.subset.materialize(state['frozen'], state['trainable'])
+
+  # -- one round -----------------------------------------------------------------------------
+  def _client_args(self, state):
+    extra = (state['prev_update'],) if self.name == 'fwdllm' else ()
+    return state['trainable'], state['frozen'], extra
+
+  def _edge(self, state, uplinks, counts):
+    weights = counts / counts.sum()
+    trainable = state['trainable']
+    if self.name == 'decomfl':
+      uplinks_for_replay = zo.average_shared(uplinks, weights)
+      coefs = coefficients(self.lr, uplinks_for_replay.scalars, uplinks_for_replay.weights)
+    else:
+      uplinks_for_replay = uplinks
+      coefs = coefficients(self.lr, uplinks.scalars, uplinks.weights) * weights[:, None, None]
+    new = replay(trainable, self.seed, uplinks_for_replay.addresses.reshape(-1, 4),
+                 coefs.reshape(-1), self.est.distribution)
+    state = dict(state, trainable=new)
+    if self.name == 'fwdllm':
+      state['prev_update'] = jax.tree.map(
+          lambda a, b: a.astype(jnp.float32) - b.astype(jnp.float32), new, trainable)
+    return state
+
+  def _round(self, state, batches, counts, clients, round_index):
+    trainable, frozen, extra = self._client_args(state)
+
+    def one(inputs):
+      b, c = inputs
+      _, uplink, losses = self.client_update(trainable, frozen, b, self.seed, round_index, c,
+                                             self.lr, *extra)
+      return uplink, losses
+
+    uplinks, losses = jax.lax.map(one, (batches, clients), batch_size=self.chunk)
+    return self._edge(state, uplinks, counts), uplinks, losses
+
+  def _loop_round(self, state, batches, counts, clients, round_index):
+    trainable, frozen, extra = self._client_args(state)
+    outs = []
+    for i in range(len(clients)):
+      b = jax.tree.map(lambda x: x[i], batches)
+      _, uplink, losses = self._jit_client(trainable, frozen, b, self.seed, round_index,
+                                           clients[i], self.lr, *extra)
+      outs.append((uplink, losses))
+    uplinks, losses = jax.tree.map(lambda *xs: jnp.stack(xs), *outs)
+    return self._edge(state, uplinks, counts), uplinks, losses
+
+  def run_round(self, state, batches, counts, clients, round_index):
+    args = (batches, jnp.asarray(counts, jnp.float32), jnp.asarray(clients, jnp.int32),
+            jnp.int32(round_index))
+    if self.backend == 'map':
+      rest = {k: v for k, v in state.items() if k != 'trainable'}
+      state, uplinks, losses = self._jit_round(state['trainable'], rest, *args)
+    else:
+      state, uplinks, losses = self._loop_round(state, *args)
+    uplinks = jax.tree.map(np.asarray, uplinks)
+    return state, self._account(uplinks, np.asarray(losses))
+
+  # -- accounting ----------------------------------------------------------------------------
+  def _account(self, uplinks: zo.Uplink, losses) -> RoundResult:
+    used = (uplinks.weights > 0).sum(axis=(1, 2))                      # [C] probes run
+    steps = uplinks.scalars.shape[1]
+    per_probe_extra = {'fedkseed': math.ceil(math.log2(self.kseed_candidates) / 8),
+                       'fwdllm': 1}.get(self.name, 0)                    # candidate index bytes
+    up = used * (SCALAR_BYTES + per_probe_extra) + COUNT_BYTES
+    if self.name == 'fwdllm':
+      up = up + steps                                                   # probe count per step
+    base_forwards = 0 if self.est.scheme == 'central' else steps
+    forwards = used * (2 if self.est.scheme == 'central' else 1) + base_forwards
+    clients = uplinks.scalars.shape[0]
+    if self.name == 'fedkseed':
+      broadcast = self.kseed_candidates * SCALAR_BYTES                 # the K accumulators
+    elif self.name == 'decomfl':
+      broadcast = steps * self.est.probes * SCALAR_BYTES
+    else:                                                               # every client's entries
+      broadcast = int(up.sum()) + clients * 4                           # + client ids
+    return RoundResult(losses=losses, uplink_bytes=up.astype(np.int64), broadcast_bytes=broadcast,
+                       forwards=forwards.astype(np.int64),
+                       backwards=np.zeros_like(forwards, np.int64), uplink=uplinks)
+
+  def dense_bytes(self, state) -> int:
+    return tree_bytes(state['trainable'])
+
+  @property
+  def sync_is_stateless(self) -> bool:
+    """FedKSeed clients sync from the K accumulators whatever they missed."""
+    return self.name == 'fedkseed'
+
+
+@dataclasses.dataclass
+class BPAlgorithm:
+  """fedavg_bp: dense deltas up and down."""
+  model: Any
+  lr: float
+  weight_decay: float = 0.0
+  chunk: int = 1
+  name: str = 'fedavg_bp'
+  sync_is_stateless = False
+
+  def __post_init__(self):
+    optimizer = optax.adamw(self.lr, weight_decay=self.weight_decay)
+    self._round = fedavg_bp.make_round(fedavg_bp.make_client_update(self.model, optimizer),
+                                       chunk=self.chunk)
+
+  def init(self, params):
+    return {'params': params}
+
+  def model_params(self, state):
+    return state['params']
+
+  def dense_bytes(self, state) -> int:
+    return tree_bytes(state['params'])
+
+  def run_round(self, state, batches, counts, clients, round_index):
+    del round_index
+    params, losses = self._round(state['params'], batches, jnp.asarray(counts, jnp.float32))
+    losses = np.asarray(losses)
+    c, s = losses.shape
+    dense = self.dense_bytes(state)
+    steps = np.full(c, s, np.int64)
+    return {'params': params}, RoundResult(
+        losses=losses, uplink_bytes=np.full(c, dense + COUNT_BYTES, np.int64),
+        broadcast_bytes=dense, forwards=steps, backwards=steps)
+
+
+ALGORITHMS = ('fedmezo', 'fedkseed', 'decomfl', 'fwdllm', 'fedavg_bp')
+
+
+def make_algorithm(config, model):
+  """The algorithm named by config.algorithm, configured from the config's fields."""
+  name = config.algorithm
+  if name not in ALGORITHMS:
+    raise ConfigError(f'unknown algorithm {name!r}; choose one of {", ".join(ALGORITHMS)}')
+  if name == 'fedavg_bp':
+    return BPAlgorithm(model, config.learning_rate, config.weight_decay, config.client_chunk)
+  z = config.zo
+  est = Estimator(eps=z.eps, probes=z.probes, scheme=z.scheme, distribution=z.distribution,
+                  clip=z.clip)
+  subset = Subset(z.trainable, z.lora_rank, z.lora_alpha, tuple(z.lora_targets))
+  return ZOAlgorithm(name, model, est, subset, config.learning_rate, config.seed,
+                     chunk=config.client_chunk, backend=config.client_backend,
+                     kseed_candidates=z.kseed_candidates, fwdllm_candidates=z.fwdllm_candidates,
+                     fwdllm_min_probes=z.fwdllm_min_probes,
+                     fwdllm_var_threshold=z.fwdllm_var_threshold)

@@ -1,0 +1,83 @@
+"""FwdLLM's client: perturbations chosen by cosine similarity to the previous global update, and
+extra probes while the estimate is noisy (our reading of Xu et al., 2024, on the scalar protocol).
+
+Each probe slot p draws `candidates` directions at addresses (round, client, step, p * candidates + j)
+and keeps the one most aligned (largest |cos|) with the previous round's global update; before any
+update exists (round 1) candidate 0 is kept. Probes run until at least `min_probes` are done and the
+standard error of the mean projected gradient, sqrt(var(g) / n), falls below `var_threshold`
+(relative to the mean |g|), or `max_probes` are done. Unused slots carry weight 0, so the edge replays
+the uplink exactly like FedMeZO's. The choice is deliberately biased towards the last update.
+"""
+
+import jax
+import jax.numpy as jnp
+
+from cooperllm_jax.federated.zo import Uplink
+from cooperllm_jax.zoo import keys as keys_lib
+from cooperllm_jax.zoo.perturb import apply_directions, coefficients
+from cooperllm_jax.zoo.spsa import Estimator, loss_at, make_projected_gradient
+from cooperllm_jax.zoo.trainable import Subset
+
+
+def tree_dot(a, b):
+  return sum(jnp.vdot(x.astype(jnp.float32), y.astype(jnp.float32))
+             for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+
+
+def cosine_to(prev_update, key, distribution):
+  """cos(z(key), prev_update) without keeping z: z is regenerated leaf by leaf inside the dots."""
+  z = keys_lib.tree_direction(key, prev_update, distribution)
+  norm = jnp.sqrt(tree_dot(z, z) * tree_dot(prev_update, prev_update))
+  return tree_dot(z, prev_update) / jnp.maximum(norm, 1e-30)
+
+
+def make_client_update(loss_fn, est: Estimator, subset: Subset = Subset(), candidates: int = 4,
+                       min_probes: int = 1, var_threshold: float = 0.5):
+  """client_update(trainable, frozen, batches, seed, round, client, lr, prev_update)
+  -> (trainable, Uplink with est.probes slots, losses [S]). est.probes is the maximum."""
+  pg = make_projected_gradient(loss_fn, est, subset)
+  max_probes = est.probes
+
+  def choose(seed, round_index, client, step, slot, prev_update):
+    addrs = jnp.stack([jnp.broadcast_to(jnp.int32(round_index), (candidates,)),
+                       jnp.broadcast_to(jnp.int32(client), (candidates,)),
+                       jnp.broadcast_to(jnp.int32(step), (candidates,)),
+                       slot * candidates + jnp.arange(candidates, dtype=jnp.int32)], -1)
+    cos = jax.lax.map(lambda a: cosine_to(prev_update, keys_lib.address_key(seed, tuple(a)),
+                                          est.distribution), addrs)
+    return addrs[jnp.argmax(jnp.abs(cos))]
+
+  def client_update(trainable, frozen, batches, seed, round_index, client, lr, prev_update):
+    def step(t, inputs):
+      batch, s = inputs
+      base = jnp.float32(0)
+      if est.scheme == 'one_sided':
+        base = loss_at(loss_fn, t, frozen, batch, None, 0.0, est.distribution, subset)
+
+      def more(carry):
+        n, _, g, _ = carry
+        mean_abs = jnp.sum(jnp.abs(g)) / jnp.maximum(n, 1)
+        var = (jnp.sum(g * g) - n * (jnp.sum(g) / jnp.maximum(n, 1)) ** 2) / jnp.maximum(n - 1, 1)
+        stderr = jnp.sqrt(jnp.maximum(var, 0.0) / jnp.maximum(n, 1))
+        return (n < max_probes) & ((n < min_probes) | (stderr > var_threshold * mean_abs))
+
+      def probe(carry):
+        n, addrs, g, losses = carry
+        a = choose(seed, round_index, client, s, n, prev_update)
+        gn, ln = pg(t, frozen, batch, keys_lib.address_key(seed, tuple(a)), base)
+        return n + 1, addrs.at[n].set(a), g.at[n].set(gn), losses.at[n].add(ln)
+
+      init = (jnp.int32(0), jnp.zeros((max_probes, 4), jnp.int32),
+              jnp.zeros((max_probes,), jnp.float32), jnp.zeros((max_probes,), jnp.float32))
+      n, addrs, g, losses = jax.lax.while_loop(more, probe, init)
+      weights = jnp.where(jnp.arange(max_probes) < n, 1.0 / n, 0.0).astype(jnp.float32)
+      t = apply_directions(t, keys_lib.address_keys(seed, addrs), coefficients(lr, g, weights),
+                           est.distribution)
+      return t, (Uplink(addrs, g, weights), losses.sum() / n)
+
+    num_steps = jax.tree.leaves(batches)[0].shape[0]
+    trainable, (uplink, losses) = jax.lax.scan(
+        step, trainable, (batches, jnp.arange(num_steps, dtype=jnp.int32)))
+    return trainable, uplink, losses
+
+  return client_update

@@ -1,0 +1,82 @@
+"""Applying directions: the forward-pass hook (theta + scale * z, one layer at a time) and the update
+(theta - coef * z, leaf by leaf), both drawing z from the key schedule."""
+
+import dataclasses
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+
+from cooperllm_jax.models.spec import path_str
+from cooperllm_jax.zoo import keys as keys_lib
+from cooperllm_jax.zoo.trainable import merge_lora
+
+
+@dataclasses.dataclass(frozen=True)
+class Perturbation:
+  """The models' `Perturb` hooks for params = overlay(frozen, trainable).
+
+  Adds scale * z(key) to the trainable leaves (`paths`) that a forward pass touches, generating z
+  for the layer being computed (inside lax.scan) or for the embedding rows looked up, and folds LoRA
+  adapters into their kernels. key=None only merges LoRA (the unperturbed loss).
+  """
+  paths: frozenset
+  key: Optional[jax.Array] = None
+  scale: jax.Array | float = 0.0
+  distribution: str = 'gaussian'
+  lora_scale: float = 0.0
+
+  def _add(self, path: tuple, x, z):
+    return (x.astype(jnp.float32) + self.scale * z).astype(jnp.promote_types(x.dtype, jnp.float32))
+
+  def group(self, name, params, layer):
+    def one(subpath, x):
+      path = (name,) + tuple(getattr(k, 'key', k) for k in subpath)
+      if self.key is None or path_str(path) not in self.paths:
+        return x
+      if layer is None:
+        z = keys_lib.leaf_direction(self.key, path, x.shape, self.distribution)
+      else:  # one layer's slice of a stacked leaf: its slice of the whole-leaf draw
+        z = keys_lib.slice_direction(self.key, path, layer, x.shape, self.distribution)
+      return self._add(path, x, z)
+
+    out = jax.tree_util.tree_map_with_path(one, params)
+    return merge_lora(out, self.lora_scale) if self.lora_scale else out
+
+  def rows(self, path, table, ids):
+    picked = table[ids]
+    if self.key is None or path_str(path) not in self.paths:
+      return picked
+    z = keys_lib.slice_direction(self.key, path, ids, table.shape[1:], self.distribution)
+    return self._add(path, picked, z)
+
+
+def apply_direction(tree, key: jax.Array, coef, distribution: str = 'gaussian'):
+  """tree - coef * z(key) for every leaf: one ledger entry's update. The client's own step and the
+  edge's replay both call this, so replay reproduces the client bit for bit."""
+  def one(path, x):
+    z = keys_lib.leaf_direction(key, path, x.shape, distribution)
+    return (x.astype(jnp.float32) - coef * z).astype(x.dtype)
+
+  return jax.tree_util.tree_map_with_path(one, tree)
+
+
+def coefficients(lr, scalars, weights):
+  """Update coefficients lr * (weight * g) of ledger entries: the one formula the client's step and
+  the edge's replay share (weight is 1/P for a P-probe average, 0 for padding)."""
+  return lr * (weights * scalars)
+
+
+def apply_directions(tree, keys: jax.Array, coefs: jax.Array, distribution: str = 'gaussian'):
+  """Applies entries (keys[i], coefs[i]) in order under fori_loop: the leaf is updated in place,
+  with no z held for more than one fused pass. keys: [N] key array; coefs: float32 [N]."""
+  def body(i, t):
+    return apply_direction(t, keys[i], coefs[i], distribution)
+
+  return jax.lax.fori_loop(0, coefs.shape[0], body, tree)
+
+
+def replay(tree, seed, addresses: jax.Array, coefs: jax.Array, distribution: str = 'gaussian'):
+  """The edge's replay of a ledger: addresses int32 [N, 4], coefs float32 [N] (already lr- and
+  weight-scaled). Entries with coef 0 (padding, rejected scalars) leave the tree unchanged."""
+  return apply_directions(tree, keys_lib.address_keys(seed, addresses), coefs, distribution)

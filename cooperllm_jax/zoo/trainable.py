@@ -1,0 +1,136 @@
+"""Trainable subsets: which weights a client changes, and how they combine with the frozen rest.
+
+A subset splits the model's params into `trainable` (a nested dict holding only the trained leaves,
+at the same paths as in params) and `frozen` (the other leaves; no weight is held twice). The model runs on
+`overlay(frozen, trainable)`; LoRA adds `lora_a` [layers, in, r] and `lora_b` [layers, r, out]
+next to a kernel, which the perturbation hook folds into that layer's kernel inside the scan
+(`W + alpha / r * A @ B`), so the merged model is never built during training. `materialize` builds
+plain params for evaluation and checkpoints.
+
+Modes:
+  full    every leaf (MeZO);
+  bitfit  every 'bias' leaf plus the head groups;
+  head    the head groups only: every top-level group other than 'embed' and 'layers'
+          (the encoder's classifier/pooler; a decoder's final norm and untied LM head);
+  lora    rank-r adapters on `lora_targets` in every layer, plus the head groups.
+"""
+
+import dataclasses
+from typing import Tuple
+
+import jax
+import jax.numpy as jnp
+
+from cooperllm_jax.errors import ConfigError
+from cooperllm_jax.models.spec import path_hash, path_str
+
+MODES = ('full', 'bitfit', 'head', 'lora')
+BODY_GROUPS = ('embed', 'layers')
+
+
+def overlay(base, top):
+  """base with top's leaves put in (and top's extra keys added), recursively; dicts only."""
+  if not isinstance(top, dict):
+    return top
+  out = dict(base)
+  for k, v in top.items():
+    out[k] = overlay(base[k], v) if k in base and isinstance(base[k], dict) else v
+  return out
+
+
+def _select(tree, keep, prefix=()):
+  out = {}
+  for k, v in tree.items():
+    path = prefix + (k,)
+    if isinstance(v, dict):
+      sub = _select(v, keep, path)
+      if sub:
+        out[k] = sub
+    elif keep(path):
+      out[k] = v
+  return out
+
+
+def merge_lora(p, scale: float):
+  """A layer's (or stacked layers') params with every lora_a/lora_b pair folded into its kernel."""
+  if not isinstance(p, dict):
+    return p
+  p = {k: merge_lora(v, scale) for k, v in p.items()}
+  if 'lora_a' in p:
+    a, b = p.pop('lora_a'), p.pop('lora_b')
+    delta = jnp.einsum('...ir,...ro->...io', a.astype(jnp.float32), b.astype(jnp.float32))
+    p['kernel'] = (p['kernel'].astype(jnp.float32) + scale * delta).astype(p['kernel'].dtype)
+  return p
+
+
+@dataclasses.dataclass(frozen=True)
+class Subset:
+  mode: str = 'full'
+  lora_rank: int = 8
+  lora_alpha: float = 16.0
+  lora_targets: Tuple[str, ...] = ('attn/q', 'attn/v')
+
+  def __post_init__(self):
+    if self.mode not in MODES:
+      raise ConfigError(f'unknown trainable mode {self.mode!r}; choose one of {", ".join(MODES)}')
+    if self.mode == 'lora' and self.lora_rank < 1:
+      raise ConfigError(f'lora_rank must be >= 1, got {self.lora_rank}')
+
+  @property
+  def lora_scale(self) -> float:
+    return self.lora_alpha / self.lora_rank if self.mode == 'lora' else 0.0
+
+  def _keep(self, path) -> bool:
+    head = path[0] not in BODY_GROUPS
+    if self.mode == 'full':
+      return True
+    if self.mode == 'bitfit':
+      return head or path[-1] == 'bias'
+    return head  # head, lora
+
+  def split(self, params, key=None):
+    """(trainable, frozen), disjoint. LoRA needs `key` to initialize A (B starts at zero, so the
+    model is unchanged at step 0)."""
+    trainable = _select(params, self._keep)
+    frozen = _select(params, lambda path: not self._keep(path))
+    if self.mode == 'lora':
+      if key is None:
+        raise ValueError('Subset(mode="lora").split needs a key to initialize the adapters')
+      layers = params['layers']
+      adapters = {}
+      for target in self.lora_targets:
+        node = layers
+        names = target.split('/')
+        for name in names:
+          if not isinstance(node, dict) or name not in node:
+            raise ConfigError(f'lora target {target!r} is not a layer weight of this model')
+          node = node[name]
+        if 'kernel' not in node:
+          raise ConfigError(f'lora target {target!r} has no kernel')
+        n, d_in, d_out = node['kernel'].shape
+        path = ('layers',) + tuple(names) + ('lora_a',)
+        a = jax.random.normal(jax.random.fold_in(key, path_hash(path)), (n, d_in, self.lora_rank))
+        entry = {'lora_a': (a / jnp.sqrt(d_in)).astype(jnp.float32),
+                 'lora_b': jnp.zeros((n, self.lora_rank, d_out), jnp.float32)}
+        adapters = overlay(adapters, _nest(names, entry))
+      trainable = overlay(trainable, {'layers': adapters})
+    if not jax.tree.leaves(trainable):
+      raise ConfigError(f'trainable mode {self.mode!r} selects no parameters of this model')
+    return trainable, frozen
+
+  def materialize(self, frozen, trainable):
+    """Plain model params (LoRA merged) for evaluation, checkpoints and the next round."""
+    merged = overlay(frozen, trainable)
+    if self.mode == 'lora':
+      merged['layers'] = merge_lora(merged['layers'], self.lora_scale)
+    return merged
+
+
+def _nest(names, leaf):
+  for name in reversed(names):
+    leaf = {name: leaf}
+  return leaf
+
+
+def trainable_paths(trainable) -> frozenset:
+  return frozenset(path_str(p) for p, _ in jax.tree_util.tree_flatten_with_path(trainable)[0])
