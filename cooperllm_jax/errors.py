@@ -24,3 +24,7 @@ class DataError(CooperError):
 
 class LoaderError(CooperError):
   """A checkpoint or model file is missing a tensor, has a mis-shaped one, or is unreadable."""
+
+
+class TrainingError(CooperError):
+  """Training cannot go on as configured (e.g. the loss became NaN: the rate is too high)."""

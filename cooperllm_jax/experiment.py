@@ -1,8 +1,9 @@
 """`train_and_evaluate(config, workdir)`: one federated run, importable; flags live in experiments/.
 
 Loads the model and data named by the config, partitions the data over simulated clients, runs the
-rounds and writes to `workdir`: config.json, partition.npz, metrics.jsonl (one line per round) and
-summary.json. Returns the summary dict.
+rounds of the configured algorithm and writes to `workdir`: config.json, partition.npz,
+metrics.jsonl (one line per round: accuracy, loss, bytes up/down, passes, client memory, wall time),
+TensorBoard events (tb/), accuracy.png and summary.json. Returns the summary dict.
 """
 
 import json
@@ -10,18 +11,20 @@ import pathlib
 import shutil
 import time
 
+from typing import Callable, Optional
+
 import jax
-import jax.numpy as jnp
 import numpy as np
-import optax
 
 from cooperllm_jax import data as data_lib
-from cooperllm_jax.errors import ConfigError
+from cooperllm_jax.errors import ConfigError, TrainingError
 from cooperllm_jax.evaluation import evaluate
-from cooperllm_jax.federated import client_data, fedavg_bp
+from cooperllm_jax.federated import client_data
+from cooperllm_jax.federated.accounting import DownlinkTracker
+from cooperllm_jax.federated.algorithms import ALGORITHMS, make_algorithm
 from cooperllm_jax.models import count_params, load_pretrained
+from cooperllm_jax.reporting import MetricWriter
 
-ALGORITHMS = ('fedavg_bp',)
 
 
 def validate(config) -> None:
@@ -38,6 +41,8 @@ def validate(config) -> None:
                       f'num_clients={config.num_clients}')
   if config.algorithm not in ALGORITHMS:
     raise ConfigError(f'unknown algorithm {config.algorithm!r}; choose one of {", ".join(ALGORITHMS)}')
+  if config.client_backend not in ('map', 'loop'):
+    raise ConfigError(f"client_backend must be 'map' or 'loop', got {config.client_backend!r}")
 
 
 def check_workdir(workdir, overwrite: bool) -> pathlib.Path:
@@ -80,48 +85,68 @@ def load_task(config):
   return pre, dataset, arrays, partition
 
 
-def train_and_evaluate(config, workdir, overwrite: bool = False, log=print) -> dict:
+def train_and_evaluate(config, workdir, overwrite: bool = False, log=print,
+                       progress: Optional[Callable] = None) -> dict:
+  """Runs config in workdir; `progress(iterable)` may wrap the rounds (e.g. tqdm)."""
   validate(config)
   workdir = check_workdir(workdir, overwrite)
   pre, dataset, arrays, partition = load_task(config)  # user errors surface before any write
+  algorithm = make_algorithm(config, pre.model)
   prepare_workdir(workdir)
   (workdir / 'config.json').write_text(config.to_json(indent=2))
   partition.save(workdir / 'partition.npz')
-  model, params = pre.model, pre.params
-  log(f'model {config.model}: {count_params(params) / 1e6:.1f}M params; dataset {dataset.name}: '
+  model = pre.model
+  state = algorithm.init(pre.params)
+  log(f'{config.algorithm}: model {config.model} ({count_params(pre.params) / 1e6:.1f}M params, '
+      f'{algorithm.dense_bytes(state) / 4 / 1e6:.3g}M trainable); dataset {dataset.name}: '
       f'{len(dataset)} examples, {dataset.num_classes} classes; {partition.num_clients} clients, '
       f'{len(partition.public)} public, {len(partition.test)} test')
-
-  optimizer = optax.adamw(config.learning_rate, weight_decay=config.weight_decay)
-  round_fn = fedavg_bp.make_round(fedavg_bp.make_client_update(model, optimizer),
-                                  chunk=config.client_chunk)
   labels = dataset.labels
-  before = evaluate(model, params, arrays, labels, partition.test, config.eval_batch_size)
+  shapes = client_data.round_shapes(arrays, config.local_steps, config.batch_size)
+  client_memory = algorithm.client_memory(state, shapes)['peak_bytes']
+  downlink = DownlinkTracker(partition.num_clients, algorithm.dense_bytes(state),
+                             algorithm.sync_bytes)
+  before = evaluate(model, algorithm.model_params(state), arrays, labels, partition.test,
+                    config.eval_batch_size)
   log(f'round 0: test accuracy {before["accuracy"]:.4f} loss {before["loss"]:.4f}')
   start = time.perf_counter()
-  with open(workdir / 'metrics.jsonl', 'w') as metrics_file:
-    for r in range(1, config.rounds + 1):
+  rounds = range(1, config.rounds + 1)
+  with MetricWriter(workdir, title=f'{config.algorithm} on {dataset.name} with {config.model}',
+                    tensorboard=config.tensorboard) as writer:
+    writer.write({'round': 0, 'test_accuracy': before['accuracy'], 'test_loss': before['loss']})
+    for r in (progress(rounds) if progress else rounds):
       t0 = time.perf_counter()
       sampled = client_data.sample_clients(partition.num_clients, config.clients_per_round,
                                            config.seed, r)
       batches, counts = client_data.round_batches(arrays, labels, partition.clients, sampled,
                                                   config.local_steps, config.batch_size,
                                                   config.seed, r)
-      params, losses = round_fn(params, jax.tree.map(jnp.asarray, batches), jnp.asarray(counts))
-      row = {'round': r, 'train_loss': float(jnp.mean(losses)), 'clients': sampled.tolist()}
+      bytes_down = downlink.download(sampled, r)
+      state, result = algorithm.run_round(state, batches, counts, sampled, r)
+      downlink.record(r, result.broadcast_bytes)
+      row = {'round': r, 'train_loss': float(np.mean(result.losses)),
+             'bytes_up': int(result.uplink_bytes.sum()), 'bytes_down': int(bytes_down.sum()),
+             'bytes_up_per_client': float(result.uplink_bytes.mean()),
+             'bytes_down_per_client': float(bytes_down.mean()),
+             'forwards': int(result.forwards.sum()), 'backwards': int(result.backwards.sum()),
+             'client_memory_bytes': client_memory, 'clients': sampled.tolist()}
+      if not np.isfinite(row['train_loss']):
+        raise TrainingError(f'training loss is {row["train_loss"]} in round {r}; lower '
+                            f'learning_rate (now {config.learning_rate})')
       if r % config.eval_every == 0 or r == config.rounds:
-        ev = evaluate(model, params, arrays, labels, partition.test, config.eval_batch_size)
+        ev = evaluate(model, algorithm.model_params(state), arrays, labels, partition.test,
+                      config.eval_batch_size)
         row.update(test_accuracy=ev['accuracy'], test_loss=ev['loss'])
       row['wall_s'] = time.perf_counter() - t0
-      metrics_file.write(json.dumps(row) + '\n')
-      metrics_file.flush()
+      writer.write(row)
       log(f'round {r}: train loss {row["train_loss"]:.4f}'
           + (f', test accuracy {row["test_accuracy"]:.4f}' if 'test_accuracy' in row else '')
-          + f' ({row["wall_s"]:.1f}s)')
+          + f', {row["bytes_up_per_client"]:.0f} B up / {row["bytes_down_per_client"]:.0f} B down'
+          + f' per client ({row["wall_s"]:.1f}s)')
   summary = {'algorithm': config.algorithm, 'model': config.model, 'dataset': dataset.name,
              'rounds': config.rounds, 'accuracy_before': before['accuracy'],
              'accuracy_after': row['test_accuracy'], 'test_examples': before['examples'],
-             'train_seconds': time.perf_counter() - start,
+             'train_seconds': time.perf_counter() - start, 'client_memory_bytes': client_memory,
              'backend': jax.default_backend()}
   (workdir / 'summary.json').write_text(json.dumps(summary, indent=2))
   return summary

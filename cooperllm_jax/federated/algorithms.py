@@ -28,8 +28,8 @@ import optax
 
 from cooperllm_jax.errors import ConfigError
 from cooperllm_jax.federated import fedavg_bp, fwdllm, zo
+from cooperllm_jax.memory import compiled_memory
 from cooperllm_jax.models.common import make_loss
-from cooperllm_jax.zoo.perturb import coefficients, replay
 from cooperllm_jax.zoo.spsa import Estimator
 from cooperllm_jax.zoo.trainable import Subset
 
@@ -68,6 +68,18 @@ class ZOAlgorithm:
   fwdllm_var_threshold: float = 0.5
 
   def __post_init__(self):
+    if self.name == 'fedkseed' and self.kseed_candidates < 1:
+      raise ConfigError(f'kseed_candidates must be >= 1, got {self.kseed_candidates}')
+    if self.name == 'fwdllm':
+      if self.fwdllm_candidates < 1:
+        raise ConfigError(f'fwdllm_candidates must be >= 1, got {self.fwdllm_candidates}')
+      if not 1 <= self.fwdllm_min_probes <= self.est.probes:
+        raise ConfigError(f'fwdllm_min_probes={self.fwdllm_min_probes} must be in [1, probes='
+                          f'{self.est.probes}] (probes is the maximum)')
+      if self.fwdllm_var_threshold < 0:
+        raise ConfigError(f'fwdllm_var_threshold must be >= 0, got {self.fwdllm_var_threshold}')
+    if self.chunk < 1:
+      raise ConfigError(f'client_chunk must be >= 1, got {self.chunk}')
     loss = make_loss(self.model)
     if self.name == 'fwdllm':
       self.client_update = fwdllm.make_client_update(
@@ -77,6 +89,9 @@ class ZOAlgorithm:
       address_fn = {'fedmezo': zo.own_addresses, 'decomfl': zo.shared_addresses,
                     'fedkseed': zo.candidate_addresses(self.kseed_candidates)}[self.name]
       self.client_update = zo.make_client_update(loss, self.est, self.subset, address_fn)
+    self._round_fn = zo.make_round_fn(self.client_update, seed=self.seed, lr=self.lr,
+                                      chunk=self.chunk, distribution=self.est.distribution,
+                                      shared=self.name == 'decomfl')
     self._jit_round = jax.jit(
         lambda t, rest, *args: self._round(dict(rest, trainable=t), *args), donate_argnums=0)
     self._jit_client = jax.jit(self.client_update)
@@ -98,36 +113,21 @@ class ZOAlgorithm:
     extra = (state['prev_update'],) if self.name == 'fwdllm' else ()
     return state['trainable'], state['frozen'], extra
 
-  def _edge(self, state, uplinks, counts):
-    weights = counts / counts.sum()
-    trainable = state['trainable']
-    if self.name == 'decomfl':
-      uplinks_for_replay = zo.average_shared(uplinks, weights)
-      coefs = coefficients(self.lr, uplinks_for_replay.scalars, uplinks_for_replay.weights)
-    else:
-      uplinks_for_replay = uplinks
-      coefs = coefficients(self.lr, uplinks.scalars, uplinks.weights) * weights[:, None, None]
-    new = replay(trainable, self.seed, uplinks_for_replay.addresses.reshape(-1, 4),
-                 coefs.reshape(-1), self.est.distribution)
-    state = dict(state, trainable=new)
-    if self.name == 'fwdllm':
-      state['prev_update'] = jax.tree.map(
-          lambda a, b: a.astype(jnp.float32) - b.astype(jnp.float32), new, trainable)
-    return state
-
   def _round(self, state, batches, counts, clients, round_index):
     trainable, frozen, extra = self._client_args(state)
+    new, uplinks, losses = self._round_fn(trainable, frozen, batches, counts, clients,
+                                          round_index, *extra)
+    return self._next_state(state, new), uplinks, losses
 
-    def one(inputs):
-      b, c = inputs
-      _, uplink, losses = self.client_update(trainable, frozen, b, self.seed, round_index, c,
-                                             self.lr, *extra)
-      return uplink, losses
-
-    uplinks, losses = jax.lax.map(one, (batches, clients), batch_size=self.chunk)
-    return self._edge(state, uplinks, counts), uplinks, losses
+  def _next_state(self, state, new):
+    out = dict(state, trainable=new)
+    if self.name == 'fwdllm':
+      out['prev_update'] = jax.tree.map(
+          lambda a, b: a.astype(jnp.float32) - b.astype(jnp.float32), new, state['trainable'])
+    return out
 
   def _loop_round(self, state, batches, counts, clients, round_index):
+    """The debugging backend: one un-batched jitted call per client, then the same edge replay."""
     trainable, frozen, extra = self._client_args(state)
     outs = []
     for i in range(len(clients)):
@@ -136,7 +136,9 @@ class ZOAlgorithm:
                                            clients[i], self.lr, *extra)
       outs.append((uplink, losses))
     uplinks, losses = jax.tree.map(lambda *xs: jnp.stack(xs), *outs)
-    return self._edge(state, uplinks, counts), uplinks, losses
+    new = zo.edge_replay(trainable, self.seed, uplinks, counts / counts.sum(), self.lr,
+                         self.est.distribution, self.name == 'decomfl')
+    return self._next_state(state, new), uplinks, losses
 
   def run_round(self, state, batches, counts, clients, round_index):
     args = (batches, jnp.asarray(counts, jnp.float32), jnp.asarray(clients, jnp.int32),
@@ -174,10 +176,16 @@ class ZOAlgorithm:
   def dense_bytes(self, state) -> int:
     return tree_bytes(state['trainable'])
 
+  def client_memory(self, state, batch_shapes) -> dict:
+    """XLA's memory estimate of one client's jitted local training (S steps), from abstract shapes."""
+    trainable, frozen, extra = self._client_args(state)
+    return compiled_memory(self.client_update, trainable, frozen, batch_shapes, self.seed, 1, 0,
+                           self.lr, *extra, donate_argnums=0)
+
   @property
-  def sync_is_stateless(self) -> bool:
-    """FedKSeed clients sync from the K accumulators whatever they missed."""
-    return self.name == 'fedkseed'
+  def sync_bytes(self):
+    """FedKSeed clients sync from the K accumulators whatever they missed; others replay rounds."""
+    return self.kseed_candidates * SCALAR_BYTES if self.name == 'fedkseed' else None
 
 
 @dataclasses.dataclass
@@ -188,12 +196,12 @@ class BPAlgorithm:
   weight_decay: float = 0.0
   chunk: int = 1
   name: str = 'fedavg_bp'
-  sync_is_stateless = False
+  sync_bytes = None
 
   def __post_init__(self):
     optimizer = optax.adamw(self.lr, weight_decay=self.weight_decay)
-    self._round = fedavg_bp.make_round(fedavg_bp.make_client_update(self.model, optimizer),
-                                       chunk=self.chunk)
+    self._client_update = fedavg_bp.make_client_update(self.model, optimizer)
+    self._round = fedavg_bp.make_round(self._client_update, chunk=self.chunk)
 
   def init(self, params):
     return {'params': params}
@@ -203,6 +211,10 @@ class BPAlgorithm:
 
   def dense_bytes(self, state) -> int:
     return tree_bytes(state['params'])
+
+  def client_memory(self, state, batch_shapes) -> dict:
+    """XLA's memory estimate of one client's jitted local training (S steps), from abstract shapes."""
+    return compiled_memory(self._client_update, state['params'], batch_shapes, donate_argnums=())
 
   def run_round(self, state, batches, counts, clients, round_index):
     del round_index

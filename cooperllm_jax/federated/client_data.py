@@ -5,6 +5,7 @@ edge's replay see the same data. Batches come out stacked as [clients, local_ste
 one jitted call trains every sampled client.
 """
 
+import jax
 import numpy as np
 
 from cooperllm_jax.errors import ConfigError
@@ -37,3 +38,11 @@ def round_batches(arrays: dict, labels: np.ndarray, clients: list, sampled: np.n
   batches['labels'] = labels[idx].astype(np.int32)
   counts = np.array([len(clients[c]) for c in sampled], np.float32)
   return batches, counts
+
+
+def round_shapes(arrays: dict, steps: int, batch_size: int) -> dict:
+  """Abstract shapes of one client's batches {name: [steps, batch, ...]} (for memory analysis)."""
+  shapes = {k: jax.ShapeDtypeStruct((steps, batch_size) + arrays[k].shape[1:], arrays[k].dtype)
+            for k in ('input_ids', 'attention_mask')}
+  shapes['labels'] = jax.ShapeDtypeStruct((steps, batch_size), np.int32)
+  return shapes

@@ -81,29 +81,54 @@ def make_client_update(loss_fn, est: Estimator, subset: Subset = Subset(),
   return client_update
 
 
-def edge_replay(trainable, seed, uplinks: Uplink, client_weights, lr, distribution='gaussian'):
-  """Global trainable after replaying all clients' uplinks [C, S, P, ...] with FedAvg weights [C]."""
-  coefs = coefficients(lr, uplinks.scalars, uplinks.weights) * client_weights[:, None, None]
+def edge_replay(trainable, seed, uplinks: Uplink, client_weights, lr, distribution='gaussian',
+                shared: bool = False):
+  """Global trainable after replaying the clients' uplinks [C, S, P, ...] with FedAvg weights [C].
+
+  shared=True (addresses identical across clients, as in DeComFL): the scalars are averaged per
+  (step, probe) first and S x P entries replayed, which is what such a server broadcasts.
+  """
+  if shared:
+    uplinks = average_shared(uplinks, client_weights)
+    coefs = coefficients(lr, uplinks.scalars, uplinks.weights)
+  else:
+    coefs = coefficients(lr, uplinks.scalars, uplinks.weights) * client_weights[:, None, None]
   return replay(trainable, seed, uplinks.addresses.reshape(-1, 4), coefs.reshape(-1), distribution)
 
 
 def average_shared(uplinks: Uplink, client_weights) -> Uplink:
-  """For shared addresses (identical across clients): one entry per (step, probe) with the weighted
-  mean scalar. What a DeComFL server broadcasts; replaying it equals replaying every client."""
+  """One entry per (step, probe) with the weighted mean scalar (addresses shared by all clients)."""
   return Uplink(uplinks.addresses[0], jnp.tensordot(client_weights, uplinks.scalars, axes=1),
                 uplinks.weights[0])
 
 
-def client_map(client_fn, inputs, chunk: int, backend: str = 'map'):
-  """Maps client_fn over the leading (client) axis of inputs.
+def make_round_fn(client_update, *, seed: int, lr: float, chunk: int = 1,
+                  distribution: str = 'gaussian', shared: bool = False):
+  """The pure round (see make_round); jit it yourself, e.g. inside a larger step."""
 
-  'map': lax.map with batch_size=chunk (vmap over chunk clients at a time; inside one jit).
-  'loop': a plain Python loop over clients, each call un-batched, for debugging (print, pdb).
+  def round_fn(trainable, frozen, batches, counts, clients, round_index, *extra):
+    def one(inputs):
+      b, c = inputs
+      _, uplink, losses = client_update(trainable, frozen, b, seed, round_index, c, lr, *extra)
+      return uplink, losses  # the local model stays on the client: only scalars leave
+
+    uplinks, losses = jax.lax.map(one, (batches, clients), batch_size=chunk)
+    weights = counts / counts.sum()
+    new = edge_replay(trainable, seed, uplinks, weights, lr, distribution, shared)
+    return new, uplinks, losses
+
+  return round_fn
+
+
+def make_round(client_update, *, seed: int, lr: float, chunk: int = 1,
+               distribution: str = 'gaussian', shared: bool = False):
+  """round(trainable, frozen, batches, counts, clients, round_index, *extra)
+  -> (trainable, uplinks, losses), jitted, `trainable` donated.
+
+  batches {name: [C, S, B, ...]}; counts float32 [C] (FedAvg weights); clients int32 [C];
+  round_index int32; extra: further client_update args (e.g. FwdLLM's previous update).
+  uplinks: Uplink with [C, S, P, ...] leaves; losses float32 [C, S]. One compile per shape: clients
+  run in lax.map with batch_size=chunk (vmap over chunk clients at a time).
   """
-  if backend == 'map':
-    return jax.lax.map(client_fn, inputs, batch_size=chunk)
-  if backend == 'loop':
-    n = jax.tree.leaves(inputs)[0].shape[0]
-    outs = [client_fn(jax.tree.map(lambda x: x[i], inputs)) for i in range(n)]
-    return jax.tree.map(lambda *xs: jnp.stack(xs), *outs)
-  raise ValueError(f"unknown client backend {backend!r}; choose 'map' or 'loop'")
+  return jax.jit(make_round_fn(client_update, seed=seed, lr=lr, chunk=chunk,
+                               distribution=distribution, shared=shared), donate_argnums=0)
