@@ -37,20 +37,46 @@ def _error_line(proc):
 
 
 @pytest.mark.slow
-def test_tiny_run_writes_metrics_and_summary(tmp_path):
+@pytest.mark.parametrize('algorithm', ['fedmezo', 'fedavg_bp'])
+def test_tiny_run_writes_metrics_summary_plot_and_events(tmp_path, algorithm):
   data = _csv(tmp_path)
-  proc = _train(tmp_path / 'wd', f'--config.dataset={data}', '--config.num_clients=2',
-                '--config.clients_per_round=2', '--config.rounds=2', '--config.local_steps=1',
+  proc = _train(tmp_path / 'wd', f'--config=experiments/configs/demo.py:{algorithm}',
+                f'--config.dataset={data}', '--config.num_clients=2',
+                '--config.clients_per_round=2', '--config.rounds=2', '--config.local_steps=2',
                 '--config.batch_size=4', '--config.max_length=16', '--config.min_client_size=2',
-                '--config.partition=iid', '--config.test_fraction=0.25')
+                '--config.partition=iid', '--config.test_fraction=0.25', '--config.eval_every=1')
   assert proc.returncode == 0, proc.stderr[-3000:]
-  assert 'summary: fedavg_bp on tiny with minilm' in proc.stdout
-  rows = [json.loads(l) for l in (tmp_path / 'wd' / 'metrics.jsonl').read_text().splitlines()]
-  assert [r['round'] for r in rows] == [1, 2]
-  assert all(0 <= r['test_accuracy'] <= 1 and np.isfinite(r['train_loss']) for r in rows)
-  summary = json.loads((tmp_path / 'wd' / 'summary.json').read_text())
+  assert f'summary: {algorithm} on tiny with minilm' in proc.stdout
+  wd = tmp_path / 'wd'
+  rows = [json.loads(l) for l in (wd / 'metrics.jsonl').read_text().splitlines()]
+  assert [r['round'] for r in rows] == [0, 1, 2]
+  assert all(0 <= r['test_accuracy'] <= 1 for r in rows)
+  for r in rows[1:]:
+    assert np.isfinite(r['train_loss']) and r['client_memory_bytes'] > 0 and r['wall_s'] > 0
+    if algorithm == 'fedmezo':  # 2 clients x 2 steps x 1 central probe: scalars only
+      assert r['forwards'] == 8 and r['backwards'] == 0
+      assert r['bytes_up'] == 2 * (2 * 4 + 4)
+    else:
+      assert r['forwards'] == r['backwards'] == 4
+      assert r['bytes_up'] > 4 * 22_000_000          # dense MiniLM deltas
+  assert rows[1]['bytes_down'] == 0 and rows[2]['bytes_down'] > 0
+  summary = json.loads((wd / 'summary.json').read_text())
   assert summary['test_examples'] == 10
-  assert (tmp_path / 'wd' / 'partition.npz').exists()
+  assert (wd / 'partition.npz').exists()
+  assert (wd / 'accuracy.png').read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
+  assert list((wd / 'tb').glob('events.out.tfevents.*'))
+
+
+def test_flags_files_name_registered_configs():
+  from cooperllm_jax.federated.algorithms import ALGORITHMS
+  flagdir = os.path.join(REPO, 'experiments', 'flags')
+  named = set()
+  for f in os.listdir(flagdir):
+    lines = open(os.path.join(flagdir, f)).read().splitlines()
+    config = [l for l in lines if l.startswith('--config=')]
+    assert len(config) == 1, f
+    named.add(config[0].split(':')[-1])
+  assert set(ALGORITHMS) <= named
 
 
 @pytest.mark.parametrize('flag, message', [
@@ -58,6 +84,10 @@ def test_tiny_run_writes_metrics_and_summary(tmp_path):
     ('--config.learning_rate=-1', 'learning_rate must be > 0'),
     ('--config.algorithm=nope', "unknown algorithm 'nope'"),
     ('--config.rounds=0', 'rounds must be >= 1'),
+    ('--config.zo.eps=0', 'eps must be > 0'),
+    ('--config.zo.trainable=most', "unknown trainable mode 'most'"),
+    ('--config.zo.distribution=cauchy', "unknown distribution 'cauchy'"),
+    ('--config.client_backend=gpu', "client_backend must be 'map' or 'loop'"),
 ])
 def test_bad_config_is_one_line_and_exit_2(tmp_path, flag, message):
   assert message in _error_line(_train(tmp_path / 'wd', flag))
