@@ -41,8 +41,6 @@ def validate(config) -> None:
                       f'num_clients={config.num_clients}')
   if config.algorithm not in ALGORITHMS:
     raise ConfigError(f'unknown algorithm {config.algorithm!r}; choose one of {", ".join(ALGORITHMS)}')
-  if config.client_backend not in ('map', 'loop'):
-    raise ConfigError(f"client_backend must be 'map' or 'loop', got {config.client_backend!r}")
 
 
 def check_workdir(workdir, overwrite: bool) -> pathlib.Path:

@@ -78,6 +78,8 @@ class ZOAlgorithm:
                           f'{self.est.probes}] (probes is the maximum)')
       if self.fwdllm_var_threshold < 0:
         raise ConfigError(f'fwdllm_var_threshold must be >= 0, got {self.fwdllm_var_threshold}')
+    if self.backend not in ('map', 'loop'):
+      raise ConfigError(f"client_backend must be 'map' or 'loop', got {self.backend!r}")
     if self.chunk < 1:
       raise ConfigError(f'client_chunk must be >= 1, got {self.chunk}')
     loss = make_loss(self.model)

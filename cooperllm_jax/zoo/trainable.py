@@ -105,7 +105,7 @@ class Subset:
           if not isinstance(node, dict) or name not in node:
             raise ConfigError(f'lora target {target!r} is not a layer weight of this model')
           node = node[name]
-        if 'kernel' not in node:
+        if not isinstance(node, dict) or 'kernel' not in node:
           raise ConfigError(f'lora target {target!r} has no kernel')
         n, d_in, d_out = node['kernel'].shape
         path = ('layers',) + tuple(names) + ('lora_a',)

@@ -1,0 +1,332 @@
+"""The federated algorithms behind make_algorithm: they learn, and each protocol's ledger means what
+its docstring says (FedAvg of local results, shared directions, K candidate seeds, adaptive probes).
+
+Compiling a round dominates the run time, so every algorithm is run once (module-level cache) on a
+tiny encoder whose trainable subset is the classifier head, and the checks read that run's history.
+"""
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+
+from cooperllm_jax import zoo
+from cooperllm_jax.errors import ConfigError
+from cooperllm_jax.federated import fwdllm
+from cooperllm_jax.federated.algorithms import ALGORITHMS, make_algorithm
+from cooperllm_jax.models import Encoder, EncoderConfig
+from cooperllm_jax.models.common import make_loss
+from cooperllm_jax.models.spec import is_spec
+
+CFG = EncoderConfig(vocab_size=97, hidden_size=32, num_layers=2, num_heads=4, intermediate_size=64,
+                    max_positions=16, num_labels=2, type_vocab_size=0, pooling='mean')
+MODEL = Encoder(CFG)
+STEPS, BATCH, ROUNDS = 4, 8, 8
+CLIENT_IDS = np.array([4, 0, 7], np.int32)       # ids differ from positions on purpose
+COUNTS = np.array([40, 24, 32], np.float32)      # unequal, so the FedAvg weighting matters
+FWD_PROBES, FWD_MIN, FWD_CANDIDATES = 4, 2, 3
+
+
+def _params(seed=0):
+  rng = np.random.default_rng(seed)
+  return jax.tree.map(
+      lambda s: np.asarray({'zeros': 0.0, 'ones': 1.0}.get(s.init, 0.0)
+                           + 0.02 * rng.standard_normal(s.shape), np.float32),
+      MODEL.specs(), is_leaf=is_spec)
+
+
+def _task(n=96, t=8, seed=0):
+  """Label = whether token 5 appears (at a random position); learnable from mean-pooled features."""
+  rng = np.random.default_rng(seed)
+  ids = rng.integers(10, CFG.vocab_size, (n, t)).astype(np.int32)
+  labels = rng.integers(0, 2, n).astype(np.int32)
+  pos = rng.integers(0, t, n)
+  ids[labels == 1, pos[labels == 1]] = 5
+  return {'input_ids': ids, 'attention_mask': np.ones_like(ids), 'labels': labels}
+
+
+PARAMS_NP = _params()
+DATA = _task()
+PARTS = np.split(np.random.default_rng(1).permutation(len(DATA['labels'])),
+                 np.cumsum(COUNTS.astype(int))[:-1])
+_full_loss = jax.jit(make_loss(MODEL))
+
+
+def full_loss(params):
+  return float(_full_loss(params, DATA))
+
+
+def round_batches(round_index):
+  """{name: [C, S, B, ...]}: each client's S batches drawn from its own examples."""
+  idx = np.stack([np.random.default_rng([round_index, int(c)]).choice(part, (STEPS, BATCH))
+                  for c, part in zip(CLIENT_IDS, PARTS)])
+  return {k: jnp.asarray(v[idx]) for k, v in DATA.items()}
+
+
+def config(name, **over):
+  zo = dict(eps=1e-3, probes=2, scheme='central', distribution='gaussian', clip=None,
+            trainable='head', lora_rank=4, lora_alpha=8.0, lora_targets=('attn/q', 'attn/v'),
+            kseed_candidates=4096, fwdllm_candidates=FWD_CANDIDATES, fwdllm_min_probes=FWD_MIN,
+            fwdllm_var_threshold=0.5)
+  if name == 'fwdllm':
+    zo['probes'] = FWD_PROBES
+  zo.update(over.pop('zo', {}))
+  c = dict(algorithm=name, learning_rate=0.1 if name != 'fedavg_bp' else 3e-3, weight_decay=0.0,
+           client_chunk=1, client_backend='map', seed=0, zo=zo)
+  c.update(over)
+  return ml_collections.ConfigDict(c)
+
+
+def snapshot(tree):
+  return jax.tree.map(lambda x: np.array(x, copy=True), tree)   # np.array: never a view
+
+
+@functools.cache
+def history(name, rounds=ROUNDS, chunk=1, backend='map'):
+  """Runs `rounds` rounds on fresh jnp copies of the params; returns the algorithm, the caller's
+  params, snapshots of the state before/after each round, the round inputs and results."""
+  alg = make_algorithm(config(name, client_chunk=chunk, client_backend=backend), MODEL)
+  params = jax.tree.map(jnp.asarray, PARAMS_NP)
+  state = alg.init(params)
+  states, results, inputs = [snapshot(state)], [], []
+  for r in range(1, rounds + 1):
+    batches = round_batches(r)
+    state, result = alg.run_round(state, batches, COUNTS, CLIENT_IDS, r)
+    states.append(snapshot(state))
+    results.append(result)
+    inputs.append(batches)
+  return dict(alg=alg, params=params, states=states, results=results, inputs=inputs,
+              final=alg.model_params(state))
+
+
+def weights():
+  return COUNTS / COUNTS.sum()
+
+
+def max_rel_diff(a, b):
+  diffs = [np.abs(np.asarray(x, np.float64) - np.asarray(y, np.float64)).max()
+           / max(np.abs(np.asarray(y)).max(), 1e-30)
+           for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b))]
+  return max(diffs)
+
+
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize('name', ALGORITHMS)
+def test_every_algorithm_runs_rounds_and_lowers_the_training_loss(name):
+  h = history(name)
+  before, after = full_loss(PARAMS_NP), full_loss(h['final'])
+  # The task starts at chance (ln 2) and every protocol makes clear progress in 8 rounds of 4 steps.
+  assert before == pytest.approx(math.log(2), abs=0.02)
+  assert after < before - 0.08, (before, after)
+  first, last = h['results'][0].losses.mean(), h['results'][-1].losses.mean()
+  assert last < first, (first, last)
+  for result in h['results']:
+    assert result.losses.shape == (3, STEPS) and np.all(np.isfinite(result.losses))
+    assert result.uplink_bytes.shape == (3,) and np.all(result.uplink_bytes > 0)
+    assert result.forwards.shape == result.backwards.shape == (3,)
+    if name == 'fedavg_bp':
+      assert np.all(result.backwards == STEPS) and result.uplink is None
+    else:
+      assert np.all(result.backwards == 0)
+      probes_run = (result.uplink.weights > 0).sum(axis=(1, 2))
+      np.testing.assert_array_equal(result.forwards, 2 * probes_run)           # central: 2 each
+  # The caller's params were neither donated (deleted) nor changed by the rounds.
+  for x, ref in zip(jax.tree.leaves(h['params']), jax.tree.leaves(PARAMS_NP)):
+    np.testing.assert_array_equal(np.asarray(x), ref)
+  assert full_loss(h['params']) == pytest.approx(before, rel=1e-6)
+  # The frozen body is untouched (head mode): model_params changes only the head.
+  for group in ('embed', 'layers') if name != 'fedavg_bp' else ():
+    for x, ref in zip(jax.tree.leaves(h['final'][group]), jax.tree.leaves(PARAMS_NP[group])):
+      np.testing.assert_array_equal(np.asarray(x), ref)
+
+
+def test_fedmezo_global_model_is_the_count_weighted_average_of_local_results():
+  h = history('fedmezo', rounds=2, backend='loop')
+  alg = h['alg']
+  client = jax.jit(alg.client_update)
+  for r in (1, 2):
+    before, after = h['states'][r - 1], h['states'][r]
+    t0, frozen = before['trainable'], before['frozen']
+    uplink = h['results'][r - 1].uplink
+    local = []
+    for i, c in enumerate(CLIENT_IDS):
+      b = jax.tree.map(lambda x: x[i], h['inputs'][r - 1])
+      t, up, _ = client(t0, frozen, b, alg.seed, jnp.int32(r), jnp.int32(c), alg.lr)
+      np.testing.assert_array_equal(up.addresses, uplink.addresses[i])
+      np.testing.assert_array_equal(up.addresses[..., :2], np.broadcast_to([r, c], (STEPS, 2, 2)))
+      np.testing.assert_allclose(up.scalars, uplink.scalars[i], rtol=1e-5, atol=1e-6)
+      local.append(snapshot(t))
+    avg = jax.tree.map(lambda *xs: sum(w * x for w, x in zip(weights(), xs)), *local)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7),
+                 after['trainable'], avg)
+    # Power: the unweighted mean, or any single client, is off by far more than the tolerance.
+    plain = jax.tree.map(lambda *xs: sum(xs) / 3, *local)
+    assert max_rel_diff(plain, avg) > 1e-3
+    assert min(max_rel_diff(t, avg) for t in local) > 1e-3
+
+
+def test_decomfl_shares_directions_and_its_edge_equals_replaying_every_client():
+  h = history('decomfl')
+  alg = h['alg']
+  for r, result in enumerate(h['results'], 1):
+    a = result.uplink.addresses
+    for i in range(1, 3):
+      np.testing.assert_array_equal(a[i], a[0])                       # identical across clients
+    want = [[[r, -1, s, p] for p in range(2)] for s in range(STEPS)]
+    np.testing.assert_array_equal(a[0], want)
+    assert result.broadcast_bytes == STEPS * 2 * 4           # one scalar per (step, probe)
+    assert not np.allclose(result.uplink.scalars[0], result.uplink.scalars[1])   # own data
+  # Replaying every client's ledger (FedMeZO-style, count-weighted) gives the edge's model.
+  replay = jax.jit(zoo.replay, static_argnames='distribution')
+  for r in (1, 2):
+    up = h['results'][r - 1].uplink
+    coefs = zoo.coefficients(alg.lr, up.scalars, up.weights) * weights()[:, None, None]
+    every = replay(h['states'][r - 1]['trainable'], alg.seed,
+                   jnp.asarray(up.addresses).reshape(-1, 4), coefs.reshape(-1),
+                   distribution='gaussian')
+    jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-7),
+                 h['states'][r]['trainable'], every)
+    moved = max_rel_diff(h['states'][r]['trainable'], h['states'][r - 1]['trainable'])
+    assert moved > 1e-3
+
+
+def test_fedkseed_draws_from_the_candidate_pool_and_fits_its_byte_budget():
+  h = history('fedkseed')
+  alg = h['alg']
+  k = alg.kseed_candidates
+  assert k == 4096
+  all_addr = np.concatenate([r.uplink.addresses.reshape(-1, 4) for r in h['results']])
+  assert np.all(all_addr[:, :3] == -1)
+  assert np.all((all_addr[:, 3] >= 0) & (all_addr[:, 3] < k))
+  assert len(np.unique(all_addr[:, 3])) > len(all_addr) // 2             # spread over the pool
+  for result in h['results']:
+    probes = (result.uplink.weights > 0).sum(axis=(1, 2))
+    np.testing.assert_array_equal(probes, STEPS * 2)
+    # scalar (4 B) + candidate index (ceil(12 bits / 8) = 2 B) per probe, + the example count.
+    np.testing.assert_array_equal(result.uplink_bytes, probes * 6 + 4)
+    assert np.all(result.uplink_bytes < 18_000)
+    assert result.broadcast_bytes == 4 * k
+  # The model is init + sum_k a_k z_k: replaying one accumulated coefficient per candidate seed
+  # reproduces the final model after all rounds.
+  acc = np.zeros(k, np.float64)
+  for result in h['results']:
+    up = result.uplink
+    coefs = np.asarray(zoo.coefficients(alg.lr, up.scalars, up.weights)) * weights()[:, None, None]
+    np.add.at(acc, up.addresses[..., 3].ravel(), coefs.ravel())
+  used = np.nonzero(acc)[0]
+  ledger = np.stack([np.full_like(used, -1)] * 3 + [used], -1).astype(np.int32)
+  synced = jax.jit(zoo.replay)(h['states'][0]['trainable'], alg.seed, jnp.asarray(ledger),
+                               jnp.asarray(acc[used], jnp.float32))
+  jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-6),
+               synced, h['states'][-1]['trainable'])
+
+
+def _stops_here(g, thr):
+  """FwdLLM's rule on the first n scalars: stderr of the mean <= thr * mean |g| (float32)."""
+  g = np.asarray(g, np.float32)
+  n = np.float32(len(g))
+  mean_abs = np.abs(g).sum() / n
+  var = (np.sum(g * g) - n * (g.sum() / n) ** 2) / max(n - 1, 1)
+  return np.sqrt(max(var, 0) / n) <= thr * mean_abs
+
+
+def test_fwdllm_adaptive_probes_and_cosine_choice():
+  h = history('fwdllm')
+  alg = h['alg']
+  thr = alg.fwdllm_var_threshold
+  used_counts = []
+  for r, result in enumerate(h['results'], 1):
+    up = result.uplink
+    assert up.weights.shape == (3, STEPS, FWD_PROBES)
+    n = (up.weights > 0).sum(-1)                                          # [C, S]
+    assert np.all((n >= FWD_MIN) & (n <= FWD_PROBES))
+    used_counts += n.ravel().tolist()
+    for c in range(3):
+      for s in range(STEPS):
+        k = n[c, s]
+        np.testing.assert_array_equal(up.weights[c, s, :k], np.float32(1.0 / k))   # used prefix
+        np.testing.assert_array_equal(up.weights[c, s, k:], 0.0)                  # unused: 0
+        g = up.scalars[c, s]
+        assert k == FWD_PROBES or _stops_here(g[:k], thr)          # stopped by the rule or the cap
+        assert all(not _stops_here(g[:j], thr) for j in range(FWD_MIN, k))   # not earlier
+        slots = np.arange(k)
+        probe = up.addresses[c, s, :k, 3]
+        np.testing.assert_array_equal(up.addresses[c, s, :k, :3],
+                                      np.broadcast_to([r, CLIENT_IDS[c], s], (k, 3)))
+        assert np.all((probe >= slots * FWD_CANDIDATES) & (probe < (slots + 1) * FWD_CANDIDATES))
+        if r == 1:   # no previous update yet: candidate 0 of each slot
+          np.testing.assert_array_equal(probe, slots * FWD_CANDIDATES)
+    # probe count per step (1 B) + per used probe scalar (4 B) and candidate index (1 B) + count.
+    np.testing.assert_array_equal(result.uplink_bytes, n.sum(-1) * 5 + STEPS + 4)
+  assert len(set(used_counts)) > 1, used_counts                          # it does adapt
+  # Round 2's choices maximize |cos(z, previous global update)| among each slot's candidates.
+  prev = jax.tree.map(lambda a, b: a - b, h['states'][1]['trainable'], h['states'][0]['trainable'])
+  jax.tree.map(np.testing.assert_array_equal, h['states'][1]['prev_update'], prev)
+  up = h['results'][1].uplink
+  for c, s in ((0, 0), (2, STEPS - 1)):
+    slot = 0
+    cand = [(2, CLIENT_IDS[c], s, slot * FWD_CANDIDATES + j) for j in range(FWD_CANDIDATES)]
+    cos = [abs(float(fwdllm.cosine_to(prev, zoo.address_key(alg.seed, a), 'gaussian')))
+           for a in cand]
+    assert up.addresses[c, s, slot, 3] == int(np.argmax(cos)), cos
+  assert np.any(up.addresses[:, :, 0, 3] != 0)          # the choice is active (not always the 1st)
+  # Replaying the uplink (unused slots included, with weight 0) gives the edge's model.
+  r = 2
+  coefs = zoo.coefficients(alg.lr, up.scalars, up.weights) * weights()[:, None, None]
+  every = jax.jit(zoo.replay)(h['states'][r - 1]['trainable'], alg.seed,
+                              jnp.asarray(up.addresses).reshape(-1, 4), coefs.reshape(-1))
+  jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-7),
+               h['states'][r]['trainable'], every)
+
+
+@pytest.mark.parametrize('chunk,backend', [(2, 'map'), (1, 'loop')])
+def test_client_backends_agree(chunk, backend):
+  """map with chunk 1 (lax.map), chunk 2 (vmap over 2 clients + a remainder of 1) and the Python
+  loop give the same rounds, up to float32 rounding.
+
+  Batched (vmapped) forwards sum in another order, so a loss can move by an ulp or two, and the
+  finite difference g = (L+ - L-) / (2 eps) turns that into ~ulp(L) / eps (~6e-5 at eps = 1e-3;
+  observed: scalars 6e-5 to 9e-5, trainable 7e-6 absolute = 5e-5 relative to its largest entry).
+  The bounds: 4 ulp(L) / eps for g, and lr * S * (that) * 4 (|z| of a 66-dim draw) for the
+  weights, which one round moves by ~0.1: a wrong client, weight or address is off by far more.
+  """
+  ref = history('fedmezo')
+  other = history('fedmezo', rounds=2, chunk=chunk, backend=backend)
+  alg = ref['alg']
+  for r in (1, 2):
+    a, b = ref['results'][r - 1], other['results'][r - 1]
+    np.testing.assert_array_equal(a.uplink.addresses, b.uplink.addresses)
+    np.testing.assert_allclose(b.losses, a.losses, rtol=1e-5)
+    g_tol = 4 * np.spacing(np.float32(np.abs(a.losses).max())) / alg.est.eps
+    np.testing.assert_allclose(b.uplink.scalars, a.uplink.scalars, rtol=0, atol=g_tol)
+    w_tol = alg.lr * STEPS * g_tol * 4
+    new, old = other['states'][r]['trainable'], ref['states'][r]['trainable']
+    jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=0, atol=w_tol), new, old)
+    moved = max(np.abs(x - y).max() for x, y in zip(jax.tree.leaves(old), jax.tree.leaves(
+        ref['states'][r - 1]['trainable'])))
+    assert moved > 100 * w_tol
+
+
+def test_make_algorithm_rejects_bad_configs():
+  with pytest.raises(ConfigError, match='fedsgd'):
+    make_algorithm(config('fedsgd'), MODEL)
+  with pytest.raises(ConfigError, match='scheme'):
+    make_algorithm(config('fedmezo', zo={'scheme': 'forward'}), MODEL)
+  with pytest.raises(ConfigError, match='trainable mode'):
+    make_algorithm(config('fedmezo', zo={'trainable': 'everything'}), MODEL)
+  with pytest.raises(ConfigError, match='fwdllm_min_probes'):
+    make_algorithm(config('fwdllm', zo={'fwdllm_min_probes': FWD_PROBES + 1}), MODEL)
+  with pytest.raises(ConfigError, match='client_chunk'):
+    make_algorithm(config('fedmezo', client_chunk=0), MODEL)
+  assert set(ALGORITHMS) == {'fedmezo', 'fedkseed', 'decomfl', 'fwdllm', 'fedavg_bp'}
+
+
+def test_unknown_client_backend_is_a_config_error():
+  with pytest.raises(ConfigError, match='backend'):
+    make_algorithm(config('fedmezo', client_backend='mapp'), MODEL)
