@@ -1,0 +1,68 @@
+"""What the benchmarks share: the models, synthetic batches, timing and the JSON report."""
+
+import json
+import os
+import statistics
+import sys
+import time
+
+os.environ.setdefault('HF_HUB_OFFLINE', '1')
+os.environ.setdefault('TRANSFORMERS_VERBOSITY', 'error')
+
+import jax  # pylint: disable=g-import-not-at-top
+import numpy as np  # pylint: disable=g-import-not-at-top
+
+NUM_LABELS = 5
+LABEL_WORDS = ('business', 'entertainment', 'politics', 'sport', 'tech')  # BBC News topics
+
+
+def log(msg: str):
+  print(msg, file=sys.stderr, flush=True)
+
+
+def load(name: str):
+  """The pretrained model as the experiments use it (5 BBC classes; decoders score label words)."""
+  from cooperllm_jax.models import load_pretrained  # pylint: disable=g-import-not-at-top
+  if name == 'smollm2':
+    return load_pretrained(name, num_labels=NUM_LABELS, label_words=list(LABEL_WORDS))
+  return load_pretrained(name, num_labels=NUM_LABELS)
+
+
+def synthetic_batch(vocab_size: int, lead: tuple, seq: int, seed: int = 0) -> dict:
+  """Random ids < vocab, a full attention mask and random labels; `lead` is the leading shape
+  ([B], or [C, S, B] for a round's clients and steps)."""
+  rng = np.random.default_rng(seed)
+  ids = rng.integers(0, vocab_size, (*lead, seq), dtype=np.int32)
+  return {'input_ids': jax.numpy.asarray(ids),
+          'attention_mask': jax.numpy.ones((*lead, seq), jax.numpy.int32),
+          'labels': jax.numpy.asarray(rng.integers(0, NUM_LABELS, lead, dtype=np.int32))}
+
+
+def timed(calls: dict, repeats: int) -> dict:
+  """Seconds per call of each `state = fn(state)` in calls {name: (fn, state)}, blocked until
+  ready: one warm-up call each, then `repeats` rounds that call each once in turn, so that load from
+  other processes hits all of them alike. Each call gets the previous output, so fn may donate it."""
+  states = {k: jax.block_until_ready(fn(s)) for k, (fn, s) in calls.items()}
+  times = {k: [] for k in calls}
+  for _ in range(repeats):
+    for k, (fn, _) in calls.items():
+      start = time.perf_counter()
+      states[k] = jax.block_until_ready(fn(states[k]))
+      times[k].append(time.perf_counter() - start)
+  return times
+
+
+def summary(times) -> dict:
+  return {'median_s': statistics.median(times), 'min_s': min(times), 'repeats': len(times)}
+
+
+def environment() -> dict:
+  """What the numbers depend on; loadavg shows other processes competing for the CPU."""
+  return {'jax': jax.__version__, 'backend': jax.default_backend(),
+          'device': jax.devices()[0].device_kind, 'cpus': os.cpu_count(),
+          'loadavg': [round(x, 2) for x in os.getloadavg()]}
+
+
+def emit(report: dict):
+  """The benchmark's one JSON object, on stdout."""
+  print(json.dumps(report, indent=1, sort_keys=False))
