@@ -38,6 +38,10 @@ test-setup: $(VENV)/.test-setup
 demo: setup
 	$(BIN)/python -m experiments.train --config=experiments/configs/demo.py --workdir=$(WORKDIR) --overwrite
 
+bench: setup
+	$(BIN)/python -m experiments.bench.zo_step
+	$(BIN)/python -m experiments.bench.client_throughput
+
 test: test-setup
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 

@@ -12,9 +12,7 @@ target is a ZO step peak <= 1.15x the forward pass's. Prints one JSON object on 
 stderr; on a loaded machine compare the min_s ratios too.
 
 --breakdown adds the memory of the estimate (forwards only) and of the update (apply_directions)
-alone; --dump_dir writes each executable's optimized HLO; --unrolled_threefry lowers the RNG as JAX
-does on GPU/TPU (one fused elementwise hash) instead of CPU's rolled loop, whose loop state holds
-full-size uint32 buffers, to estimate on CPU what an accelerator would allocate.
+alone; --dump_dir writes each executable's optimized HLO.
 """
 
 import pathlib
@@ -39,18 +37,9 @@ _PROBES = flags.DEFINE_integer('probes', 1, 'SPSA probes per ZO step.')
 _BREAKDOWN = flags.DEFINE_bool('breakdown', False, 'Also report the memory of the ZO estimate '
                                '(forwards only) and of the update (apply_directions) alone.')
 _DUMP_DIR = flags.DEFINE_string('dump_dir', None, "Write each compiled function's HLO here.")
-_UNROLLED = flags.DEFINE_bool('unrolled_threefry', False, 'On CPU, lower threefry unrolled as on '
-                              'GPU/TPU (uses a private JAX API; slower to compile).')
 
 TARGET = 1.15   # ZO step peak / forward peak, from the issue
 LR = 1e-5
-
-
-def use_unrolled_threefry():
-  """Registers JAX's default (GPU/TPU) threefry lowering for CPU too."""
-  from jax._src.interpreters import mlir  # pylint: disable=g-import-not-at-top
-  from jax._src.random import threefry2x32 as tf  # pylint: disable=g-import-not-at-top
-  mlir.register_lowering(tf.threefry2x32_p, tf._threefry2x32_lowering_rule, platform='cpu')  # pylint: disable=protected-access
 
 
 def compile_(name, fn, *args, donate_argnums=()):
@@ -144,12 +133,9 @@ def bench_model(name):
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-  if _UNROLLED.value:
-    use_unrolled_threefry()
   report = {'benchmark': 'zo_step', 'env': common.environment(),
             'config': {'batch': _BATCH.value, 'seq': _SEQ.value, 'probes': _PROBES.value,
                        'repeats': _REPEATS.value, 'scheme': 'central', 'lr': LR,
-                       'unrolled_threefry': _UNROLLED.value,
                        'target_peak_over_forward': TARGET},
             'models': {}}
   for name in _MODELS.value:
