@@ -9,6 +9,7 @@ import pytest
 from cooperllm_jax.errors import ConfigError
 from cooperllm_jax.federated import client_data, fedavg_bp
 from cooperllm_jax.models import Encoder, EncoderConfig
+from cooperllm_jax.models.common import make_loss
 
 CFG = EncoderConfig(vocab_size=50, hidden_size=16, num_layers=2, num_heads=2, intermediate_size=32,
                     max_positions=16, num_labels=2)

@@ -39,23 +39,35 @@ def _noise(params, scale=0.01):
 
 
 @pytest.mark.parametrize('model', MODELS, ids=IDS)
-def test_hook_perturbs_each_layer_inside_scan_like_a_perturbed_copy(model):
-  """The hook sees every group once and each layer's slice with its index; the result equals running
-  the model on an explicitly perturbed copy (what the ZO engine relies on)."""
+def test_hooks_perturb_each_layer_inside_scan_like_a_perturbed_copy(model):
+  """`group` sees every dense group once (layers: each slice with its index, traced once inside
+  lax.scan) and `rows` every embedding lookup; together they equal running the model on an
+  explicitly perturbed copy (what the ZO engine relies on)."""
   params = model.init(jax.random.key(0))
   noise = _noise(params)
   batch = _batch(model.cfg.vocab_size)
   seen = []
 
-  def perturb(group, p, layer):
-    seen.append(group)
-    n = noise[group] if layer is None else jax.tree.map(lambda x: x[layer], noise[group])
-    return jax.tree.map(jnp.add, p, n)
+  class Hooks:
+    def group(self, name, p, layer):
+      seen.append(name)
+      n = noise[name] if layer is None else jax.tree.map(lambda x: x[layer], noise[name])
+      n = {k: n[k] for k in p} if isinstance(p, dict) else n  # models may pass a part of a group
+      return jax.tree.map(jnp.add, p, n)
 
-  hooked = model.logits(params, batch, perturb)
+    def rows(self, path, table, ids):
+      seen.append('/'.join(path))
+      n = noise
+      for k in path:
+        n = n[k]
+      return table[ids] + n[ids]
+
+  hooked = model.logits(params, batch, Hooks())
   copied = model.logits(jax.tree.map(jnp.add, params, noise), batch)
   np.testing.assert_allclose(hooked, copied, atol=1e-5)
-  assert sorted(set(seen)) == sorted(params)        # every group, once each (layers: in the scan)
+  dense_groups = {g for g in seen if '/' not in g}
+  assert dense_groups == set(params) - ({'embed'} if 'norm' not in params['embed'] else set())
+  assert 'embed/token' in seen
   assert seen.count('layers') == 1                   # traced once inside lax.scan, not unrolled
   assert not np.allclose(hooked, model.logits(params, batch), atol=1e-4)
 
