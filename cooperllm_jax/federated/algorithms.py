@@ -19,7 +19,7 @@ where batches is {name: [C, S, B, ...]} (C sampled clients, S local steps), coun
 
 import dataclasses
 import math
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import jax
 import jax.numpy as jnp

@@ -7,7 +7,6 @@ dicts of int arrays: input_ids [B, T], attention_mask [B, T], optional token_typ
 import dataclasses
 from typing import Optional
 
-import jax
 import jax.numpy as jnp
 
 from cooperllm_jax.models import layers as L

@@ -27,7 +27,7 @@ class Perturbation:
   distribution: str = 'gaussian'
   lora_scale: float = 0.0
 
-  def _add(self, path: tuple, x, z):
+  def _add(self, x, z):
     return (x.astype(jnp.float32) + self.scale * z).astype(jnp.promote_types(x.dtype, jnp.float32))
 
   def group(self, name, params, layer):
@@ -39,7 +39,7 @@ class Perturbation:
         z = keys_lib.leaf_direction(self.key, path, x.shape, self.distribution)
       else:  # one layer's slice of a stacked leaf: its slice of the whole-leaf draw
         z = keys_lib.slice_direction(self.key, path, layer, x.shape, self.distribution)
-      return self._add(path, x, z)
+      return self._add(x, z)
 
     out = jax.tree_util.tree_map_with_path(one, params)
     return merge_lora(out, self.lora_scale) if self.lora_scale else out
@@ -49,9 +49,9 @@ class Perturbation:
       return table[ids]
     if table.shape[0] <= ids.size:  # small tables (positions, token types): draw once, then gather
       z = keys_lib.leaf_direction(self.key, path, table.shape, self.distribution)
-      return self._add(path, table, z)[ids]
+      return self._add(table, z)[ids]
     z = keys_lib.slice_direction(self.key, path, ids, table.shape[1:], self.distribution)
-    return self._add(path, table[ids], z)
+    return self._add(table[ids], z)
 
 
 # Elements of z drawn at once by an update. On CPU, threefry runs its rounds in a while loop whose
