@@ -1,6 +1,11 @@
 """Helpers shared by test modules (pytest puts tests/ on sys.path)."""
 
+import jax.numpy as jnp
 import numpy as np
+
+from cooperllm_jax.models.common import hook, lookup
+
+Q_D = 38  # the quadratic's dimension: 4 x 5 dense + 6 x 3 table
 
 
 def padded_batch(tokenizer, texts, pad_id):
@@ -11,3 +16,28 @@ def padded_batch(tokenizer, texts, pad_id):
   for i, e in enumerate(encs):
     ids[i, :len(e)], mask[i, :len(e)] = e, 1
   return {'input_ids': ids, 'attention_mask': mask}
+
+
+def quadratic_problem():
+  """(A, c, theta): the SPD quadratic 0.5 (x - c)^T A (x - c) over a dense leaf and a table."""
+  rng = np.random.default_rng(42)
+  m = rng.standard_normal((Q_D, Q_D))
+  a = m @ m.T / Q_D + 0.5 * np.eye(Q_D)                       # SPD, eigenvalues ~0.5 .. 4.5
+  c = rng.standard_normal(Q_D)
+  theta = {'q': {'w': rng.standard_normal((4, 5))}, 'e': {'token': rng.standard_normal((6, 3))}}
+  return a, c, theta
+
+
+def flat(tree):
+  return jnp.concatenate([tree['q']['w'].ravel(), tree['e']['token'].ravel()])
+
+
+def quadratic_loss(params, batch, perturb):
+  """A tiny 'model': the dense group goes through the group hook, the table through the row hook
+  (all of its rows, in a shuffled order, so rows are addressed by id)."""
+  w = hook(perturb, 'q', params['q'])['w']
+  order = jnp.array([3, 0, 5, 1, 4, 2], jnp.int32)
+  rows = lookup(perturb, ('e', 'token'), params['e']['token'], order)
+  rows = jnp.zeros_like(rows).at[order].set(rows)
+  x = jnp.concatenate([w.ravel(), rows.ravel()]) - batch['c']
+  return 0.5 * x @ batch['A'] @ x

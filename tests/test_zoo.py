@@ -21,8 +21,9 @@ from cooperllm_jax import zoo
 from cooperllm_jax.errors import ConfigError
 from cooperllm_jax.federated import zo as fzo
 from cooperllm_jax.models import Decoder, DecoderConfig, Encoder, EncoderConfig
-from cooperllm_jax.models.common import hook, lookup, make_loss
+from cooperllm_jax.models.common import make_loss
 from cooperllm_jax.models.spec import is_spec, path_str
+from helpers import Q_D, flat, quadratic_loss, quadratic_problem
 
 DISTS = ('gaussian', 'rademacher')
 SCHEMES = ('central', 'one_sided')
@@ -214,40 +215,15 @@ def test_address_keys_equal_per_address_keys():
 # ------------------------------------------------------------------------------------------------
 
 Q_SHAPES = {'q': {'w': (4, 5)}, 'e': {'token': (6, 3)}}     # a 2-D dense leaf and a 2-D table
-Q_D = 38
 Q_N = 8192
-
-
-def _quadratic():
-  rng = np.random.default_rng(42)
-  m = rng.standard_normal((Q_D, Q_D))
-  a = m @ m.T / Q_D + 0.5 * np.eye(Q_D)                       # SPD, eigenvalues ~0.5 .. 4.5
-  c = rng.standard_normal(Q_D)
-  theta = {'q': {'w': rng.standard_normal((4, 5))}, 'e': {'token': rng.standard_normal((6, 3))}}
-  return a, c, theta
-
-
-def _flat(tree):
-  return jnp.concatenate([tree['q']['w'].ravel(), tree['e']['token'].ravel()])
-
-
-def quadratic_loss(params, batch, perturb):
-  """A tiny 'model': the dense group goes through the group hook, the table through the row hook
-  (all of its rows, in a shuffled order, so rows are addressed by id)."""
-  w = hook(perturb, 'q', params['q'])['w']
-  order = jnp.array([3, 0, 5, 1, 4, 2], jnp.int32)
-  rows = lookup(perturb, ('e', 'token'), params['e']['token'], order)
-  rows = jnp.zeros_like(rows).at[order].set(rows)
-  x = jnp.concatenate([w.ravel(), rows.ravel()]) - batch['c']
-  return 0.5 * x @ batch['A'] @ x
 
 
 @pytest.fixture(scope='module')
 def quadratic():
-  a, c, theta = _quadratic()
+  a, c, theta = quadratic_problem()
   trainable = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), theta)
   batch = {'A': jnp.asarray(a, jnp.float32), 'c': jnp.asarray(c, jnp.float32)}
-  grad = a @ (np.asarray(_flat(theta)) - c)
+  grad = a @ (np.asarray(flat(theta)) - c)
   return trainable, batch, grad, a, c, theta
 
 
@@ -257,7 +233,7 @@ def _probe_samples(est, trainable, batch, n, start=0):
 
   def one(key):
     g, loss = estimate(trainable, {}, batch, key[None])
-    return g[0], _flat(zoo.tree_direction(key, trainable, est.distribution)), loss
+    return g[0], flat(zoo.tree_direction(key, trainable, est.distribution)), loss
 
   addrs = jnp.stack([jnp.zeros(n, jnp.int32)] * 3 + [start + jnp.arange(n, dtype=jnp.int32)], -1)
   return jax.jit(jax.vmap(one))(zoo.address_keys(0, addrs))
@@ -277,7 +253,7 @@ def test_spsa_is_unbiased_on_a_quadratic(quadratic, scheme, distribution):
   curv = np.einsum('ni,ij,nj->n', z, a, z)
   expect = z @ v + (0.0 if scheme == 'central' else eps / 2 * curv)
   np.testing.assert_allclose(g, expect, rtol=0, atol=1e-4 * np.linalg.norm(v) + 1e-4 * curv.max())
-  x0 = np.asarray(_flat(theta)) - c
+  x0 = np.asarray(flat(theta)) - c
   l0 = 0.5 * x0 @ a @ x0
   expect_loss = l0 + (eps ** 2 / 2 * curv if scheme == 'central' else 0.0)
   np.testing.assert_allclose(loss, expect_loss, rtol=1e-5)
@@ -314,9 +290,9 @@ def test_probes_clip_and_base_loss(quadratic):
     per_key = lambda est: jax.vmap(lambda k: est(trainable, {}, batch, k[None]))(keys)
     (g, loss), (g_clip, _) = per_key(single), per_key(clipped)
     stepped, g3, loss3 = step(trainable, {}, batch, keys[jnp.array([5, 2, 9])], 0.01)
-    z3 = jax.vmap(lambda k: _flat(zoo.tree_direction(k, trainable)))(keys[jnp.array([5, 2, 9])])
+    z3 = jax.vmap(lambda k: flat(zoo.tree_direction(k, trainable)))(keys[jnp.array([5, 2, 9])])
     l0 = zoo.loss_at(quadratic_loss, trainable, {}, batch, None, 0.0)
-    return g[:, 0], loss, g_clip[:, 0], g3, loss3, l0, _flat(stepped), z3
+    return g[:, 0], loss, g_clip[:, 0], g3, loss3, l0, flat(stepped), z3
 
   g, loss, g_clip, g3, loss3, l0, stepped, z3 = (np.asarray(x) for x in run(keys))
   assert np.abs(g_clip).max() <= clip
@@ -327,11 +303,11 @@ def test_probes_clip_and_base_loss(quadratic):
   np.testing.assert_allclose(g3, g[[5, 2, 9]], rtol=0, atol=4 * np.spacing(loss.max()) / eps)
   np.testing.assert_allclose(loss3, loss[[5, 2, 9]].mean(), rtol=1e-6)
   # ... and the step is theta - lr (1/P) sum_p g_p z_p.
-  want = np.asarray(_flat(trainable), np.float64) - 0.01 / 3 * (g3.astype(np.float64) @ z3)
+  want = np.asarray(flat(trainable), np.float64) - 0.01 / 3 * (g3.astype(np.float64) @ z3)
   np.testing.assert_allclose(stepped, want, rtol=0, atol=1e-5)
-  assert np.abs(stepped - np.asarray(_flat(trainable))).max() > 1e-2
+  assert np.abs(stepped - np.asarray(flat(trainable))).max() > 1e-2
   # key=None in loss_at is the unperturbed loss.
-  x0 = np.asarray(_flat(theta)) - c
+  x0 = np.asarray(flat(theta)) - c
   np.testing.assert_allclose(l0, 0.5 * x0 @ a @ x0, rtol=1e-5)
 
 

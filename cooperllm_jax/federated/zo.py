@@ -60,17 +60,19 @@ def candidate_addresses(num_candidates: int) -> AddressFn:
 
 def make_client_update(loss_fn, est: Estimator, subset: Subset = Subset(),
                        address_fn: AddressFn = own_addresses):
-  """client_update(trainable, frozen, batches, seed, round, client, lr) -> (trainable, Uplink, losses).
+  """client_update(trainable, frozen, batches, seed, round, client, lr, guide=None)
+  -> (trainable, Uplink, losses).
 
-  batches: {name: [S, B, ...]}; losses: float32 [S] (the mean loss of each step's probes).
+  batches: {name: [S, B, ...]}; losses: float32 [S] (the mean loss of each step's probes);
+  guide: the round's ZGR guidance (zoo.Guidance), None for plain directions.
   """
   zo_step = make_zo_step(loss_fn, est, subset)
 
-  def client_update(trainable, frozen, batches, seed, round_index, client, lr):
+  def client_update(trainable, frozen, batches, seed, round_index, client, lr, guide=None):
     def step(t, inputs):
       batch, s = inputs
       addresses = address_fn(seed, round_index, client, s, est.probes)
-      t, g, loss = zo_step(t, frozen, batch, keys_lib.address_keys(seed, addresses), lr)
+      t, g, loss = zo_step(t, frozen, batch, keys_lib.address_keys(seed, addresses), lr, guide)
       return t, (Uplink(addresses, g, jnp.full_like(g, 1.0 / est.probes)), loss)
 
     num_steps = jax.tree.leaves(batches)[0].shape[0]
@@ -82,7 +84,7 @@ def make_client_update(loss_fn, est: Estimator, subset: Subset = Subset(),
 
 
 def edge_replay(trainable, seed, uplinks: Uplink, client_weights, lr, distribution='gaussian',
-                shared: bool = False):
+                shared: bool = False, guide=None):
   """Global trainable after replaying the clients' uplinks [C, S, P, ...] with FedAvg weights [C].
 
   shared=True (addresses identical across clients, as in DeComFL): the scalars are averaged per
@@ -93,7 +95,8 @@ def edge_replay(trainable, seed, uplinks: Uplink, client_weights, lr, distributi
     coefs = coefficients(lr, uplinks.scalars, uplinks.weights)
   else:
     coefs = coefficients(lr, uplinks.scalars, uplinks.weights) * client_weights[:, None, None]
-  return replay(trainable, seed, uplinks.addresses.reshape(-1, 4), coefs.reshape(-1), distribution)
+  return replay(trainable, seed, uplinks.addresses.reshape(-1, 4), coefs.reshape(-1), distribution,
+                guide)
 
 
 def average_shared(uplinks: Uplink, client_weights) -> Uplink:
@@ -106,15 +109,18 @@ def make_round_fn(client_update, *, seed: int, lr: float, chunk: int = 1,
                   distribution: str = 'gaussian', shared: bool = False):
   """The pure round (see make_round); jit it yourself, e.g. inside a larger step."""
 
-  def round_fn(trainable, frozen, batches, counts, clients, round_index, *extra):
+  def round_fn(trainable, frozen, batches, counts, clients, round_index, *extra, guide=None):
+    guided = {} if guide is None else {'guide': guide}
+
     def one(inputs):
       b, c = inputs
-      _, uplink, losses = client_update(trainable, frozen, b, seed, round_index, c, lr, *extra)
+      _, uplink, losses = client_update(trainable, frozen, b, seed, round_index, c, lr, *extra,
+                                        **guided)
       return uplink, losses  # the local model stays on the client: only scalars leave
 
     uplinks, losses = jax.lax.map(one, (batches, clients), batch_size=chunk)
     weights = counts / counts.sum()
-    new = edge_replay(trainable, seed, uplinks, weights, lr, distribution, shared)
+    new = edge_replay(trainable, seed, uplinks, weights, lr, distribution, shared, guide)
     return new, uplinks, losses
 
   return round_fn
@@ -122,11 +128,12 @@ def make_round_fn(client_update, *, seed: int, lr: float, chunk: int = 1,
 
 def make_round(client_update, *, seed: int, lr: float, chunk: int = 1,
                distribution: str = 'gaussian', shared: bool = False):
-  """round(trainable, frozen, batches, counts, clients, round_index, *extra)
+  """round(trainable, frozen, batches, counts, clients, round_index, *extra, guide=None)
   -> (trainable, uplinks, losses), jitted, `trainable` donated.
 
   batches {name: [C, S, B, ...]}; counts float32 [C] (FedAvg weights); clients int32 [C];
-  round_index int32; extra: further client_update args (e.g. FwdLLM's previous update).
+  round_index int32; extra: further client_update args (e.g. FwdLLM's previous update); guide:
+  the round's ZGR guidance, used by every client and by the edge's replay.
   uplinks: Uplink with [C, S, P, ...] leaves; losses float32 [C, S]. One compile per shape: clients
   run in lax.map with batch_size=chunk (vmap over chunk clients at a time).
   """

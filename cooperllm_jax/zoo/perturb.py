@@ -10,6 +10,7 @@ import jax.numpy as jnp
 
 from cooperllm_jax.models.spec import path_str
 from cooperllm_jax.zoo import keys as keys_lib
+from cooperllm_jax.zoo.guided import Guidance, direction
 from cooperllm_jax.zoo.trainable import merge_lora
 
 
@@ -19,13 +20,15 @@ class Perturbation:
 
   Adds scale * z(key) to the trainable leaves (`paths`) that a forward pass touches, generating z
   for the layer being computed (inside lax.scan) or for the embedding rows looked up, and folds LoRA
-  adapters into their kernels. key=None only merges LoRA (the unperturbed loss).
+  adapters into their kernels. key=None only merges LoRA (the unperturbed loss). With `guide`, z is
+  ZGR's guided direction (zoo/guided.py) instead of the plain one.
   """
   paths: frozenset
   key: Optional[jax.Array] = None
   scale: jax.Array | float = 0.0
   distribution: str = 'gaussian'
   lora_scale: float = 0.0
+  guide: Optional[Guidance] = None
 
   def _add(self, x, z):
     return (x.astype(jnp.float32) + self.scale * z).astype(jnp.promote_types(x.dtype, jnp.float32))
@@ -35,11 +38,8 @@ class Perturbation:
       path = (name,) + tuple(getattr(k, 'key', k) for k in subpath)
       if self.key is None or path_str(path) not in self.paths:
         return x
-      if layer is None:
-        z = keys_lib.leaf_direction(self.key, path, x.shape, self.distribution)
-      else:  # one layer's slice of a stacked leaf: its slice of the whole-leaf draw
-        z = keys_lib.slice_direction(self.key, path, layer, x.shape, self.distribution)
-      return self._add(x, z)
+      # layer: one layer's slice of a stacked leaf, which gets its slice of the whole-leaf draw.
+      return self._add(x, direction(self.key, path, x.shape, layer, self.distribution, self.guide))
 
     out = jax.tree_util.tree_map_with_path(one, params)
     return merge_lora(out, self.lora_scale) if self.lora_scale else out
@@ -48,9 +48,9 @@ class Perturbation:
     if self.key is None or path_str(path) not in self.paths:
       return table[ids]
     if table.shape[0] <= ids.size:  # small tables (positions, token types): draw once, then gather
-      z = keys_lib.leaf_direction(self.key, path, table.shape, self.distribution)
+      z = direction(self.key, path, table.shape, None, self.distribution, self.guide)
       return self._add(table, z)[ids]
-    z = keys_lib.slice_direction(self.key, path, ids, table.shape[1:], self.distribution)
+    z = direction(self.key, path, table.shape[1:], ids, self.distribution, self.guide)
     return self._add(table[ids], z)
 
 
@@ -60,19 +60,18 @@ class Perturbation:
 UPDATE_BLOCK = 1 << 16
 
 
-def _update_leaf(path, x, key, coef, distribution):
+def _update_leaf(path, x, key, coef, distribution, guide):
   """x - coef * z for one leaf; rank >= 2 leaves in place, UPDATE_BLOCK elements (at least one
   leading-axis slice) at a time. slice_direction gives each slice the bits of the whole-leaf draw,
   so blocking does not change the result."""
   if x.ndim < 2:
-    z = keys_lib.leaf_direction(key, path, x.shape, distribution)
+    z = direction(key, path, x.shape, None, distribution, guide)
     return (x.astype(jnp.float32) - coef * z).astype(x.dtype)
   n, row = x.shape[0], x.shape[1:]
   rows = max(1, min(n, UPDATE_BLOCK // math.prod(row)))
 
   def block(x, start, size):
-    z = keys_lib.slice_direction(key, path, start + jnp.arange(size, dtype=jnp.int32), row,
-                                 distribution)
+    z = direction(key, path, row, start + jnp.arange(size, dtype=jnp.int32), distribution, guide)
     old = jax.lax.dynamic_slice_in_dim(x, start, size)
     new = (old.astype(jnp.float32) - coef * z).astype(x.dtype)
     return jax.lax.dynamic_update_slice_in_dim(x, new, start, 0)
@@ -82,11 +81,12 @@ def _update_leaf(path, x, key, coef, distribution):
   return block(x, full * rows, tail) if tail else x
 
 
-def apply_direction(tree, key: jax.Array, coef, distribution: str = 'gaussian'):
+def apply_direction(tree, key: jax.Array, coef, distribution: str = 'gaussian',
+                    guide: Optional[Guidance] = None):
   """tree - coef * z(key) for every leaf: one ledger entry's update. The client's own step and the
   edge's replay both call this, so replay reproduces the client bit for bit."""
   return jax.tree_util.tree_map_with_path(
-      lambda path, x: _update_leaf(path, x, key, coef, distribution), tree)
+      lambda path, x: _update_leaf(path, x, key, coef, distribution, guide), tree)
 
 
 def coefficients(lr, scalars, weights):
@@ -95,16 +95,20 @@ def coefficients(lr, scalars, weights):
   return lr * (weights * scalars)
 
 
-def apply_directions(tree, keys: jax.Array, coefs: jax.Array, distribution: str = 'gaussian'):
+def apply_directions(tree, keys: jax.Array, coefs: jax.Array, distribution: str = 'gaussian',
+                     guide: Optional[Guidance] = None):
   """Applies entries (keys[i], coefs[i]) in order under fori_loop: the leaf is updated in place,
   with no z held for more than one fused pass. keys: [N] key array; coefs: float32 [N]."""
   def body(i, t):
-    return apply_direction(t, keys[i], coefs[i], distribution)
+    return apply_direction(t, keys[i], coefs[i], distribution, guide)
 
   return jax.lax.fori_loop(0, coefs.shape[0], body, tree)
 
 
-def replay(tree, seed, addresses: jax.Array, coefs: jax.Array, distribution: str = 'gaussian'):
+def replay(tree, seed, addresses: jax.Array, coefs: jax.Array, distribution: str = 'gaussian',
+           guide: Optional[Guidance] = None):
   """The edge's replay of a ledger: addresses int32 [N, 4], coefs float32 [N] (already lr- and
-  weight-scaled). Entries with coef 0 (padding, rejected scalars) leave the tree unchanged."""
-  return apply_directions(tree, keys_lib.address_keys(seed, addresses), coefs, distribution)
+  weight-scaled), under the round's guidance if any. Entries with coef 0 (padding, rejected
+  scalars) leave the tree unchanged."""
+  return apply_directions(tree, keys_lib.address_keys(seed, addresses), coefs, distribution,
+                          guide)

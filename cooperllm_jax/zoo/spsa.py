@@ -20,6 +20,7 @@ import jax.numpy as jnp
 
 from cooperllm_jax.errors import ConfigError
 from cooperllm_jax.zoo import keys as keys_lib
+from cooperllm_jax.zoo.guided import Guidance
 from cooperllm_jax.zoo.perturb import Perturbation, apply_directions, coefficients
 from cooperllm_jax.zoo.trainable import Subset, overlay, trainable_paths
 
@@ -56,20 +57,22 @@ class Estimator:
 
 
 def loss_at(loss_fn: LossFn, trainable, frozen, batch, key, scale, distribution='gaussian',
-            subset: Subset = Subset()):
-  """L(theta + scale * z(key)) in float32 through the model's hooks; key=None gives L(theta)."""
-  pert = Perturbation(trainable_paths(trainable), key, scale, distribution, subset.lora_scale)
+            subset: Subset = Subset(), guide: Optional[Guidance] = None):
+  """L(theta + scale * z(key)) in float32 through the model's hooks; key=None gives L(theta).
+  With `guide`, z is the guided direction (ZGR)."""
+  pert = Perturbation(trainable_paths(trainable), key, scale, distribution, subset.lora_scale,
+                      guide)
   return loss_fn(overlay(frozen, trainable), batch, pert).astype(jnp.float32)
 
 
 def make_projected_gradient(loss_fn: LossFn, est: Estimator, subset: Subset = Subset()):
-  """pg(trainable, frozen, batch, key, base_loss) -> (g, loss) for one probe.
+  """pg(trainable, frozen, batch, key, base_loss, guide=None) -> (g, loss) for one probe.
 
   base_loss is L(theta), used by the one-sided scheme only; loss is the probe's mean loss.
   """
-  def pg(trainable, frozen, batch, key, base_loss):
+  def pg(trainable, frozen, batch, key, base_loss, guide=None):
     at = lambda scale: loss_at(loss_fn, trainable, frozen, batch, key, scale, est.distribution,
-                               subset)
+                               subset, guide)
     plus = at(est.eps)
     if est.scheme == 'central':
       minus = at(-est.eps)
@@ -84,32 +87,35 @@ def make_projected_gradient(loss_fn: LossFn, est: Estimator, subset: Subset = Su
 
 
 def make_estimate(loss_fn: LossFn, est: Estimator, subset: Subset = Subset()):
-  """estimate(trainable, frozen, batch, keys[P]) -> (g [P], loss): probes run one after another
-  (lax.map), so one forward's activations are alive at a time."""
+  """estimate(trainable, frozen, batch, keys[P], guide=None) -> (g [P], loss): probes run one after
+  another (lax.map), so one forward's activations are alive at a time."""
   pg = make_projected_gradient(loss_fn, est, subset)
 
-  def estimate(trainable, frozen, batch, keys):
+  def estimate(trainable, frozen, batch, keys, guide=None):
     base = jnp.float32(0)
     if est.scheme == 'one_sided':
       base = loss_at(loss_fn, trainable, frozen, batch, None, 0.0, est.distribution, subset)
-    g, losses = jax.lax.map(lambda k: pg(trainable, frozen, batch, k, base), keys)
+    g, losses = jax.lax.map(lambda k: pg(trainable, frozen, batch, k, base, guide), keys)
     return g, losses.mean()
 
   return estimate
 
 
 def make_zo_step(loss_fn: LossFn, est: Estimator, subset: Subset = Subset()):
-  """step(trainable, frozen, batch, keys[P], lr) -> (trainable, g [P], loss), pure and jittable.
+  """step(trainable, frozen, batch, keys[P], lr, guide=None) -> (trainable, g [P], loss), pure and
+  jittable.
 
   One ZO-SGD step: estimate, then apply the P entries (keys[p], coefficients(lr, g_p, 1/P)) with the
-  same functions the edge replays with. Donate `trainable` when jitting to update it in place.
+  same functions the edge replays with. With `guide` (ZGR) the probes use guided directions.
+  Donate `trainable` when jitting to update it in place.
   """
   estimate = make_estimate(loss_fn, est, subset)
 
-  def step(trainable, frozen, batch, keys, lr):
-    g, loss = estimate(trainable, frozen, batch, keys)
+  def step(trainable, frozen, batch, keys, lr, guide=None):
+    g, loss = estimate(trainable, frozen, batch, keys, guide)
     weights = jnp.full_like(g, 1.0 / est.probes)
-    trainable = apply_directions(trainable, keys, coefficients(lr, g, weights), est.distribution)
+    trainable = apply_directions(trainable, keys, coefficients(lr, g, weights), est.distribution,
+                                 guide)
     return trainable, g, loss
 
   return step

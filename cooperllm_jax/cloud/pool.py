@@ -1,0 +1,66 @@
+"""The cloud's direction pool: the last m BP directions, orthonormalized into ZGR's basis V.
+
+Directions are pytrees over the trainable leaves; the pool stacks them on a leading axis of size m,
+newest first. The basis comes from QR by Gram-Schmidt run twice ("twice is enough": orthogonal to
+working precision even for nearly parallel directions) with tree dot products, so no [d, m] matrix
+is ever flattened: each leaf keeps its shape (and, on a mesh, its sharding). A direction that adds
+less than `rank_tol` of its own norm to the span of the newer ones (e.g. the same gradient twice)
+gets an invalid slot rather than an amplified rounding error; samplers skip invalid slots.
+"""
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+
+class Pool(NamedTuple):
+  directions: dict     # trainable-tree structure, leaves [m, *shape] float32, newest first
+  filled: jax.Array    # int32: how many slots hold a direction
+
+
+def tree_dot(a, b) -> jax.Array:
+  return sum(jnp.vdot(x.astype(jnp.float32), y.astype(jnp.float32))
+             for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+
+
+def empty_pool(trainable, m: int) -> Pool:
+  return Pool(jax.tree.map(lambda x: jnp.zeros((m,) + x.shape, jnp.float32), trainable),
+              jnp.int32(0))
+
+
+def push(pool: Pool, direction) -> Pool:
+  """The pool with `direction` as the newest entry; the oldest falls out when all m are filled."""
+  def one(stack, d):
+    return jnp.concatenate([d[None].astype(jnp.float32), stack[:-1]], axis=0)
+
+  m = jax.tree.leaves(pool.directions)[0].shape[0]
+  return Pool(jax.tree.map(one, pool.directions, direction), jnp.minimum(pool.filled + 1, m))
+
+
+def orthonormalize(pool: Pool, rank_tol: float = 1e-4):
+  """(basis, valid): basis leaves [m, *shape] orthonormal over the whole tree (invalid slots zero),
+  spanning the pool's directions newest first; valid float32 [m]."""
+  m = jax.tree.leaves(pool.directions)[0].shape[0]
+  vectors = [jax.tree.map(lambda x, j=j: x[j], pool.directions) for j in range(m)]
+  basis, valid = [], []
+  for j, w in enumerate(vectors):
+    norm0 = jnp.sqrt(tree_dot(w, w))
+    for _ in range(2):
+      for q in basis:
+        c = tree_dot(q, w)
+        w = jax.tree.map(lambda x, y, c=c: x - c * y, w, q)
+    norm = jnp.sqrt(tree_dot(w, w))
+    ok = (j < pool.filled) & (norm0 > 0) & (norm > rank_tol * norm0)
+    scale = jnp.where(ok, 1.0 / jnp.where(ok, norm, 1.0), 0.0)
+    basis.append(jax.tree.map(lambda x, s=scale: x * s, w))
+    valid.append(ok)
+  return (jax.tree.map(lambda *xs: jnp.stack(xs), *basis),
+          jnp.stack(valid).astype(jnp.float32))
+
+
+def coordinates(basis, valid, direction) -> jax.Array:
+  """V^T direction [m] (zero on invalid slots)."""
+  m = valid.shape[0]
+  return jnp.stack([tree_dot(jax.tree.map(lambda x, j=j: x[j], basis), direction)
+                    for j in range(m)]) * valid

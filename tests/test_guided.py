@@ -1,0 +1,185 @@
+"""ZGR's guided perturbations and the cloud's direction pool.
+
+- alpha = 1 (or an empty basis) is the plain ZO direction bit for bit;
+- the layer/row hooks draw exactly the bits of the whole-leaf guided direction;
+- on a quadratic, the mean guided SPSA estimate is beta^2 (alpha I + (1 - alpha) d/m V V^T) grad,
+  and the same bound rejects the paper's 1/d-scaled form and the unguided mean;
+- the pool's QR basis is orthonormal, spans the newest directions and drops dependent ones;
+- a guided client's update is replayed bit for bit by the edge.
+"""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from cooperllm_jax import zoo
+from cooperllm_jax.cloud import pool as pool_lib
+from cooperllm_jax.federated import zo as fzo
+from cooperllm_jax.models import Encoder, EncoderConfig
+from cooperllm_jax.models.common import make_loss
+from cooperllm_jax.models.spec import is_spec
+from cooperllm_jax.zoo import guided
+from helpers import Q_D, flat, quadratic_loss, quadratic_problem
+
+N = 8192
+
+
+def _random_pool(shapes_tree, m, filled, seed=0):
+  rng = np.random.default_rng(seed)
+  dirs = jax.tree.map(lambda x: jnp.asarray(rng.standard_normal((m,) + x.shape), jnp.float32),
+                      shapes_tree)
+  return pool_lib.Pool(dirs, jnp.int32(filled))
+
+
+@pytest.fixture(scope='module')
+def quadratic():
+  a, c, theta = quadratic_problem()
+  trainable = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), theta)
+  batch = {'A': jnp.asarray(a, jnp.float32), 'c': jnp.asarray(c, jnp.float32)}
+  grad = a @ (np.asarray(flat(theta)) - c)
+  return trainable, batch, grad
+
+
+def _guide(trainable, m, alpha, beta=1.0, filled=None, seed=0):
+  basis, valid = pool_lib.orthonormalize(_random_pool(trainable, m, m if filled is None else filled,
+                                                      seed))
+  return guided.make_guidance(basis, valid, alpha, beta)
+
+
+def _tree_z(key, tree, distribution, guide):
+  return jax.tree_util.tree_map_with_path(
+      lambda p, x: guided.direction(key, p, x.shape, None, distribution, guide), tree)
+
+
+@pytest.mark.parametrize('distribution', ['gaussian', 'rademacher'])
+def test_alpha_one_and_empty_basis_are_the_plain_direction_bitwise(quadratic, distribution):
+  trainable = quadratic[0]
+  key = zoo.address_key(3, (1, 2, 0, 1))
+  plain = zoo.tree_direction(key, trainable, distribution)
+  for guide in (_guide(trainable, 2, 1.0), _guide(trainable, 2, 0.3, filled=0)):
+    z = _tree_z(key, trainable, distribution, guide)
+    for x, y in zip(jax.tree.leaves(z), jax.tree.leaves(plain)):
+      np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+  # alpha < 1 does change it.
+  z = _tree_z(key, trainable, distribution, _guide(trainable, 2, 0.5))
+  assert not np.array_equal(flat(z), flat(plain))
+
+
+def test_slices_of_guided_direction_equal_the_whole_leaf_bitwise():
+  shapes = {'layers': {'w': jnp.zeros((5, 3, 4))}, 'embed': {'token': jnp.zeros((7, 6))}}
+  guide = _guide(shapes, 3, 0.4, beta=1.5, seed=2)
+  key = zoo.address_key(0, (4, 1, 2, 0))
+  whole = guided.direction(key, ('layers', 'w'), (5, 3, 4), None, 'gaussian', guide)
+  for layer in range(5):
+    part = guided.direction(key, ('layers', 'w'), (3, 4), jnp.int32(layer), 'gaussian', guide)
+    np.testing.assert_array_equal(np.asarray(part), np.asarray(whole[layer]))
+  ids = jnp.array([[6, 0], [3, 3]], jnp.int32)
+  rows = guided.direction(key, ('embed', 'token'), (6,), ids, 'gaussian', guide)
+  table = guided.direction(key, ('embed', 'token'), (7, 6), None, 'gaussian', guide)
+  np.testing.assert_array_equal(np.asarray(rows), np.asarray(table)[np.asarray(ids)])
+
+
+def _guided_samples(est, trainable, batch, guide, n):
+  estimate = zoo.make_estimate(quadratic_loss, est)
+
+  def one(key):
+    g, _ = estimate(trainable, {}, batch, key[None], guide)
+    return g[0], flat(_tree_z(key, trainable, est.distribution, guide))
+
+  addrs = jnp.stack([jnp.zeros(n, jnp.int32)] * 3 + [jnp.arange(n, dtype=jnp.int32)], -1)
+  return jax.jit(jax.vmap(one))(zoo.address_keys(0, addrs))
+
+
+@pytest.mark.parametrize('alpha,m,distribution', [(0.5, 2, 'gaussian'), (0.0, 1, 'gaussian'),
+                                                  (0.25, 3, 'rademacher')])
+def test_guided_estimate_is_unbiased_for_the_documented_scaling(quadratic, alpha, m, distribution):
+  trainable, batch, grad = quadratic
+  beta = 0.8
+  guide = _guide(trainable, m, alpha, beta, seed=m)
+  est = zoo.Estimator(eps=0.05, probes=1, distribution=distribution)
+  g, z = (np.asarray(x, np.float64) for x in _guided_samples(est, trainable, batch, guide, N))
+  np.testing.assert_allclose(g, z @ grad, rtol=0, atol=2e-4 * np.linalg.norm(grad) * 10)
+
+  v = np.stack([np.asarray(flat(jax.tree.map(lambda x, j=j: x[j], guide.basis)))
+                for j in range(m)], 1)                                    # [d, m]
+  np.testing.assert_allclose(v.T @ v, np.eye(m), atol=1e-5)
+  cov = beta ** 2 * (alpha * np.eye(Q_D) + (1 - alpha) * Q_D / m * v @ v.T)
+  np.testing.assert_allclose(np.cov(z.T, bias=True) + np.outer(z.mean(0), z.mean(0)), cov,
+                             atol=0.15 * beta ** 2 * max(1, (1 - alpha) * Q_D / m))
+  expect = cov @ grad
+  ghat = g[:, None] * z
+  mean, se = ghat.mean(0), ghat.std(0, ddof=1) / math.sqrt(N)
+
+  def rejected(estimate):
+    t = (estimate - expect) / se
+    return np.abs(t).max() > 5 or (t ** 2).sum() > Q_D + 5 * math.sqrt(2 * Q_D)
+
+  t = (mean - expect) / se
+  assert not rejected(mean), (np.abs(t).max(), (t ** 2).sum())
+  # Power: the paper's normalization without beta = sqrt(d) (1/d shrink), the plain gradient and
+  # a sign flip are all rejected by the same bound.
+  paper = beta ** 2 * (alpha / Q_D * np.eye(Q_D) + (1 - alpha) / m * v @ v.T) @ grad
+  for wrong in (paper, beta ** 2 * grad, -expect):
+    t = (mean - wrong) / se
+    assert np.abs(t).max() > 5 or (t ** 2).sum() > Q_D + 5 * math.sqrt(2 * Q_D)
+
+
+def test_pool_basis_is_orthonormal_spans_newest_and_drops_dependent_directions():
+  shapes = {'a': jnp.zeros((3, 4)), 'b': jnp.zeros((5,))}
+  pool = pool_lib.empty_pool(shapes, 3)
+  rng = np.random.default_rng(0)
+  d1 = jax.tree.map(lambda x: jnp.asarray(rng.standard_normal(x.shape), jnp.float32), shapes)
+  d2 = jax.tree.map(lambda x: jnp.asarray(rng.standard_normal(x.shape), jnp.float32), shapes)
+  pool = pool_lib.push(pool, d1)
+  basis, valid = pool_lib.orthonormalize(pool)
+  np.testing.assert_array_equal(valid, [1, 0, 0])
+  pool = pool_lib.push(pool, d2)
+  pool = pool_lib.push(pool, jax.tree.map(lambda x, y: 2 * x - 3 * y, d1, d2))  # dependent
+  basis, valid = pool_lib.orthonormalize(pool)
+  np.testing.assert_array_equal(valid, [1, 1, 0])
+  vecs = [np.concatenate([np.ravel(x[j]) for x in jax.tree.leaves(basis)]) for j in range(3)]
+  gram = np.array([[a @ b for b in vecs] for a in vecs])
+  np.testing.assert_allclose(gram, np.diag([1, 1, 0]), atol=1e-5)
+  # The newest direction is basis vector 0 (its sign and scale aside), and d1 lies in the span.
+  newest = np.concatenate([np.ravel(x) for x in jax.tree.leaves(
+      jax.tree.map(lambda x, y: 2 * x - 3 * y, d1, d2))])
+  np.testing.assert_allclose(abs(vecs[0] @ newest), np.linalg.norm(newest), rtol=1e-5)
+  f1 = np.concatenate([np.ravel(x) for x in jax.tree.leaves(d1)])
+  coords = np.asarray(pool_lib.coordinates(basis, valid, d1))
+  np.testing.assert_allclose(coords @ np.stack(vecs), f1, atol=1e-4)
+  # A full pool drops the oldest direction.
+  assert int(pool_lib.push(pool, d1).filled) == 3
+
+
+CFG = EncoderConfig(vocab_size=97, hidden_size=16, num_layers=2, num_heads=2, intermediate_size=32,
+                    max_positions=16, num_labels=3, type_vocab_size=0, pooling='mean')
+
+
+@pytest.mark.parametrize('mode', ['full', 'head'])
+def test_guided_client_update_is_replayed_bitwise(mode):
+  model = Encoder(CFG)
+  rng = np.random.default_rng(0)
+  params = jax.tree.map(lambda s: jnp.asarray(0.05 * rng.standard_normal(s.shape), jnp.float32),
+                        model.specs(), is_leaf=is_spec)
+  subset = zoo.Subset(mode)
+  trainable, frozen = subset.split(params)
+  guide = _guide(trainable, 2, 0.5, seed=1)
+  est = zoo.Estimator(eps=1e-2, probes=2)
+  client = jax.jit(fzo.make_client_update(make_loss(model), est, subset))
+  ids = rng.integers(1, CFG.vocab_size, (3, 4, 8)).astype(np.int32)
+  batches = {'input_ids': ids, 'attention_mask': np.ones_like(ids),
+             'labels': rng.integers(0, 3, (3, 4)).astype(np.int32)}
+  local, up, _ = client(trainable, frozen, batches, 7, 2, 5, 1e-2, guide)
+  coefs = zoo.coefficients(1e-2, up.scalars, up.weights).reshape(-1)
+  replay = jax.jit(zoo.replay, static_argnames='distribution')
+  replayed = replay(trainable, 7, up.addresses.reshape(-1, 4), coefs, guide=guide)
+  for x, y in zip(jax.tree.leaves(replayed), jax.tree.leaves(local)):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+  # Replaying without the guidance (or with another basis) does not reproduce the client.
+  for other in (None, _guide(trainable, 2, 0.5, seed=9)):
+    r = replay(trainable, 7, up.addresses.reshape(-1, 4), coefs, guide=other)
+    assert any(not np.array_equal(x, y) for x, y in zip(jax.tree.leaves(r),
+                                                        jax.tree.leaves(local)))
