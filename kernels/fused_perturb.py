@@ -1,0 +1,322 @@
+"""Fused dequantize-and-perturb for the zeroth-order client, as one Pallas kernel.
+
+For a 2-D weight [rows, cols] (a rank-2 leaf, or one layer's slice of a stacked leaf) it computes
+
+    w_eff = dequant(w) + h * (a * z + b * sum_k u_k dequant(V_k))
+
+where row i of z is `jax.random.normal(fold_in(leaf_key, row_offset + i), (cols,), float32)`, the key
+schedule's draw (cooperllm_jax.zoo.keys.slice_direction). The kernel generates z itself, block by
+block, with the same threefry2x32 bits, so neither z nor the dequantized weights ever exist in HBM:
+one pass reads int8 weights (and basis) and writes the perturbed float weights.
+
+z is bit-identical to jax.random.normal under `jax_threefry_partitionable=True`, the default since
+jax 0.5 (and the only behaviour once the flag is gone); with the flag off jax lays the counters out
+differently and `fused_perturb` raises rather than return other bits.
+"""
+
+import dataclasses
+import functools
+from typing import NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental import pallas as pl
+
+
+@functools.partial(jax.tree_util.register_dataclass, data_fields=['values', 'scales'],
+                   meta_fields=['group'])
+@dataclasses.dataclass(frozen=True)
+class Quantized:
+  """Symmetric group quantization along the last axis: x ~= values * scales (per group).
+
+  values: int8 [..., cols] (8-bit in [-127, 127], 4-bit in [-8, 7], one value per int8, unpacked);
+  scales: float32 [..., cols // group], one per `group` consecutive columns;
+  group:  static int dividing cols (group = cols: one scale per row).
+  """
+  values: jax.Array
+  scales: jax.Array
+  group: int
+
+
+def quantize(x, group: int, bits: int = 8) -> Quantized:
+  """Round-to-nearest symmetric quantization of x (float [..., cols]) in groups of `group` columns."""
+  x = jnp.asarray(x, jnp.float32)
+  if x.ndim < 1 or group < 1 or x.shape[-1] % group:
+    raise ValueError(f'group {group} must divide the last axis of shape {x.shape}')
+  if not 2 <= bits <= 8:
+    raise ValueError(f'bits must be in [2, 8] (int8 storage), got {bits}')
+  qmax = 2 ** (bits - 1) - 1
+  g = x.reshape(*x.shape[:-1], x.shape[-1] // group, group)
+  scales = jnp.max(jnp.abs(g), axis=-1) / qmax
+  safe = jnp.where(scales > 0, scales, 1.0)  # an all-zero group stores zeros with scale 0
+  values = jnp.clip(jnp.round(g / safe[..., None]), -qmax - 1, qmax).astype(jnp.int8)
+  return Quantized(values.reshape(x.shape), scales, group)
+
+
+def dequantize(q: Quantized) -> jax.Array:
+  """values * scales as float32: the reference the kernel's in-block dequantization matches."""
+  v = q.values.astype(jnp.float32)
+  g = v.reshape(*v.shape[:-1], v.shape[-1] // q.group, q.group)
+  return (g * q.scales[..., None]).reshape(v.shape)
+
+
+# --- threefry2x32 and jax.random.normal, written out so they can run inside a kernel ------------
+
+_ROTATIONS = ((13, 15, 26, 6), (17, 29, 16, 24))
+_PARITY = np.uint32(0x1BD11BDA)
+_ONE_BITS = np.uint32(0x3F800000)  # float32 1.0
+_LO = np.nextafter(np.float32(-1.0), np.float32(0.0))  # normal's uniform lives in (-1, 1)
+_SPAN = np.float32(1.0) - _LO  # maxval - minval, rounded in float32 as jax does (== 2.0)
+_SQRT2 = np.float32(np.sqrt(2.0))
+
+
+def _rotl(x, r):
+  return jax.lax.shift_left(x, np.uint32(r)) | jax.lax.shift_right_logical(x, np.uint32(32 - r))
+
+
+def threefry2x32(k0, k1, x0, x1):
+  """The Threefry-2x32 block cipher (20 rounds) on broadcastable uint32 arrays, as jax's
+  threefry2x32 primitive: key (k0, k1), counter (x0, x1) -> two uint32 words."""
+  ks = (k0, k1, k0 ^ k1 ^ _PARITY)
+  x0, x1 = x0 + ks[0], x1 + ks[1]
+  for n in range(5):
+    for r in _ROTATIONS[n % 2]:
+      x0 = x0 + x1
+      x1 = x0 ^ _rotl(x1, r)
+    x0 = x0 + ks[(n + 1) % 3]
+    x1 = x1 + ks[(n + 2) % 3] + np.uint32(n + 1)
+  return x0, x1
+
+
+def _normal_bits(k0, k1, rows, cols):
+  """float32 N(0,1) samples at (rows, cols), uint32 arrays broadcasting to the block:
+  jax.random.normal(fold_in(key, row), (n,))[col] for key data (k0, k1).
+
+  fold_in(key, d) = threefry(key, (0, d)); random_bits(key, 32, (n,))[c] = xor of
+  threefry(key, (0, c)) (the partitionable layout: counter = the element's 64-bit flat index);
+  uniform keeps the top 23 bits as the mantissa of a float in [1, 2), maps it to [lo, 1) with
+  lo = nextafter(-1, 0); normal = sqrt(2) * erfinv(u).
+  """
+  r0, r1 = threefry2x32(k0, k1, jnp.zeros_like(rows), rows)
+  b0, b1 = threefry2x32(r0, r1, jnp.zeros_like(cols), cols)
+  mantissa = jax.lax.shift_right_logical(b0 ^ b1, np.uint32(32 - 23)) | _ONE_BITS
+  f = jax.lax.bitcast_convert_type(mantissa, jnp.float32) - np.float32(1.0)
+  u = jax.lax.max(_LO, f * _SPAN + _LO)
+  return _SQRT2 * jax.lax.erf_inv(u)
+
+
+def _check_threefry_layout():
+  if not getattr(jax.config, 'jax_threefry_partitionable', True):
+    raise NotImplementedError('fused_perturb reproduces jax.random.normal only with '
+                              'jax_threefry_partitionable=True (the default since jax 0.5)')
+
+
+# --- the kernel ---------------------------------------------------------------------------------
+
+class _Config(NamedTuple):
+  """Everything static about one call (the custom_vjp's non-differentiable argument)."""
+  rows: int
+  cols: int
+  block_rows: int
+  block_cols: int
+  w_group: Optional[int]  # None: float base weight
+  v_group: Optional[int]  # None: float basis (or none)
+  m: int                  # basis size (0: no basis)
+  out_dtype: str
+  interpret: bool
+
+
+def _pow2_ceil(n: int) -> int:
+  return 1 << max(0, n - 1).bit_length()
+
+
+def _is_pow2(n) -> bool:
+  return isinstance(n, int) and n > 0 and not n & (n - 1)
+
+
+def _scale_spec(cfg: _Config, group: int, lead: tuple):
+  """BlockSpec of a scales array for value blocks (block_rows, block_cols): a block covers
+  block_cols // group groups, or lies inside one group (group a multiple of block_cols)."""
+  bc = cfg.block_cols
+  if bc % group == 0:
+    return pl.BlockSpec((*(1,) * len(lead), cfg.block_rows, bc // group),
+                        lambda i, j: (*lead, i, j))
+  return pl.BlockSpec((*(1,) * len(lead), cfg.block_rows, 1),
+                      lambda i, j: (*lead, i, j * bc // group))
+
+
+def _expand(scales, group: int, shape):
+  """Per-group scales [br, n] -> per-element [br, bc]."""
+  br, bc = shape
+  if scales.shape[-1] == 1:
+    return jnp.broadcast_to(scales, shape)
+  return jnp.broadcast_to(scales[:, :, None], (br, bc // group, group)).reshape(shape)
+
+
+def _kernel(cfg: _Config, ints_ref, floats_ref, *refs):
+  out_ref = refs[-1]
+  refs = iter(refs[:-1])
+  br, bc = cfg.block_rows, cfg.block_cols
+  i, j = pl.program_id(0), pl.program_id(1)
+
+  def load(group, squeeze):
+    values = next(refs)[0] if squeeze else next(refs)[...]
+    values = values.astype(jnp.float32)
+    if group is None:
+      return values
+    scales = next(refs)[0] if squeeze else next(refs)[...]
+    return values * _expand(scales, group, (br, bc))
+
+  w = load(cfg.w_group, False)
+  rows = (ints_ref[2] + (i * br).astype(jnp.uint32)
+          + jax.lax.broadcasted_iota(jnp.int32, (br, 1), 0).astype(jnp.uint32))
+  cols = (j * bc + jax.lax.broadcasted_iota(jnp.int32, (1, bc), 1)).astype(jnp.uint32)
+  z = _normal_bits(ints_ref[0], ints_ref[1], rows, cols)
+  h, a, b = floats_ref[0], floats_ref[1], floats_ref[2]
+  if cfg.m:
+    g = floats_ref[3] * load(cfg.v_group, True)
+    for k in range(1, cfg.m):
+      g = g + floats_ref[3 + k] * load(cfg.v_group, True)
+    step = a * z + b * g
+  else:
+    step = a * z
+  out_ref[...] = (w + h * step).astype(out_ref.dtype)
+
+
+def _call(cfg: _Config, ints, floats, arrays):
+  br, bc = cfg.block_rows, cfg.block_cols
+  block = pl.BlockSpec((br, bc), lambda i, j: (i, j))
+  specs = [pl.BlockSpec(ints.shape, lambda i, j: (0,)),
+           pl.BlockSpec(floats.shape, lambda i, j: (0,)), block]
+  if cfg.w_group is not None:
+    specs.append(_scale_spec(cfg, cfg.w_group, ()))
+  for k in range(cfg.m):  # V passed once per basis vector: (1, br, bc) blocks, no m-sized block
+    specs.append(pl.BlockSpec((1, br, bc), lambda i, j, k=k: (k, i, j)))
+    if cfg.v_group is not None:
+      specs.append(_scale_spec(cfg, cfg.v_group, (k,)))
+  n_base = 1 if cfg.w_group is None else 2
+  operands = [ints, floats, *arrays[:n_base], *list(arrays[n_base:]) * cfg.m]
+  return pl.pallas_call(
+      functools.partial(_kernel, cfg),
+      out_shape=jax.ShapeDtypeStruct((cfg.rows, cfg.cols), cfg.out_dtype),
+      grid=(pl.cdiv(cfg.rows, br), pl.cdiv(cfg.cols, bc)),
+      in_specs=specs,
+      out_specs=block,
+      interpret=cfg.interpret,
+      name='fused_perturb',
+  )(*operands)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _fused(cfg, ints, floats, *arrays):
+  return _call(cfg, ints, floats, arrays)
+
+
+def _fused_fwd(cfg, ints, floats, *arrays):
+  return _call(cfg, ints, floats, arrays), None
+
+
+def _fused_bwd(cfg, res, g):
+  del cfg, res, g
+  raise TypeError('fused_perturb has no gradient: it is the zeroth-order forward perturbation; '
+                  'differentiate fused_perturb_reference instead')
+
+
+_fused.defvjp(_fused_fwd, _fused_bwd)
+
+
+def _split(x, name: str, rank: int):
+  """(arrays, group, shape) of a float array or a Quantized one, checking rank and format."""
+  if isinstance(x, Quantized):
+    v, s = jnp.asarray(x.values), jnp.asarray(x.scales)
+    if v.ndim != rank or v.dtype != jnp.int8:
+      raise ValueError(f'{name}.values must be int8 of rank {rank}, got {v.dtype}{v.shape}')
+    if x.group < 1 or v.shape[-1] % x.group or s.shape != (*v.shape[:-1], v.shape[-1] // x.group):
+      raise ValueError(f'{name}: group {x.group} must divide cols and scales must be '
+                       f'{(*v.shape[:-1], v.shape[-1] // max(x.group, 1))}, got {s.shape}')
+    return [v, s.astype(jnp.float32)], x.group, v.shape
+  x = jnp.asarray(x)
+  if x.ndim != rank or not jnp.issubdtype(x.dtype, jnp.floating):
+    raise ValueError(f'{name} must be float of rank {rank} or Quantized, got {x.dtype}{x.shape}')
+  return [x], None, x.shape
+
+
+def _key_data(leaf_key):
+  if not jnp.issubdtype(leaf_key.dtype, jax.dtypes.prng_key) or leaf_key.shape:
+    raise TypeError('leaf_key must be one typed key, jax.random.key(seed, impl="threefry2x32")')
+  if str(jax.random.key_impl(leaf_key)) != 'threefry2x32':
+    raise TypeError(f'leaf_key must be a threefry2x32 key, got {jax.random.key_impl(leaf_key)}')
+  return jax.random.key_data(leaf_key)
+
+
+def fused_perturb(w, leaf_key, h, a, b, basis=None, u=None, *, block_rows: int = 32,
+                  block_cols: Optional[int] = None, interpret: Optional[bool] = None,
+                  row_offset=0) -> jax.Array:
+  """dequant(w) + h * (a * z + b * sum_k u_k dequant(basis_k)), one fused pass.
+
+  w:          [rows, cols] float (f32, bf16, ...) or Quantized (int8 values, float32 scales);
+  leaf_key:   the leaf's threefry2x32 key (keys.leaf_key); z row i is drawn from
+              fold_in(leaf_key, row_offset + i), so a slice of rows gets its slice of the leaf's z;
+  h, a, b:    float32 scalars (may be traced);
+  basis, u:   [m, rows, cols] float or Quantized, and float32 [m]; both or neither;
+  block_rows, block_cols: power-of-two block sizes (GPU needs them); block_cols=None: whole rows.
+              With a quantized w or basis, block_cols must be a multiple or a divisor of its group.
+              Ragged edge blocks are fine: every element depends only on its own (row, col);
+  interpret:  None runs the Pallas interpreter on CPU and compiles on GPU/TPU;
+  row_offset: int (may be traced), the first row's index in the leaf.
+
+  Returns float32 [rows, cols] (w's dtype for a float w). Under jax.vmap any argument may be
+  batched (e.g. leaf_key, u, h per client). No gradient: the ZO client only runs it forward, and
+  jax.grad through it raises rather than silently returning zero.
+  """
+  _check_threefry_layout()
+  base, w_group, (rows, cols) = _split(w, 'w', 2)
+  if (basis is None) != (u is None):
+    raise ValueError('pass both basis and u, or neither')
+  if basis is not None:
+    v_arrays, v_group, v_shape = _split(basis, 'basis', 3)
+    u = jnp.asarray(u, jnp.float32)
+    if v_shape[1:] != (rows, cols) or u.shape != v_shape[:1]:
+      raise ValueError(f'basis must be [m, {rows}, {cols}] and u [m], got {v_shape} and {u.shape}')
+    m = v_shape[0]
+  else:
+    v_arrays, v_group, m, u = [], None, 0, jnp.zeros((0,), jnp.float32)
+  bc = cols if block_cols is None else block_cols
+  if not _is_pow2(block_rows) or not (block_cols is None or _is_pow2(block_cols)):
+    raise ValueError(f'block_rows and block_cols must be powers of two, got {block_rows}, '
+                     f'{block_cols}')
+  for group in (w_group, v_group):
+    if group is not None and bc % group and group % bc:
+      raise ValueError(f'block_cols {bc} must be a multiple or a divisor of the group {group}')
+  out_dtype = jnp.float32 if w_group is not None else base[0].dtype
+  if interpret is None:
+    interpret = jax.default_backend() == 'cpu'
+  cfg = _Config(rows, cols, min(block_rows, _pow2_ceil(rows)), bc, w_group, v_group, m,
+                jnp.dtype(out_dtype).name, bool(interpret))
+  kd = _key_data(leaf_key)  # kernel scalars: ints = key data, row_offset; floats = h, a, b, u
+  ints = jnp.stack([kd[0], kd[1], jnp.asarray(row_offset, jnp.int32).astype(jnp.uint32),
+                    jnp.uint32(0)])
+  scalars = [jnp.asarray(x, jnp.float32) for x in (h, a, b)]
+  floats = jnp.concatenate([jnp.stack(scalars), u])
+  floats = jnp.pad(floats, (0, _pow2_ceil(floats.shape[0]) - floats.shape[0]))  # pow2 for GPU
+  return _fused(cfg, ints, floats, *base, *v_arrays)
+
+
+def fused_perturb_reference(w, leaf_key, h, a, b, basis=None, u=None, *, row_offset=0):
+  """fused_perturb in plain jnp, z from jax.random.normal (the key schedule's own draw)."""
+  wf = dequantize(w) if isinstance(w, Quantized) else jnp.asarray(w)
+  out_dtype = jnp.float32 if isinstance(w, Quantized) else wf.dtype
+  rows, cols = wf.shape
+  idx = jnp.asarray(row_offset, jnp.int32) + jnp.arange(rows, dtype=jnp.int32)
+  z = jax.vmap(lambda i: jax.random.normal(jax.random.fold_in(leaf_key, i.astype(jnp.uint32)),
+                                           (cols,), jnp.float32))(idx)
+  step = a * z
+  if basis is not None:
+    vf = dequantize(basis) if isinstance(basis, Quantized) else jnp.asarray(basis, jnp.float32)
+    u = jnp.asarray(u, jnp.float32)
+    g = u[0] * vf[0]
+    for k in range(1, vf.shape[0]):
+      g = g + u[k] * vf[k]
+    step = step + b * g
+  return (wf.astype(jnp.float32) + h * step).astype(out_dtype)
