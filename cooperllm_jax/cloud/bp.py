@@ -1,0 +1,215 @@
+"""The cloud's backprop on public data: a direction over the trainable leaves, and how noisy it is.
+
+Each round the cloud gets the global trainable params and K public batches and returns a float32
+direction with the trainable tree's structure (ZGR orthonormalizes the last m of them into the
+clients' guidance basis), in one of two modes:
+
+  gradient  the mean BP gradient of the public loss at the global params over the K batches;
+  finetune  the cloud's copy starts at the global params and takes K AdamW steps (one per batch);
+            it sends (global - after) / (K * lr), the mean per-step update in units of lr. For
+            plain SGD that is exactly the mean of the K gradients it saw, so both modes are on a
+            gradient's scale; AdamW's steps are normalized per coordinate (about 1 in size), so the
+            finetune direction is a preconditioned, not a raw, gradient. The optimizer state is the
+            cloud's own and carries over between rounds; the params restart from the global model.
+
+Stats (float32 scalars): `loss`, the mean public loss of the K batches at the global params (in
+finetune mode this costs K forward passes on top of the K training steps); `grad_sq_norm`,
+|direction|^2; `variance`, tau^2 = sum_k |g_k - g_mean|^2 / (K (K - 1)), the trace variance of the
+mean of the K per-batch (per-step, for finetune) gradients as an estimate of the expected gradient,
+0 for K = 1. It feeds ZGR's mixing weight, which depends on |b|^2 + tau^2. The sum of squared
+deviations is accumulated by Welford's update inside the scan over K, so no K gradients are
+stacked and no large sums of squares cancel.
+
+On a mesh the step is jitted with FSDP/tensor-parallel shardings from the model's logical axes
+(cloud/sharding.py) for the params, the direction and the optimizer state, and the batches split
+over 'data'; the numbers equal the single-device ones up to float reduction order.
+"""
+
+import dataclasses
+from typing import Callable, NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from cooperllm_jax.cloud.sharding import (LOGICAL_RULES, batch_sharding, spec_shardings,
+                                          trainable_shardings)
+from cooperllm_jax.errors import ConfigError
+from cooperllm_jax.zoo.spsa import loss_at
+from cooperllm_jax.zoo.trainable import Subset
+
+MODES = ('gradient', 'finetune')
+BATCH_AXIS = 1   # batches are {name: [K, B, ...]}
+
+
+@dataclasses.dataclass(frozen=True)
+class CloudConfig:
+  mode: str = 'gradient'
+  learning_rate: float = 1e-3   # finetune only: the cloud's AdamW rate (also the direction's unit)
+  weight_decay: float = 0.0     # finetune only: AdamW's decoupled weight decay
+
+  def __post_init__(self):
+    if self.mode not in MODES:
+      raise ConfigError(f'unknown cloud mode {self.mode!r}; choose one of {", ".join(MODES)}')
+    if not self.learning_rate > 0:
+      raise ConfigError(f'cloud learning_rate must be > 0, got {self.learning_rate}')
+    if not self.weight_decay >= 0:
+      raise ConfigError(f'cloud weight_decay must be >= 0, got {self.weight_decay}')
+
+
+def _f32(tree):
+  return jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), tree)
+
+
+def _dot(a, b) -> jax.Array:
+  return sum((jnp.vdot(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b))),
+             jnp.float32(0))
+
+
+class _Welford(NamedTuple):
+  """Running mean of gradient trees and the scalar sum of their squared deviations from it."""
+  count: jax.Array
+  mean: dict
+  m2: jax.Array
+
+  @classmethod
+  def empty(cls, like):
+    return cls(jnp.float32(0), jax.tree.map(jnp.zeros_like, like), jnp.float32(0))
+
+  def push(self, g) -> '_Welford':
+    count = self.count + 1
+    delta = jax.tree.map(jnp.subtract, g, self.mean)
+    mean = jax.tree.map(lambda m, d: m + d / count, self.mean, delta)
+    return _Welford(count, mean, self.m2 + _dot(delta, jax.tree.map(jnp.subtract, g, mean)))
+
+  def variance(self, k: int) -> jax.Array:
+    """Trace variance of the mean of k samples."""
+    return self.m2 / (k * (k - 1)) if k > 1 else jnp.float32(0)
+
+
+class CloudStep:
+  """The cloud's round: `init(trainable)` -> cloud_state, and
+  `step(cloud_state, trainable, frozen, batches)` -> (cloud_state, direction, stats), jitted.
+
+  cloud_state is the AdamW state (finetune) or () (gradient) and is donated. The cloud trains a
+  float32 master copy of the trainable leaves (the forward pass sees them in their own dtype), so a
+  round's small update is not rounded away in bf16. `place` puts inputs on the step's shardings
+  once, so repeated calls do not reshard them.
+  """
+
+  def __init__(self, loss_fn: Callable, subset: Subset, config: CloudConfig,
+               mesh: Optional[Mesh] = None, model=None, rules=LOGICAL_RULES):
+    if mesh is not None and model is None:
+      raise ValueError('make_cloud_step needs the model to shard its params on a mesh')
+    self.loss_fn, self.subset, self.config = loss_fn, subset, config
+    self.mesh, self.model, self.rules = mesh, model, rules
+    self.optimizer = optax.adamw(config.learning_rate, weight_decay=config.weight_decay)
+    self._plain = jax.jit(self._step, donate_argnums=0)
+    self._on_mesh = {}   # input signature -> (jitted step, input shardings), which depend on shapes
+
+  # ---- the pure step -------------------------------------------------------------------------
+
+  def _step(self, cloud_state, trainable, frozen, batches):
+    def loss(master, batch):
+      params = jax.tree.map(lambda m, x: m.astype(x.dtype), master, trainable)
+      return loss_at(self.loss_fn, params, frozen, batch, None, 0.0, subset=self.subset)
+
+    grad = jax.value_and_grad(loss)
+    start = _f32(trainable)
+    k = jax.tree.leaves(batches)[0].shape[0]
+
+    if self.config.mode == 'gradient':
+      def body(carry, batch):
+        acc, total = carry
+        value, g = grad(start, batch)
+        return (acc.push(_f32(g)), total + value), None
+
+      (acc, total), _ = jax.lax.scan(body, (_Welford.empty(start), jnp.float32(0)), batches)
+      direction, start_loss = acc.mean, total / k
+    else:
+      def body(carry, batch):
+        params, opt_state, acc = carry
+        g = _f32(grad(params, batch)[1])
+        updates, opt_state = self.optimizer.update(g, opt_state, params)
+        return (optax.apply_updates(params, updates), opt_state, acc.push(g)), None
+
+      (after, cloud_state, acc), _ = jax.lax.scan(
+          body, (start, cloud_state, _Welford.empty(start)), batches)
+      scale = 1.0 / (k * self.config.learning_rate)
+      direction = jax.tree.map(lambda s, a: (s - a) * scale, start, after)
+      start_loss = jax.lax.map(lambda b: loss(start, b), batches).mean()
+
+    stats = {'loss': start_loss, 'grad_sq_norm': _dot(direction, direction),
+             'variance': acc.variance(k)}
+    return cloud_state, direction, stats
+
+  def _init(self, trainable):
+    return self.optimizer.init(_f32(trainable)) if self.config.mode == 'finetune' else ()
+
+  # ---- shardings -----------------------------------------------------------------------------
+
+  def _state_shardings(self, trainable, trainable_sh):
+    if self.config.mode != 'finetune':
+      return ()
+    replicated = NamedSharding(self.mesh, PartitionSpec())
+    return optax.tree_map_params(self.optimizer, lambda _, s: s,
+                                 jax.eval_shape(self._init, trainable), trainable_sh,
+                                 transform_non_params=lambda _: replicated)
+
+  def shardings(self, trainable, frozen, batches):
+    """(cloud_state, trainable, frozen, batches) shardings on the mesh for these inputs."""
+    data = self.mesh.shape['data']
+    for name, x in batches.items():
+      if x.shape[BATCH_AXIS] % data:
+        raise ConfigError(f'public batch {name!r} has batch size {x.shape[BATCH_AXIS]}, not a '
+                          f'multiple of the mesh data axis {data}')
+    trainable_sh = trainable_shardings(self.model, trainable, self.mesh, self.rules)
+    return (self._state_shardings(trainable, trainable_sh), trainable_sh,
+            spec_shardings(self.model, frozen, self.mesh, self.rules),
+            jax.tree.map(lambda x: batch_sharding(self.mesh, x.ndim, BATCH_AXIS), batches))
+
+  # ---- public API ----------------------------------------------------------------------------
+
+  def init(self, trainable):
+    """The cloud's optimizer state for these trainable leaves (sharded on the mesh)."""
+    if self.mesh is None:
+      return jax.jit(self._init)(trainable)
+    trainable_sh = trainable_shardings(self.model, trainable, self.mesh, self.rules)
+    return jax.jit(self._init, in_shardings=(trainable_sh,),
+                   out_shardings=self._state_shardings(trainable, trainable_sh))(
+                       jax.device_put(trainable, trainable_sh))
+
+  def place(self, trainable, frozen, batches):
+    """(trainable, frozen, batches) moved onto the step's shardings (no-op without a mesh)."""
+    if self.mesh is None:
+      return trainable, frozen, batches
+    return tuple(jax.device_put(x, s) for x, s in
+                 zip((trainable, frozen, batches), self.shardings(trainable, frozen, batches)[1:]))
+
+  def step(self, cloud_state, trainable, frozen, batches):
+    """(cloud_state, direction, stats) for one round; batches are {name: [K, B, ...]}."""
+    args = (cloud_state, trainable, frozen, batches)
+    if self.mesh is None:
+      return self._plain(*args)
+    leaves, treedef = jax.tree.flatten(args)
+    signature = (treedef, tuple((x.shape, x.dtype) for x in leaves))
+    if signature not in self._on_mesh:
+      self._on_mesh[signature] = self._jit_on_mesh(trainable, frozen, batches)
+    jitted, in_sh = self._on_mesh[signature]
+    # jit refuses arrays committed elsewhere; device_put is free for those already in place.
+    return jitted(*jax.device_put(args, in_sh))
+
+  def _jit_on_mesh(self, trainable, frozen, batches):
+    in_sh = self.shardings(trainable, frozen, batches)
+    replicated = NamedSharding(self.mesh, PartitionSpec())
+    stats_sh = {'loss': replicated, 'grad_sq_norm': replicated, 'variance': replicated}
+    return jax.jit(self._step, in_shardings=in_sh, out_shardings=(in_sh[0], in_sh[1], stats_sh),
+                   donate_argnums=0), in_sh
+
+
+def make_cloud_step(loss_fn: Callable, subset: Subset, config: CloudConfig,
+                    mesh: Optional[Mesh] = None, model=None, rules=LOGICAL_RULES) -> CloudStep:
+  """The cloud's jitted BP round for `loss_fn = make_loss(model)` on the `subset` split; `model`
+  (its specs' logical axes) is needed only with a mesh."""
+  return CloudStep(loss_fn, subset, config, mesh, model, rules)

@@ -1,0 +1,295 @@
+"""The cloud's BP on public data: its direction and stats equal hand-written jax.grad / optax loops,
+LoRA subsets work, the logical rules cover both models, and on an 8-device mesh the sharded step
+gives the single-device numbers with its weights and optimizer state really split."""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from cooperllm_jax.cloud import (LOGICAL_RULES, CloudConfig, logical_spec, make_cloud_step,
+                                 make_mesh)
+from cooperllm_jax.errors import ConfigError
+from cooperllm_jax.models import Decoder, DecoderConfig, Encoder, EncoderConfig
+from cooperllm_jax.models.common import make_loss
+from cooperllm_jax.models.spec import is_spec
+from cooperllm_jax.zoo import Subset, overlay
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+CFG = EncoderConfig(vocab_size=97, hidden_size=32, num_layers=2, num_heads=4, intermediate_size=64,
+                    max_positions=16, num_labels=2, type_vocab_size=0, pooling='mean')
+MODEL = Encoder(CFG)
+LOSS = make_loss(MODEL)
+K, B, T = 3, 8, 8
+
+
+def _params():
+  return MODEL.init(jax.random.key(0))
+
+
+def _batches(seed=0):
+  """{name: [K, B, T]}: label = whether token 5 appears, as in test_zo_algorithms."""
+  rng = np.random.default_rng(seed)
+  ids = rng.integers(10, CFG.vocab_size, (K, B, T)).astype(np.int32)
+  labels = rng.integers(0, 2, (K, B)).astype(np.int32)
+  pos = rng.integers(0, T, (K, B))
+  ids[labels == 1, pos[labels == 1]] = 5
+  return {'input_ids': ids, 'attention_mask': np.ones_like(ids), 'labels': labels}
+
+
+def _batch(batches, k):
+  return {name: x[k] for name, x in batches.items()}
+
+
+def _flat(tree):
+  return np.concatenate([np.asarray(x, np.float64).ravel() for x in jax.tree.leaves(tree)])
+
+
+def _variance(grads):
+  """tau^2 = sum_k |g_k - mean|^2 / (K (K - 1)) in float64 numpy."""
+  g = np.stack([_flat(x) for x in grads])
+  return ((g - g.mean(0)) ** 2).sum() / (len(g) * (len(g) - 1))
+
+
+def _diff(actual, expected) -> dict:
+  """Max and norm-wise differences of two trees, with expected's scale."""
+  a, e = _flat(actual), _flat(expected)
+  assert a.shape == e.shape
+  return {'max': float(np.abs(a - e).max()), 'scale': float(np.abs(e).max()),
+          'l2': float(np.linalg.norm(a - e)), 'norm': float(np.linalg.norm(e))}
+
+
+def _close(actual, expected, rtol):
+  """|a - e| <= rtol |e| in the 2-norm over the whole tree: directions are used as vectors."""
+  d = _diff(actual, expected)
+  assert d['l2'] <= rtol * d['norm'], f'{d} (rtol {rtol})'
+
+
+# Finetune directions are sums of AdamW steps m / (sqrt(v) + 1e-8), O(1) per coordinate. Where a
+# gradient is tiny (<~1e-6; the attention key bias's is exactly zero, as softmax ignores a shift
+# shared by all keys, so it is pure ~1e-13 rounding noise) its float32 rounding, which depends on
+# the summation order, is a large fraction of it, and Adam's normalization blows that up to step
+# differences of ~1e-4 in a few coordinates (measured up to 1.4e-4). Norm-wise that is ~1e-5 of the
+# direction (measured 7e-6), so directions are compared norm-wise to 5e-5, and the Adam moments,
+# which carry the whole computation, to 1e-5 (measured 2e-7).
+ADAM_RTOL = 5e-5
+
+
+def test_gradient_mode_is_the_mean_gradient_and_its_variance():
+  subset = Subset('bitfit')
+  trainable, frozen = subset.split(_params())
+  batches = _batches()
+  cloud = make_cloud_step(LOSS, subset, CloudConfig('gradient'))
+  state, direction, stats = cloud.step(cloud.init(trainable), trainable, frozen, batches)
+  assert state == ()
+
+  loss_k = jax.jit(jax.value_and_grad(lambda t, b: LOSS(overlay(frozen, t), b)))
+  values, grads = zip(*(loss_k(trainable, _batch(batches, k)) for k in range(K)))
+  mean = jax.tree.map(lambda *g: sum(g) / K, *grads)
+  assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(direction))
+  assert jax.tree.structure(direction) == jax.tree.structure(trainable)
+  _close(direction, mean, 1e-6)
+  np.testing.assert_allclose(stats['loss'], np.mean(values), rtol=1e-6)
+  np.testing.assert_allclose(stats['grad_sq_norm'], (_flat(mean) ** 2).sum(), rtol=1e-5)
+  np.testing.assert_allclose(stats['variance'], _variance(grads), rtol=1e-5)
+  assert stats['variance'] > 0
+
+
+def test_finetune_mode_is_an_adamw_loop_with_persistent_state():
+  subset, lr, wd = Subset('bitfit'), 1e-2, 0.01
+  trainable, frozen = subset.split(_params())
+  cloud = make_cloud_step(LOSS, subset, CloudConfig('finetune', learning_rate=lr, weight_decay=wd))
+  state = cloud.init(trainable)
+
+  opt = optax.adamw(lr, weight_decay=wd)
+  ref_state = opt.init(trainable)
+  grad = jax.jit(jax.value_and_grad(lambda t, b: LOSS(overlay(frozen, t), b)))
+  for round_index in range(2):   # the second round starts from the first one's AdamW state
+    batches = _batches(round_index)
+    state, direction, stats = cloud.step(state, trainable, frozen, batches)
+    params, grads, values = trainable, [], []
+    for k in range(K):
+      value, g = grad(params, _batch(batches, k))
+      updates, ref_state = opt.update(g, ref_state, params)
+      params = optax.apply_updates(params, updates)
+      grads.append(g)
+      values.append(float(grad(trainable, _batch(batches, k))[0]))
+    expected = jax.tree.map(lambda a, b: (a - b) / (K * lr), trainable, params)
+    _close(direction, expected, ADAM_RTOL)
+    _close(state[0].mu, ref_state[0].mu, 1e-5)
+    _close(state[0].nu, ref_state[0].nu, 1e-5)
+    assert int(state[0].count) == K * (round_index + 1)
+    np.testing.assert_allclose(stats['loss'], np.mean(values), rtol=1e-6)
+    np.testing.assert_allclose(stats['grad_sq_norm'], (_flat(expected) ** 2).sum(), rtol=1e-5)
+    np.testing.assert_allclose(stats['variance'], _variance(grads), rtol=1e-5)
+
+
+def test_lora_subset_gradient_through_the_merge_hook():
+  subset = Subset('lora', lora_rank=4, lora_alpha=8.0)
+  trainable, frozen = subset.split(_params(), jax.random.key(1))
+  batches = _batches()
+  cloud = make_cloud_step(LOSS, subset, CloudConfig('gradient'))
+  _, direction, _ = cloud.step(cloud.init(trainable), trainable, frozen, batches)
+
+  # Independent path: merge the adapters into plain params, then backprop.
+  mean_loss = lambda t: sum(LOSS(subset.materialize(frozen, t), _batch(batches, k))
+                            for k in range(K)) / K
+  _close(direction, jax.jit(jax.grad(mean_loss))(trainable), 1e-6)
+  for target in ('q', 'v'):
+    adapter = direction['layers']['attn'][target]
+    # B starts at zero: d loss / d B = A^T (d loss / d W) is not zero, d loss / d A = (..) B^T is.
+    assert np.abs(adapter['lora_b']).max() > 0
+    assert np.abs(adapter['lora_a']).max() == 0
+
+
+def _axis_names(model):
+  names = set()
+  jax.tree.map(lambda s: names.update(s.axes), model.specs(), is_leaf=is_spec)
+  return names
+
+
+def test_every_logical_axis_has_a_rule_and_bad_configs_fail():
+  models = [Encoder(EncoderConfig(vocab_size=97, hidden_size=32, num_layers=1, num_heads=4,
+                                  intermediate_size=64, type_vocab_size=2, pooling='pooler')),
+            Decoder(DecoderConfig(vocab_size=97, hidden_size=32, num_layers=1, num_heads=4,
+                                  num_kv_heads=2, head_dim=8, intermediate_size=64,
+                                  tie_embeddings=False, attention_bias=True))]
+  names = set().union(*map(_axis_names, models))
+  assert {'embed', 'vocab', 'heads', 'kv_heads', 'mlp', 'layers'} <= names
+  assert names - dict(LOGICAL_RULES).keys() == set()
+  assert dict(LOGICAL_RULES)['embed'] == 'data' and dict(LOGICAL_RULES)['layers'] is None
+  with pytest.raises(ConfigError, match='no sharding rule'):
+    logical_spec(('nonesuch',), (4,), make_mesh())
+  n = len(jax.devices())
+  with pytest.raises(ConfigError, match='does not divide'):
+    make_mesh(data=n + 1)
+  with pytest.raises(ConfigError, match='does not divide'):
+    make_mesh(model=n + 1)
+  with pytest.raises(ConfigError, match='unknown cloud mode'):
+    CloudConfig('sgd')
+  with pytest.raises(ConfigError, match='learning_rate'):
+    CloudConfig('finetune', learning_rate=0.0)
+
+
+# Runs under 8 simulated CPU devices (a fresh process: the device count is fixed at JAX start-up).
+# Prints one JSON line: differences mesh vs single device, and what the sharded arrays look like.
+SHARDED_SCRIPT = r'''
+import json, sys
+import jax, jax.numpy as jnp
+jax.config.update('jax_default_matmul_precision', 'highest')
+sys.path.insert(0, 'tests')
+import test_cloud as tc
+from cooperllm_jax.cloud import (CloudConfig, logical_spec, make_cloud_step, make_mesh,
+                                 tree_shardings)
+from cooperllm_jax.errors import ConfigError
+from cooperllm_jax.zoo import Subset
+
+assert len(jax.devices()) == 8, jax.devices()
+mesh = make_mesh(data=4, model=2)
+out = {'mesh': dict(mesh.shape)}
+try:
+  make_mesh(data=3)
+except ConfigError as e:
+  out['bad_mesh'] = str(e)
+out['double_embed'] = list(logical_spec(('embed', 'embed'), (32, 32), mesh))
+odd = tree_shardings({'w': ('vocab', 'embed')}, {'w': jnp.zeros((97, 6))}, mesh)
+out['odd_spec'] = list(odd['w'].spec)
+
+def spec(x):
+  return list(x.sharding.spec) + [None] * (x.ndim - len(x.sharding.spec))
+
+def shard_shape(x):
+  return list(x.addressable_shards[0].data.shape)
+
+params = tc._params()
+for mode, subset in [('gradient', Subset('lora', lora_rank=4, lora_alpha=8.0)),
+                     ('finetune', Subset('full'))]:
+  trainable, frozen = subset.split(params, jax.random.key(1))
+  config = CloudConfig(mode, learning_rate=1e-2, weight_decay=0.01)
+  single = make_cloud_step(tc.LOSS, subset, config)
+  sharded = make_cloud_step(tc.LOSS, subset, config, mesh=mesh, model=tc.MODEL)
+  s_state, m_state = single.init(trainable), sharded.init(trainable)
+  m_trainable, m_frozen, _ = sharded.place(trainable, frozen, tc._batches())
+  res = {}
+  for r in range(2):
+    batches = tc._batches(r)
+    s_state, s_dir, s_stats = single.step(s_state, trainable, frozen, batches)
+    m_state, m_dir, m_stats = sharded.step(m_state, m_trainable, m_frozen, batches)
+    res[f'direction{r}'] = tc._diff(m_dir, s_dir)
+    if mode == 'finetune':
+      res[f'mu{r}'] = tc._diff(m_state[0].mu, s_state[0].mu)
+      res[f'nu{r}'] = tc._diff(m_state[0].nu, s_state[0].nu)
+    res[f'stats{r}'] = {k: [float(m_stats[k]), float(s_stats[k])] for k in s_stats}
+  if mode == 'gradient':
+    q = m_frozen['layers']['attn']['q']['kernel']
+    lora = m_dir['layers']['attn']['q']
+    res['frozen_q'] = [spec(q), list(q.shape), shard_shape(q)]
+    for name in ('lora_a', 'lora_b'):
+      res['dir_' + name] = [spec(lora[name]), list(lora[name].shape), shard_shape(lora[name])]
+  else:
+    tok, up = m_trainable['embed']['token'], m_trainable['layers']['mlp']['up']['kernel']
+    mu = m_state[0].mu['embed']['token']
+    res['trainable_token'] = [spec(tok), list(tok.shape), shard_shape(tok)]
+    res['trainable_up'] = [spec(up), list(up.shape), shard_shape(up)]
+    res['mu_token'] = [spec(mu), list(mu.shape), shard_shape(mu)]
+    res['count'] = [spec(m_state[0].count), int(m_state[0].count)]
+    res['dir_up'] = [spec(m_dir['layers']['mlp']['up']['kernel'])]
+  out[mode] = res
+print('RESULT ' + json.dumps(out))
+'''
+
+
+@pytest.fixture(scope='module')
+def sharded_run():
+  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=8',
+             JAX_PLATFORMS='cpu')
+  proc = subprocess.run([sys.executable, '-c', SHARDED_SCRIPT], cwd=REPO, env=env,
+                        capture_output=True, text=True, timeout=300)
+  lines = [l for l in proc.stdout.splitlines() if l.startswith('RESULT ')]
+  assert proc.returncode == 0 and lines, proc.stdout[-3000:] + proc.stderr[-3000:]
+  return json.loads(lines[-1][len('RESULT '):])
+
+
+def test_sharded_step_matches_single_device(sharded_run):
+  # The sharded step sums gradient and loss contributions across the 4 data shards and the 2 model
+  # shards in a different order than one device does; float32 rounding then differs by ~1e-7
+  # relative per reduction, a few 1e-7 after the backward pass: 1e-5 of the norm leaves room for
+  # that (gradients, Adam moments) while a wrong sharding would be off at O(1). Finetune directions
+  # are Adam steps: ADAM_RTOL (see there).
+  report = json.dumps(sharded_run, indent=1)
+  for mode in ('gradient', 'finetune'):
+    res = sharded_run[mode]
+    for r in range(2):
+      checks = {f'direction{r}': 1e-5} if mode == 'gradient' else {
+          f'direction{r}': ADAM_RTOL, f'mu{r}': 1e-5, f'nu{r}': 1e-5}
+      for what, rtol in checks.items():
+        d = res[what]
+        assert d['l2'] <= rtol * d['norm'], f'{mode} {what} (rtol {rtol}): {d}\n{report}'
+      for name, (mesh_value, single_value) in res[f'stats{r}'].items():
+        assert mesh_value == pytest.approx(single_value, rel=1e-5, abs=1e-7), \
+            f'{mode} stats {name}\n{report}'
+
+
+def test_sharded_params_and_optimizer_state_are_split(sharded_run):
+  report = json.dumps(sharded_run, indent=1)
+  assert sharded_run['mesh'] == {'data': 4, 'model': 2}, report
+  assert 'does not divide' in sharded_run['bad_mesh'], report
+  assert sharded_run['double_embed'] == ['data', None], report    # one mesh axis per leaf
+  assert sharded_run['odd_spec'] == [None, None], report         # 97 % 2, 6 % 4: replicated
+  ft, gr = sharded_run['finetune'], sharded_run['gradient']
+  # vocab 97 is not divisible by model=2, so only the embed dim (32 / 4 = 8) is split.
+  assert ft['trainable_token'] == [[None, 'data'], [97, 32], [97, 8]], report
+  assert ft['trainable_up'] == [[None, 'data', 'model'], [2, 32, 64], [2, 8, 32]], report
+  assert ft['mu_token'] == [[None, 'data'], [97, 32], [97, 8]], report
+  assert ft['count'] == [[], 2 * K], report
+  assert ft['dir_up'] == [[None, 'data', 'model']], report
+  assert gr['frozen_q'] == [[None, 'data', 'model'], [2, 32, 32], [2, 8, 16]], report
+  assert gr['dir_lora_a'] == [[None, 'data', None], [2, 32, 4], [2, 8, 4]], report
+  assert gr['dir_lora_b'] == [[None, None, 'model'], [2, 4, 32], [2, 4, 16]], report
