@@ -89,7 +89,13 @@ def train_and_evaluate(config, workdir, overwrite: bool = False, log=print,
   validate(config)
   workdir = check_workdir(workdir, overwrite)
   pre, dataset, arrays, partition = load_task(config)  # user errors surface before any write
-  algorithm = make_algorithm(config, pre.model)
+  public = None
+  if config.algorithm == 'cooperllm':
+    c = config.cloud
+    public = client_data.public_set(arrays, dataset.labels, partition.public,
+                                    examples=c.public_examples, classes=tuple(c.public_classes),
+                                    shuffle_labels=c.shuffle_labels, seed=config.seed)
+  algorithm = make_algorithm(config, pre.model, public)
   prepare_workdir(workdir)
   (workdir / 'config.json').write_text(config.to_json(indent=2))
   partition.save(workdir / 'partition.npz')
@@ -122,12 +128,14 @@ def train_and_evaluate(config, workdir, overwrite: bool = False, log=print,
       bytes_down = downlink.download(sampled, r)
       state, result = algorithm.run_round(state, batches, counts, sampled, r)
       downlink.record(r, result.broadcast_bytes)
+      bytes_down = bytes_down + result.guidance_bytes
       row = {'round': r, 'train_loss': float(np.mean(result.losses)),
              'bytes_up': int(result.uplink_bytes.sum()), 'bytes_down': int(bytes_down.sum()),
              'bytes_up_per_client': float(result.uplink_bytes.mean()),
              'bytes_down_per_client': float(bytes_down.mean()),
              'forwards': int(result.forwards.sum()), 'backwards': int(result.backwards.sum()),
-             'client_memory_bytes': client_memory, 'clients': sampled.tolist()}
+             'client_memory_bytes': client_memory, 'clients': sampled.tolist(),
+             **result.metrics}
       if not np.isfinite(row['train_loss']):
         raise TrainingError(f'training loss is {row["train_loss"]} in round {r}; lower '
                             f'learning_rate (now {config.learning_rate})')

@@ -19,7 +19,7 @@ from cooperllm_jax import zoo
 from cooperllm_jax.cloud import pool as pool_lib
 from cooperllm_jax.federated import zo as fzo
 from cooperllm_jax.models import Encoder, EncoderConfig
-from cooperllm_jax.models.common import make_loss
+from cooperllm_jax.models.common import hook, make_loss
 from cooperllm_jax.models.spec import is_spec
 from cooperllm_jax.zoo import guided
 from helpers import Q_D, flat, quadratic_loss, quadratic_problem
@@ -148,7 +148,7 @@ def test_pool_basis_is_orthonormal_spans_newest_and_drops_dependent_directions()
       jax.tree.map(lambda x, y: 2 * x - 3 * y, d1, d2))])
   np.testing.assert_allclose(abs(vecs[0] @ newest), np.linalg.norm(newest), rtol=1e-5)
   f1 = np.concatenate([np.ravel(x) for x in jax.tree.leaves(d1)])
-  coords = np.asarray(pool_lib.coordinates(basis, valid, d1))
+  coords = np.stack(vecs) @ f1
   np.testing.assert_allclose(coords @ np.stack(vecs), f1, atol=1e-4)
   # A full pool drops the oldest direction.
   assert int(pool_lib.push(pool, d1).filled) == 3
@@ -183,3 +183,43 @@ def test_guided_client_update_is_replayed_bitwise(mode):
     r = replay(trainable, 7, up.addresses.reshape(-1, 4), coefs, guide=other)
     assert any(not np.array_equal(x, y) for x, y in zip(jax.tree.leaves(r),
                                                         jax.tree.leaves(local)))
+
+
+def test_guided_steps_descend_far_faster_than_plain_zo_on_a_large_quadratic():
+  """The mechanism behind the paper's speed-up: with d = 2000 and a cloud direction that agrees
+  with the private gradient (cos ~ 0.8), 40 guided steps cut the loss many times more than 40 plain
+  ZO steps at the same (plain-stable) rate; a useless direction (orthogonal to every gradient's
+  main part) still descends, without diverging."""
+  d, steps = 2000, 40
+  rng = np.random.default_rng(0)
+  lam = jnp.asarray(rng.uniform(0.5, 2.0, d), jnp.float32)
+  target = jnp.asarray(rng.standard_normal(d), jnp.float32)
+  cloud_noise = jnp.asarray(rng.standard_normal(d), jnp.float32)
+
+  def loss(params, batch, perturb):
+    w = hook(perturb, 'q', params['q'])['w']
+    return 0.5 * jnp.sum(lam * (w - target) ** 2)
+
+  step = zoo.make_zo_step(loss, zoo.Estimator(eps=1e-3))
+  lr = 0.5 / (d + 2) / 2.0                         # plain ZO-SGD's stable rate: 1 / ((d + 2) L)
+
+  def run(alpha, cloud):
+    def body(t, s):
+      grad = lam * (t['q']['w'] - target)
+      direction = cloud(grad)
+      basis = {'q': {'w': (direction / jnp.linalg.norm(direction))[None]}}
+      guide = guided.make_guidance(basis, jnp.ones(1), alpha)
+      t, _, l = step(t, {}, None, zoo.address_key(0, (s, 0, 0, 0))[None], lr, guide)
+      return t, l
+
+    t0 = {'q': {'w': jnp.zeros(d, jnp.float32)}}
+    t, _ = jax.lax.scan(body, t0, jnp.arange(steps))
+    return float(loss(t, None, None)) / float(loss(t0, None, None))
+
+  informed = lambda g: g + 0.75 * jnp.linalg.norm(g) / jnp.sqrt(d) * cloud_noise   # cos ~ 0.8
+  plain, guided_ratio = run(1.0, informed), run(0.5, informed)
+  useless = run(0.5, lambda g: cloud_noise - (cloud_noise @ g) / (g @ g) * g)
+  print(f"loss ratio after {steps} steps: plain {plain:.4f}, guided {guided_ratio:.4f}, useless {useless:.4f}")
+  assert plain > 0.95, plain                           # 40 plain steps barely move
+  assert guided_ratio < 0.2, guided_ratio              # guided: a large cut
+  assert useless < 1.0, useless                        # a useless direction still descends

@@ -51,6 +51,7 @@ def _task(n=96, t=8, seed=0):
 
 PARAMS_NP = _params()
 DATA = _task()
+PUBLIC = _task(n=48, seed=5)     # the cloud's public examples: the same task, other examples
 PARTS = np.split(np.random.default_rng(1).permutation(len(DATA['labels'])),
                  np.cumsum(COUNTS.astype(int))[:-1])
 _full_loss = jax.jit(make_loss(MODEL))
@@ -75,8 +76,15 @@ def config(name, **over):
   if name == 'fwdllm':
     zo['probes'] = FWD_PROBES
   zo.update(over.pop('zo', {}))
-  c = dict(algorithm=name, learning_rate=0.1 if name != 'fedavg_bp' else 3e-3, weight_decay=0.0,
-           client_chunk=1, client_backend='map', seed=0, zo=zo)
+  zgr = dict(alpha=0.5, adaptive=False, alpha_min=0.05, alpha_max=0.95, ema=0.8, pool_size=2,
+             refresh=1, beta=1.0)
+  zgr.update(over.pop('zgr', {}))
+  cloud = dict(mode='gradient', learning_rate=1e-2, weight_decay=0.0, batches=2, batch_size=16,
+               lag=0, devices=0)
+  cloud.update(over.pop('cloud', {}))
+  lr = {'fedavg_bp': 3e-3, 'cooperllm': 0.05}.get(name, 0.1)  # ZGR's subspace steps are d/m larger
+  c = dict(algorithm=name, learning_rate=lr, weight_decay=0.0,
+           client_chunk=1, client_backend='map', seed=0, zo=zo, zgr=zgr, cloud=cloud)
   c.update(over)
   return ml_collections.ConfigDict(c)
 
@@ -86,10 +94,13 @@ def snapshot(tree):
 
 
 @functools.cache
-def history(name, rounds=ROUNDS, chunk=1, backend='map'):
+def history(name, rounds=ROUNDS, chunk=1, backend='map', **over):
   """Runs `rounds` rounds on fresh jnp copies of the params; returns the algorithm, the caller's
-  params, snapshots of the state before/after each round, the round inputs and results."""
-  alg = make_algorithm(config(name, client_chunk=chunk, client_backend=backend), MODEL)
+  params, snapshots of the state before/after each round, the round inputs and results.
+  over: config overrides as hashable (key, ((field, value), ...)) pairs, e.g. zgr=(('alpha', 1.0),)."""
+  over = {k: dict(v) if isinstance(v, tuple) else v for k, v in over.items()}
+  alg = make_algorithm(config(name, client_chunk=chunk, client_backend=backend, **over), MODEL,
+                       PUBLIC)
   params = jax.tree.map(jnp.asarray, PARAMS_NP)
   state = alg.init(params)
   states, results, inputs = [snapshot(state)], [], []
@@ -324,9 +335,110 @@ def test_make_algorithm_rejects_bad_configs():
     make_algorithm(config('fwdllm', zo={'fwdllm_min_probes': FWD_PROBES + 1}), MODEL)
   with pytest.raises(ConfigError, match='client_chunk'):
     make_algorithm(config('fedmezo', client_chunk=0), MODEL)
-  assert set(ALGORITHMS) == {'fedmezo', 'fedkseed', 'decomfl', 'fwdllm', 'fedavg_bp'}
+  assert set(ALGORITHMS) == {'cooperllm', 'fedmezo', 'fedkseed', 'decomfl', 'fwdllm', 'fedavg_bp'}
 
 
 def test_unknown_client_backend_is_a_config_error():
   with pytest.raises(ConfigError, match='backend'):
     make_algorithm(config('fedmezo', client_backend='mapp'), MODEL)
+
+
+# ------------------------------------------------------------------------------------------------
+# cooperllm (ZGR)
+# ------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize('zgr,cloud,match', [
+    ({'alpha': 1.5}, {}, 'alpha'), ({'alpha': -0.1}, {}, 'alpha'), ({'pool_size': 0}, {}, 'pool'),
+    ({'refresh': 0}, {}, 'refresh'), ({'beta': 0.0}, {}, 'beta'), ({'alpha_min': 0.0}, {}, 'alpha_min'),
+    ({}, {'lag': 2}, 'lag'), ({}, {'batches': 0}, 'batches'), ({}, {'mode': 'adam'}, 'mode'),
+    ({}, {'devices': 1}, 'devices')])
+def test_cooperllm_rejects_bad_configs(zgr, cloud, match):
+  with pytest.raises(ConfigError, match=match):
+    make_algorithm(config('cooperllm', zgr=zgr, cloud=cloud), MODEL, PUBLIC)
+
+
+def test_cooperllm_needs_public_data():
+  with pytest.raises(ConfigError, match='public'):
+    make_algorithm(config('cooperllm'), MODEL, None)
+
+
+def test_cooperllm_with_alpha_one_is_fedmezo():
+  """alpha = 1 draws exactly FedMeZO's directions (bitwise: tests/test_guided.py); the rounds are
+  different compiled programs, whose forwards may round an ulp apart (amplified by 1/(2 eps))."""
+  guided_run = history('cooperllm', rounds=2, zgr=(('alpha', 1.0),), learning_rate=0.1)
+  mixed = history('cooperllm', rounds=2, learning_rate=0.1)
+  plain = history('fedmezo', rounds=2)
+  for a, b, c in zip(guided_run['states'][1:], plain['states'][1:], mixed['states'][1:]):
+    assert max_rel_diff(a['trainable'], b['trainable']) < 1e-4
+    assert max_rel_diff(c['trainable'], b['trainable']) > 1e-2      # alpha = 0.5 is not plain
+  assert guided_run['results'][0].metrics['basis_rank'] == 1       # one direction after round 1
+
+
+def test_cooperllm_pool_is_the_cloud_gradient_and_the_edge_replays_under_it():
+  h = history('cooperllm', rounds=3)
+  alg = h['alg']
+  from cooperllm_jax.cloud import pool as pool_lib  # pylint: disable=g-import-not-at-top
+  from cooperllm_jax.federated import client_data  # pylint: disable=g-import-not-at-top
+  from cooperllm_jax.zoo.trainable import overlay  # pylint: disable=g-import-not-at-top
+  loss = make_loss(MODEL)
+  for r in (1, 2, 3):
+    before, after = h['states'][r - 1], h['states'][r]
+    # The newest pool entry is the mean public gradient at the round's starting model.
+    pub = client_data.public_batches(PUBLIC, 2, 16, alg.seed, r)
+    grads = [jax.grad(lambda t: loss(overlay(before['frozen'], t), jax.tree.map(lambda x: x[k], pub)))(
+        before['trainable']) for k in range(2)]
+    want = jax.tree.map(lambda a, b: (a + b) / 2, *grads)
+    got = jax.tree.map(lambda x: x[0], after['pool'].directions)
+    jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-6), got, want)
+    assert int(after['pool'].filled) == min(r, 2)
+    basis, valid = pool_lib.orthonormalize(after['pool'])
+    np.testing.assert_array_equal(after['guidance'].valid, valid)
+    # Replaying every client's uplink under the round's guidance gives the edge's model.
+    up = h['results'][r - 1].uplink
+    coefs = zoo.coefficients(alg.lr, up.scalars, up.weights) * weights()[:, None, None]
+    replayed = jax.jit(zoo.replay, static_argnames='distribution')(
+        before['trainable'], alg.seed, jnp.asarray(up.addresses).reshape(-1, 4), coefs.reshape(-1),
+        guide=after['guidance'])
+    # The round's in-jit replay may fuse differently from this standalone one: an ulp or so.
+    jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-8),
+                 after['trainable'], replayed)
+    assert h['results'][r - 1].guidance_bytes == 2 * alg._d * 4 + 4  # pylint: disable=protected-access
+
+
+def test_cooperllm_runs_are_deterministic():
+  a = history('cooperllm', rounds=2)
+  b = history('cooperllm', rounds=2, zgr=(('alpha', 0.5),))  # same config, a separate run
+  assert a is not b
+  for x, y in zip(jax.tree.leaves(a['states'][-1]), jax.tree.leaves(b['states'][-1])):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_cooperllm_cloud_lag_uses_the_previous_rounds_direction():
+  lagged = history('cooperllm', rounds=3, cloud=(('lag', 1),))
+  now = history('cooperllm', rounds=3)
+  # Round 1 has no guidance yet (plain ZO); round r's pool holds the direction computed at
+  # round r-1's starting model, which is what the lag-0 run pushed in round r-1.
+  assert lagged['results'][0].metrics['basis_rank'] == 0
+  first = jax.tree.map(lambda x: x[0], lagged['states'][2]['pool'].directions)
+  lag_dir = jax.tree.map(lambda x: x[0], now['states'][1]['pool'].directions)
+  jax.tree.map(lambda x, y: np.testing.assert_array_equal(x, y), first, lag_dir)
+
+
+def test_cooperllm_refresh_keeps_the_basis_between_refreshes():
+  h = history('cooperllm', rounds=3, zgr=(('refresh', 2),))
+  g = [s['guidance'] for s in h['states'][1:]]
+  for x, y in zip(jax.tree.leaves(g[0].basis), jax.tree.leaves(g[1].basis)):
+    np.testing.assert_array_equal(x, y)                         # round 2 reuses round 1's V
+  assert any(not np.array_equal(x, y) for x, y in zip(jax.tree.leaves(g[1].basis),
+                                                      jax.tree.leaves(g[2].basis)))
+
+
+def test_cooperllm_adaptive_alpha_is_set_from_the_estimates():
+  h = history('cooperllm', zgr=(('adaptive', True),))
+  alphas = [r.metrics['alpha'] for r in h['results']]
+  assert alphas[0] == pytest.approx(0.5)                       # no estimate before round 1
+  assert all(0.05 - 1e-6 <= a <= 0.95 + 1e-6 for a in alphas)
+  assert len(set(np.round(alphas[1:], 6))) >= 1 and alphas[1] != alphas[0]
+  for r in h['results']:
+    assert 0.0 <= r.metrics['lambda_star'] <= 1.0 and r.metrics['grad_sq'] > 0
+    assert 0.0 <= r.metrics['cloud_share'] <= 1.0 + 1e-6

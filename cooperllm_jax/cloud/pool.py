@@ -58,9 +58,3 @@ def orthonormalize(pool: Pool, rank_tol: float = 1e-4):
   return (jax.tree.map(lambda *xs: jnp.stack(xs), *basis),
           jnp.stack(valid).astype(jnp.float32))
 
-
-def coordinates(basis, valid, direction) -> jax.Array:
-  """V^T direction [m] (zero on invalid slots)."""
-  m = valid.shape[0]
-  return jnp.stack([tree_dot(jax.tree.map(lambda x, j=j: x[j], basis), direction)
-                    for j in range(m)]) * valid

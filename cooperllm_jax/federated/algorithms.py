@@ -45,6 +45,8 @@ class RoundResult:
   forwards: np.ndarray          # [C] forward passes each client ran
   backwards: np.ndarray         # [C] backward passes each client ran
   uplink: Optional[zo.Uplink] = None  # the round's ledger (scalar protocols), [C, S, P, ...]
+  guidance_bytes: int = 0       # what every sampled client receives for this round (ZGR's V)
+  metrics: dict = dataclasses.field(default_factory=dict)  # algorithm-specific scalars to log
 
 
 def tree_bytes(tree) -> int:
@@ -88,7 +90,7 @@ class ZOAlgorithm:
           loss, self.est, self.subset, self.fwdllm_candidates, self.fwdllm_min_probes,
           self.fwdllm_var_threshold)
     else:
-      address_fn = {'fedmezo': zo.own_addresses, 'decomfl': zo.shared_addresses,
+      address_fn = {'fedmezo': zo.own_addresses, 'cooperllm': zo.own_addresses, 'decomfl': zo.shared_addresses,
                     'fedkseed': zo.candidate_addresses(self.kseed_candidates)}[self.name]
       self.client_update = zo.make_client_update(loss, self.est, self.subset, address_fn)
     self._round_fn = zo.make_round_fn(self.client_update, seed=self.seed, lr=self.lr,
@@ -112,13 +114,14 @@ class ZOAlgorithm:
 
   # -- one round -----------------------------------------------------------------------------
   def _client_args(self, state):
+    """(trainable, frozen, extra positional client args, guidance or None)."""
     extra = (state['prev_update'],) if self.name == 'fwdllm' else ()
-    return state['trainable'], state['frozen'], extra
+    return state['trainable'], state['frozen'], extra, state.get('guidance')
 
   def _round(self, state, batches, counts, clients, round_index):
-    trainable, frozen, extra = self._client_args(state)
+    trainable, frozen, extra, guide = self._client_args(state)
     new, uplinks, losses = self._round_fn(trainable, frozen, batches, counts, clients,
-                                          round_index, *extra)
+                                          round_index, *extra, guide=guide)
     return self._next_state(state, new), uplinks, losses
 
   def _next_state(self, state, new):
@@ -130,16 +133,17 @@ class ZOAlgorithm:
 
   def _loop_round(self, state, batches, counts, clients, round_index):
     """The debugging backend: one un-batched jitted call per client, then the same edge replay."""
-    trainable, frozen, extra = self._client_args(state)
+    trainable, frozen, extra, guide = self._client_args(state)
+    guided = {} if guide is None else {'guide': guide}
     outs = []
     for i in range(len(clients)):
       b = jax.tree.map(lambda x: x[i], batches)
       _, uplink, losses = self._jit_client(trainable, frozen, b, self.seed, round_index,
-                                           clients[i], self.lr, *extra)
+                                           clients[i], self.lr, *extra, **guided)
       outs.append((uplink, losses))
     uplinks, losses = jax.tree.map(lambda *xs: jnp.stack(xs), *outs)
     new = zo.edge_replay(trainable, self.seed, uplinks, counts / counts.sum(), self.lr,
-                         self.est.distribution, self.name == 'decomfl')
+                         self.est.distribution, self.name == 'decomfl', guide)
     return self._next_state(state, new), uplinks, losses
 
   def run_round(self, state, batches, counts, clients, round_index):
@@ -180,7 +184,9 @@ class ZOAlgorithm:
 
   def client_memory(self, state, batch_shapes) -> dict:
     """XLA's memory estimate of one client's jitted local training (S steps), from abstract shapes."""
-    trainable, frozen, extra = self._client_args(state)
+    trainable, frozen, extra, guide = self._client_args(state)
+    if guide is not None:
+      extra = extra + (guide,)
     return compiled_memory(self.client_update, trainable, frozen, batch_shapes, self.seed, 1, 0,
                            self.lr, *extra, donate_argnums=0)
 
@@ -230,11 +236,12 @@ class BPAlgorithm:
         broadcast_bytes=dense, forwards=steps, backwards=steps)
 
 
-ALGORITHMS = ('fedmezo', 'fedkseed', 'decomfl', 'fwdllm', 'fedavg_bp')
+ALGORITHMS = ('cooperllm', 'fedmezo', 'fedkseed', 'decomfl', 'fwdllm', 'fedavg_bp')
 
 
-def make_algorithm(config, model):
-  """The algorithm named by config.algorithm, configured from the config's fields."""
+def make_algorithm(config, model, public=None):
+  """The algorithm named by config.algorithm, configured from the config's fields. `public`: the
+  cloud's tokenized public examples (cooperllm only; client_data.public_set)."""
   name = config.algorithm
   if name not in ALGORITHMS:
     raise ConfigError(f'unknown algorithm {name!r}; choose one of {", ".join(ALGORITHMS)}')
@@ -244,8 +251,19 @@ def make_algorithm(config, model):
   est = Estimator(eps=z.eps, probes=z.probes, scheme=z.scheme, distribution=z.distribution,
                   clip=z.clip)
   subset = Subset(z.trainable, z.lora_rank, z.lora_alpha, tuple(z.lora_targets))
-  return ZOAlgorithm(name, model, est, subset, config.learning_rate, config.seed,
-                     chunk=config.client_chunk, backend=config.client_backend,
+  common = dict(chunk=config.client_chunk, backend=config.client_backend)
+  if name == 'cooperllm':
+    from cooperllm_jax.cloud.bp import CloudConfig  # pylint: disable=g-import-not-at-top
+    from cooperllm_jax.federated.cooperllm import CooperLLM  # pylint: disable=g-import-not-at-top
+    g, c = config.zgr, config.cloud
+    return CooperLLM(name, model, est, subset, config.learning_rate, config.seed, **common,
+                     public=public,
+                     cloud=CloudConfig(c.mode, c.learning_rate, c.weight_decay),
+                     cloud_batches=c.batches, cloud_batch_size=c.batch_size, cloud_lag=c.lag,
+                     cloud_devices=c.devices, pool_size=g.pool_size, refresh=g.refresh,
+                     alpha=g.alpha, adaptive=g.adaptive, alpha_min=g.alpha_min,
+                     alpha_max=g.alpha_max, beta=g.beta, ema=g.ema)
+  return ZOAlgorithm(name, model, est, subset, config.learning_rate, config.seed, **common,
                      kseed_candidates=z.kseed_candidates, fwdllm_candidates=z.fwdllm_candidates,
                      fwdllm_min_probes=z.fwdllm_min_probes,
                      fwdllm_var_threshold=z.fwdllm_var_threshold)

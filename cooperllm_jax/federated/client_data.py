@@ -46,3 +46,43 @@ def round_shapes(arrays: dict, steps: int, batch_size: int) -> dict:
             for k in ('input_ids', 'attention_mask')}
   shapes['labels'] = jax.ShapeDtypeStruct((steps, batch_size), np.int32)
   return shapes
+
+
+def public_set(arrays: dict, labels: np.ndarray, public: np.ndarray, *, examples: int = 0,
+               classes=(), shuffle_labels: bool = False, seed: int = 0) -> dict:
+  """The cloud's public data {input_ids, attention_mask, labels}, with the ablations' controls:
+
+  examples        keep at most this many (a stratified-agnostic random subset; 0 = all);
+  classes         keep only these labels (domain mismatch: the cloud sees another label mix);
+  shuffle_labels  permute the labels (a control: the cloud's gradient carries no task signal).
+  """
+  idx = np.asarray(public)
+  rng = np.random.default_rng([seed, 0xC10D])
+  if len(classes):
+    unknown = sorted(set(int(c) for c in classes) - set(np.unique(labels).tolist()))
+    if unknown:
+      raise ConfigError(f'cloud.public_classes names labels {unknown} that the dataset lacks')
+    idx = idx[np.isin(labels[idx], np.asarray(classes))]
+  if examples < 0:
+    raise ConfigError(f'cloud.public_examples must be >= 0, got {examples}')
+  if examples:
+    idx = np.sort(rng.choice(idx, min(examples, len(idx)), replace=False))
+  if not len(idx):
+    raise ConfigError('the cloud has no public examples: raise public_fraction or widen '
+                      'cloud.public_classes')
+  out = {k: arrays[k][idx] for k in ('input_ids', 'attention_mask')}
+  out['labels'] = labels[idx].astype(np.int32)
+  if shuffle_labels:
+    out['labels'] = rng.permutation(out['labels'])
+  return out
+
+
+def public_batches(public: dict, num_batches: int, batch_size: int, seed: int,
+                   round_index: int) -> dict:
+  """{name: [K, B, ...]}: the cloud's batches for a round, a deterministic function of the round
+  (without replacement while the public set lasts)."""
+  rng = np.random.default_rng([seed, round_index, 0xC10D])
+  n = len(public['labels'])
+  need = num_batches * batch_size
+  order = np.concatenate([rng.permutation(n) for _ in range(-(-need // n))])[:need]
+  return {k: v[order.reshape(num_batches, batch_size)] for k, v in public.items()}

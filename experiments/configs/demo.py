@@ -8,11 +8,11 @@ Sized to finish in a few minutes on 2 CPU cores. `get_config('fedavg_bp')` (on t
 import ml_collections
 
 # Learning rates tuned on this task (BBC News, MiniLM): ZO-SGD takes much smaller steps than AdamW.
-LEARNING_RATES = {'fedmezo': 5e-2, 'fedkseed': 5e-2, 'decomfl': 5e-2, 'fwdllm': 5e-2,
+LEARNING_RATES = {'cooperllm': 1e-2, 'fedmezo': 5e-2, 'fedkseed': 5e-2, 'decomfl': 5e-2, 'fwdllm': 5e-2,
                   'fedavg_bp': 5e-5}
 
 
-def get_config(algorithm: str = 'fedmezo') -> ml_collections.ConfigDict:
+def get_config(algorithm: str = 'cooperllm') -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.algorithm = algorithm
   c.model = 'minilm'            # embedded name, a HF model directory, or a .gguf file
@@ -55,6 +55,27 @@ def get_config(algorithm: str = 'fedmezo') -> ml_collections.ConfigDict:
   c.zo.fwdllm_candidates = 4    # fwdllm: directions drawn per probe slot, best cosine kept
   c.zo.fwdllm_min_probes = 2    # fwdllm: probes per step run between min and zo.probes (max)
   c.zo.fwdllm_var_threshold = 0.5
+  # ZGR (cooperllm): guided perturbations z = beta (sqrt(alpha) v + sqrt((1-alpha) d/m) V u).
+  c.zgr = ml_collections.ConfigDict()
+  c.zgr.alpha = 0.5             # share of the random part; 1 = plain ZO (FedMeZO)
+  c.zgr.adaptive = False        # set alpha each round from lambda* (estimated online)
+  c.zgr.alpha_min = 0.05        # adaptive alpha's range (both parts must stay estimable)
+  c.zgr.alpha_max = 0.95
+  c.zgr.ema = 0.8               # smoothing of the adaptive estimates across rounds
+  c.zgr.pool_size = 1           # m: the last m cloud directions span V
+  c.zgr.refresh = 1             # the cloud computes a new direction every `refresh` rounds
+  c.zgr.beta = 1.0              # overall scale of z (1: E|z|^2 = d, as plain ZO)
+  c.cloud = ml_collections.ConfigDict()
+  c.cloud.mode = 'gradient'     # or 'finetune': k AdamW steps of the cloud's own, send the update
+  c.cloud.learning_rate = 1e-3  # finetune mode's AdamW rate
+  c.cloud.weight_decay = 0.0
+  c.cloud.batches = 2           # k public batches per refresh
+  c.cloud.batch_size = 32
+  c.cloud.lag = 0               # 1: round r's guidance from round r-1's model (overlaps the tiers)
+  c.cloud.devices = 0           # > 0: the cloud runs on the last n devices, clients on device 0
+  c.cloud.public_examples = 0   # cap on the public slice the cloud uses (0 = all of it)
+  c.cloud.public_classes = ()   # keep only these labels (domain mismatch); () = all
+  c.cloud.shuffle_labels = False  # control: permuted public labels (a cloud without signal)
   if algorithm == 'fwdllm':
     c.zo.probes = 4             # fwdllm's maximum probes per step
   return c

@@ -1,0 +1,236 @@
+"""CooperLLM: zeroth-order clients whose perturbations the cloud's BP directions guide (ZGR).
+
+Per round r (the FedMeZO protocol plus the cloud tier):
+  1. cloud   every `refresh` rounds, BP on a few public batches at the global model (gradient mode)
+             or k AdamW steps of its own (finetune mode) gives a direction, pushed into a pool of
+             the last m; with cloud_lag=1 the direction used in round r was computed from round
+             r-1's model, so the cloud's BP runs concurrently with round r-1's clients (async
+             dispatch; on disjoint devices when the host has several).
+  2. edge    orthonormalizes the pool into V (QR) and sends (V, alpha) down with the ledger;
+  3. clients sample guided directions z = beta (sqrt(alpha) v + sqrt((1-alpha) d/m) V u) from their
+             probe keys (zoo/guided.py), run local ZO steps and upload only the scalars;
+  4. edge    replays every client's (address, scalar) entries under the same V.
+The client, replay and accounting are FedMeZO's (ZOAlgorithm); this class adds the cloud, the pool
+and the mixing. Adaptive mixing sets alpha each round from the paper's optimal weight on the cloud,
+
+    lambda* = d sigma^2 / (d sigma^2 + |b|^2 + tau^2),     alpha = 1 - lambda* (clipped),
+
+with every term estimated online from the round's own scalars (see `probe_moments`).
+"""
+
+import dataclasses
+from typing import Any, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from cooperllm_jax.cloud import bp as cloud_bp
+from cooperllm_jax.cloud import pool as pool_lib
+from cooperllm_jax.errors import ConfigError
+from cooperllm_jax.federated import client_data
+from cooperllm_jax.federated.algorithms import SCALAR_BYTES, RoundResult, ZOAlgorithm
+from cooperllm_jax.federated.zo import Uplink
+from cooperllm_jax.models.common import make_loss
+from cooperllm_jax.zoo import guided
+from cooperllm_jax.zoo import keys as keys_lib
+
+
+def probe_moments(uplinks: Uplink, counts, guide: guided.Guidance, seed, distribution: str):
+  """(E[g^2], E[g u] [m]) over the round's used probes, FedAvg-weighted.
+
+  With E[z z^T] = a2 I + c V V^T and z's subspace part sqrt(c) V u, a probe's scalar g = z . grad
+  has E[g u_j] = sqrt(c) V_j . grad and E[g^2] = a2 |grad|^2 + c |V^T grad|^2: the private
+  gradient's projection onto the cloud subspace and its norm come from scalars the edge already has.
+  """
+  m = guide.valid.shape[0]
+  keys = keys_lib.address_keys(seed, uplinks.addresses.reshape(-1, 4))
+  u = jax.vmap(lambda k: guided.subspace_draw(k, m, distribution))(keys)
+  w = (uplinks.weights * (counts / counts.sum())[:, None, None]).reshape(-1)
+  w = w / jnp.maximum(w.sum(), 1e-30)
+  g = uplinks.scalars.reshape(-1).astype(jnp.float32)
+  return jnp.sum(w * g * g), jnp.sum((w * g)[:, None] * u, axis=0)
+
+
+def mixing_estimates(mean_g2, mean_gu, guide: guided.Guidance):
+  """(|grad|^2, |V^T grad|^2) of the private loss from probe_moments (see there)."""
+  a2, c = guided.covariance_diag_and_subspace(guide)
+  proj = jnp.where(c > 0, mean_gu / jnp.sqrt(jnp.where(c > 0, c, 1.0)), 0.0) * guide.valid
+  proj_sq = jnp.sum(proj ** 2)
+  grad_sq = jnp.where(a2 > 0, (mean_g2 - c * proj_sq) / jnp.where(a2 > 0, a2, 1.0), proj_sq)
+  return jnp.maximum(grad_sq, proj_sq), proj_sq
+
+
+def optimal_alpha(grad_sq, proj_sq, tau_sq, d: int, probes_per_step: int, lo: float, hi: float):
+  """alpha = 1 - lambda*: the ZO noise per coordinate of an update averaging N probes is
+  sigma^2 = |grad|^2 / N (SPSA's variance is ~|grad|^2 per coordinate), the cloud direction's bias
+  is what its subspace misses, |b|^2 = |grad|^2 - |V^T grad|^2, and tau^2 is the variance of the
+  cloud's gradient from its public batches."""
+  zo_noise = d * grad_sq / probes_per_step
+  lam = zo_noise / jnp.maximum(zo_noise + jnp.maximum(grad_sq - proj_sq, 0.0) + tau_sq, 1e-30)
+  return jnp.clip(1.0 - lam, lo, hi), lam
+
+
+@dataclasses.dataclass
+class CooperLLM(ZOAlgorithm):
+  """ZGR on the scalar protocol: see the module docstring. `public` holds the cloud's tokenized
+  public examples {input_ids, attention_mask, labels} (client_data.public_set)."""
+  public: Optional[dict] = None
+  cloud: cloud_bp.CloudConfig = dataclasses.field(default_factory=cloud_bp.CloudConfig)
+  cloud_batches: int = 2
+  cloud_batch_size: int = 32
+  cloud_lag: int = 0
+  cloud_devices: int = 0
+  pool_size: int = 1
+  refresh: int = 1
+  alpha: float = 0.5
+  adaptive: bool = False
+  alpha_min: float = 0.05
+  alpha_max: float = 0.95
+  beta: float = 1.0
+  ema: float = 0.8
+  mesh: Any = None
+
+  def __post_init__(self):
+    checks = [(self.public is not None and len(self.public.get('labels', ())) > 0,
+               'cooperllm needs public examples for the cloud (public_fraction > 0)'),
+              (self.cloud_batches >= 1, f'cloud.batches must be >= 1, got {self.cloud_batches}'),
+              (self.cloud_batch_size >= 1,
+               f'cloud.batch_size must be >= 1, got {self.cloud_batch_size}'),
+              (self.cloud_lag in (0, 1), f'cloud.lag must be 0 or 1, got {self.cloud_lag}'),
+              (self.cloud_devices >= 0, f'cloud.devices must be >= 0, got {self.cloud_devices}'),
+              (self.pool_size >= 1, f'zgr.pool_size must be >= 1, got {self.pool_size}'),
+              (self.refresh >= 1, f'zgr.refresh must be >= 1, got {self.refresh}'),
+              (0.0 <= self.alpha <= 1.0, f'zgr.alpha must be in [0, 1], got {self.alpha}'),
+              (0.0 < self.alpha_min <= self.alpha_max < 1.0,
+               f'zgr.alpha_min/alpha_max must satisfy 0 < min <= max < 1 (both parts must stay '
+               f'estimable), got {self.alpha_min}, {self.alpha_max}'),
+              (self.beta > 0, f'zgr.beta must be > 0, got {self.beta}'),
+              (0.0 <= self.ema < 1.0, f'zgr.ema must be in [0, 1), got {self.ema}')]
+    for ok, message in checks:
+      if not ok:
+        raise ConfigError(message)
+    super().__post_init__()
+    self._client_device = self._place()
+    self._cloud = cloud_bp.make_cloud_step(make_loss(self.model), self.subset, self.cloud,
+                                           mesh=self.mesh, model=self.model)
+    self._orthonormalize = jax.jit(pool_lib.orthonormalize)
+    self._push = jax.jit(pool_lib.push)
+    self._moments = jax.jit(probe_moments, static_argnames='distribution')
+
+  def _place(self):
+    """The clients' device (None: the default one). With cloud_devices=n the cloud gets the last n
+    devices as its own mesh and the clients device 0, so the two tiers overlap for real."""
+    if not self.cloud_devices:
+      return None
+    devices = jax.devices()
+    if self.cloud_devices >= len(devices):
+      raise ConfigError(f'cloud.devices={self.cloud_devices} leaves no device for the clients '
+                        f'({len(devices)} devices)')
+    if self.mesh is None:
+      from cooperllm_jax.cloud import sharding  # pylint: disable=g-import-not-at-top
+      self.mesh = sharding.make_mesh(data=self.cloud_devices, model=1,
+                                     devices=devices[-self.cloud_devices:])
+    return devices[0]
+
+  # -- state ---------------------------------------------------------------------------------
+  def init(self, params):
+    state = super().init(params)
+    trainable = state['trainable']
+    self._d = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(trainable))  # d of the estimator
+    state['pool'] = pool_lib.empty_pool(trainable, self.pool_size)
+    state['cloud'] = self._cloud.init(trainable)
+    # An empty basis (plain ZO directions) until the cloud's first direction arrives; present from
+    # the start so the state's structure (checkpoints, memory analysis) never changes.
+    state['guidance'] = guided.make_guidance(state['pool'].directions,
+                                             jnp.zeros(self.pool_size), self.alpha, self.beta)
+    state['mixing'] = {'grad_sq': jnp.float32(0), 'proj_sq': jnp.float32(0),
+                       'tau_sq': jnp.float32(0), 'seen': jnp.int32(0)}
+    if self.cloud_lag:
+      state['pending'] = {'direction': jax.tree.map(jnp.zeros_like, trainable),
+                          'tau_sq': jnp.float32(0), 'ready': jnp.bool_(False)}
+    return state
+
+  def _cloud_direction(self, state, round_index):
+    """Runs the cloud on this round's public batches at the current global model (async)."""
+    batches = client_data.public_batches(self.public, self.cloud_batches, self.cloud_batch_size,
+                                         self.seed, round_index)
+    trainable, frozen = state['trainable'], state['frozen']
+    if self.mesh is None:  # the round donates the global weights; the cloud reads its own copy
+      trainable = jax.tree.map(jnp.copy, trainable)
+    # On a mesh, placing copies the weights onto the cloud's devices and shardings.
+    trainable, frozen, batches = self._cloud.place(trainable, frozen, batches)
+    cloud_state, direction, stats = self._cloud.step(state['cloud'], trainable, frozen, batches)
+    if self._client_device is not None:
+      direction = jax.device_put(direction, self._client_device)
+    return cloud_state, direction, stats
+
+  def _alpha(self, state, clients: int):
+    if not self.adaptive:
+      return jnp.float32(self.alpha)
+    mix = state['mixing']
+    alpha, _ = optimal_alpha(mix['grad_sq'], mix['proj_sq'], mix['tau_sq'], self._d,
+                             self.est.probes * clients, self.alpha_min, self.alpha_max)
+    # Before any estimate exists, start from the middle of the allowed range.
+    return jnp.where(mix['seen'] > 0, alpha, 0.5 * (self.alpha_min + self.alpha_max))
+
+  def run_round(self, state, batches, counts, clients, round_index):
+    state = dict(state)
+    refresh = (round_index - 1) % self.refresh == 0
+    tau_sq = None
+    if refresh:
+      if self.cloud_lag:
+        pending = state['pending']
+        state['cloud'], direction, stats = self._cloud_direction(state, round_index)
+        if bool(pending['ready']):
+          state['pool'] = self._push(state['pool'], pending['direction'])
+          tau_sq = pending['tau_sq']
+        state['pending'] = {'direction': direction, 'tau_sq': stats['variance'],
+                            'ready': jnp.bool_(True)}
+      else:
+        state['cloud'], direction, stats = self._cloud_direction(state, round_index)
+        state['pool'] = self._push(state['pool'], direction)
+        tau_sq = stats['variance']
+      basis, valid = self._orthonormalize(state['pool'])
+    else:
+      basis, valid = state['guidance'].basis, state['guidance'].valid
+    if tau_sq is not None:
+      state['mixing'] = dict(state['mixing'], tau_sq=jnp.asarray(tau_sq, jnp.float32))
+    state['guidance'] = guided.make_guidance(basis, valid, self._alpha(state, len(clients)),
+                                             self.beta)
+    state, result = super().run_round(state, batches, counts, clients, round_index)
+    self._update_mixing(state, result, counts)
+    return state, result
+
+  def _update_mixing(self, state, result: RoundResult, counts):
+    """EMA of the private gradient's norm and its cloud-subspace share; logged with the round."""
+    guide = state['guidance']
+    uplinks = jax.tree.map(jnp.asarray, result.uplink)
+    g2, gu = self._moments(uplinks, jnp.asarray(counts, jnp.float32), guide, self.seed,
+                           distribution=self.est.distribution)
+    grad_sq, proj_sq = mixing_estimates(g2, gu, guide)
+    mix = state['mixing']
+    first = mix['seen'] == 0
+    decay = jnp.where(first, 0.0, self.ema)
+    mix = dict(mix, grad_sq=decay * mix['grad_sq'] + (1 - decay) * grad_sq,
+               proj_sq=decay * mix['proj_sq'] + (1 - decay) * proj_sq, seen=mix['seen'] + 1)
+    state['mixing'] = mix
+    _, lam = optimal_alpha(mix['grad_sq'], mix['proj_sq'], mix['tau_sq'], self._d,
+                           self.est.probes * len(counts), self.alpha_min, self.alpha_max)
+    result.metrics.update(
+        alpha=float(guide.alpha), basis_rank=int(guide.valid.sum()),
+        grad_sq=float(grad_sq), cloud_share=float(proj_sq / max(float(grad_sq), 1e-30)),
+        cloud_tau_sq=float(mix['tau_sq']), lambda_star=float(lam))
+
+  # -- accounting ----------------------------------------------------------------------------
+  def _account(self, uplinks, losses) -> RoundResult:
+    result = super()._account(uplinks, losses)
+    guidance = self.guidance_bytes
+    result.guidance_bytes = guidance
+    result.broadcast_bytes += guidance  # a client catching up on this round needs its V as well
+    return result
+
+  @property
+  def guidance_bytes(self) -> int:
+    """Bytes of one round's guidance as sent (float32 V for every pool slot, plus alpha)."""
+    return self.pool_size * self._d * SCALAR_BYTES + SCALAR_BYTES

@@ -1,0 +1,65 @@
+r"""ZGR ablations on the embedded default (MiniLM, BBC News, 10 Dirichlet(0.5) clients): one table and
+one accuracy-vs-round plot, every row a real run.
+
+  python -m experiments.ablate_zgr --workdir=workdir/ablate_zgr [--rounds=40] [--only=alpha,m]
+
+Groups (--only picks some; fedmezo, the plain-ZO baseline, always runs):
+  alpha     cooperllm with alpha in {0.75, 0.5, 0.25, 0} and adaptive (alpha = 1 is fedmezo exactly)
+  m         pool size m in {1, 2, 4} (alpha 0.5)
+  public    the cloud's public data capped at 16 and 48 examples (default: all 112)
+  mismatch  the cloud sees only classes 0 and 1 (business, entertainment) of the five
+  shuffled  the cloud's public labels permuted: guidance without task signal (a control)
+  cloud     cloud_lag=1 (round r guided by round r-1's model) and finetune mode (k AdamW steps)
+"""
+
+import pathlib
+import sys
+
+from absl import app
+from absl import flags
+
+from cooperllm_jax.errors import CooperError
+from experiments import compare
+
+_WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for the runs, table and plot.',
+                               required=True)
+_ROUNDS = flags.DEFINE_integer('rounds', 40, 'Rounds per run.')
+_EVAL_EVERY = flags.DEFINE_integer('eval_every', 2, 'Evaluate every this many rounds.')
+_ONLY = flags.DEFINE_list('only', [], 'Groups to run (default: all).')
+_OVERWRITE = flags.DEFINE_bool('overwrite', False, 'Replace existing run directories.')
+
+GROUPS = {
+    'alpha': {'alpha=0.75': ['zgr.alpha=0.75'], 'alpha=0.5': [], 'alpha=0.25': ['zgr.alpha=0.25'],
+              'alpha=0': ['zgr.alpha=0.0'], 'adaptive': ['zgr.adaptive=True']},
+    'm': {'m=2': ['zgr.pool_size=2'], 'm=4': ['zgr.pool_size=4']},
+    'public': {'public=16': ['cloud.public_examples=16'], 'public=48': ['cloud.public_examples=48']},
+    'mismatch': {'public classes 0,1': ['cloud.public_classes=(0, 1)']},
+    'shuffled': {'shuffled labels': ['cloud.shuffle_labels=True']},
+    'cloud': {'cloud_lag=1': ['cloud.lag=1'],
+              'finetune': ['cloud.mode=finetune', 'cloud.batches=4']},
+}
+
+
+def main(argv):
+  del argv
+  unknown = sorted(set(_ONLY.value) - set(GROUPS))
+  if unknown:
+    print(f'error: unknown ablation groups {unknown}; choose from {sorted(GROUPS)}', file=sys.stderr)
+    sys.exit(2)
+  common = [f'rounds={_ROUNDS.value}', f'eval_every={_EVAL_EVERY.value}']
+  variants = {'fedmezo': ('fedmezo', common)}
+  for group, runs in GROUPS.items():
+    if not _ONLY.value or group in _ONLY.value:
+      for name, overrides in runs.items():
+        variants[name] = ('cooperllm', common + overrides)
+  root = pathlib.Path(_WORKDIR.value)
+  try:
+    results = compare.run_variants(root, variants, _OVERWRITE.value)
+  except CooperError as e:
+    print(f'error: {e}', file=sys.stderr)
+    sys.exit(2)
+  print(compare.write_report(root, results, 'fedmezo', 'ZGR ablations: test accuracy vs round'))
+
+
+if __name__ == '__main__':
+  app.run(main)
