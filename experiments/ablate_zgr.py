@@ -19,7 +19,7 @@ from absl import app
 from absl import flags
 
 from cooperllm_jax.errors import CooperError
-from experiments import compare
+from experiments.variants import run_variants, write_report
 
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for the runs, table and plot.',
                                required=True)
@@ -54,11 +54,11 @@ def main(argv):
         variants[name] = ('cooperllm', common + overrides)
   root = pathlib.Path(_WORKDIR.value)
   try:
-    results = compare.run_variants(root, variants, _OVERWRITE.value)
+    results = run_variants(root, variants, _OVERWRITE.value)
   except CooperError as e:
     print(f'error: {e}', file=sys.stderr)
     sys.exit(2)
-  print(compare.write_report(root, results, 'fedmezo', 'ZGR ablations: test accuracy vs round'))
+  print(write_report(root, results, 'fedmezo', 'ZGR ablations: test accuracy vs round'))
 
 
 if __name__ == '__main__':

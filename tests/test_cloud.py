@@ -242,6 +242,29 @@ for mode, subset in [('gradient', Subset('lora', lora_rank=4, lora_alpha=8.0)),
     res['count'] = [spec(m_state[0].count), int(m_state[0].count)]
     res['dir_up'] = [spec(m_dir['layers']['mlp']['up']['kernel'])]
   out[mode] = res
+
+# cooperllm with the cloud on its own devices (4..7, a data=4 mesh) and the clients on device 0,
+# against the same run on one device; cloud_lag=1 so round r's BP overlaps round r-1's clients.
+import numpy as np
+import test_zo_algorithms as tz
+from cooperllm_jax.federated.algorithms import make_algorithm
+finals = {}
+for devices in (0, 4):
+  alg = make_algorithm(tz.config('cooperllm', cloud={'lag': 1, 'devices': devices}), tz.MODEL,
+                       tz.PUBLIC)
+  state = alg.init(jax.tree.map(jnp.asarray, tz.PARAMS_NP))
+  for r in range(1, 4):
+    state, _ = alg.run_round(state, tz.round_batches(r), tz.COUNTS, tz.CLIENT_IDS, r)
+  finals[devices] = state
+  if devices:
+    out['cloud_mesh_devices'] = sorted(d.id for d in alg.mesh.devices.flat)
+    out['pending_devices'] = sorted({d.id for x in jax.tree.leaves(state['pending']['direction'])
+                                     for d in x.devices()})
+    out['trainable_devices'] = sorted({d.id for x in jax.tree.leaves(state['trainable'])
+                                       for d in x.devices()})
+out['split_vs_single'] = tc._diff(finals[4]['trainable'], finals[0]['trainable'])
+out['split_moved'] = tc._diff(finals[4]['trainable'],
+                              {'head': jax.tree.map(jnp.asarray, tz.PARAMS_NP['head'])})
 print('RESULT ' + json.dumps(out))
 '''
 
@@ -293,3 +316,17 @@ def test_sharded_params_and_optimizer_state_are_split(sharded_run):
   assert gr['frozen_q'] == [[None, 'data', 'model'], [2, 32, 32], [2, 8, 16]], report
   assert gr['dir_lora_a'] == [[None, 'data', None], [2, 32, 4], [2, 8, 4]], report
   assert gr['dir_lora_b'] == [[None, None, 'model'], [2, 4, 32], [2, 4, 16]], report
+
+
+def test_cloud_on_its_own_devices_overlaps_and_matches_one_device(sharded_run):
+  """cloud.devices=4: the cloud's BP runs on devices 4-7 as its own mesh while the clients use
+  device 0; its directions come back to the clients' device, and the run equals the one-device run
+  up to the cloud's reduction order (see test_sharded_step_matches_single_device), which the ZO
+  steps then carry: 1e-4 of the norm."""
+  report = json.dumps({k: v for k, v in sharded_run.items() if 'split' in k or 'devices' in k})
+  assert sharded_run['cloud_mesh_devices'] == [4, 5, 6, 7], report
+  assert sharded_run['pending_devices'] == [0] and sharded_run['trainable_devices'] == [0], report
+  d = sharded_run['split_vs_single']
+  assert d['l2'] <= 1e-4 * d['norm'], report
+  moved = sharded_run['split_moved']
+  assert moved['l2'] > 1e-3 * moved['norm'], report             # the run did train

@@ -37,7 +37,7 @@ def _error_line(proc):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize('algorithm', ['fedmezo', 'fedavg_bp'])
+@pytest.mark.parametrize('algorithm', ['cooperllm', 'fedmezo', 'fedavg_bp'])
 def test_tiny_run_writes_metrics_summary_plot_and_events(tmp_path, algorithm):
   data = _csv(tmp_path)
   proc = _train(tmp_path / 'wd', f'--config=experiments/configs/demo.py:{algorithm}',
@@ -49,17 +49,22 @@ def test_tiny_run_writes_metrics_summary_plot_and_events(tmp_path, algorithm):
   assert f'summary: {algorithm} on tiny with minilm' in proc.stdout
   wd = tmp_path / 'wd'
   rows = [json.loads(l) for l in (wd / 'metrics.jsonl').read_text().splitlines()]
+  summary_d = 384 * 2 + 2                   # MiniLM's head, 2 classes: the trainable dimension
   assert [r['round'] for r in rows] == [0, 1, 2]
   assert all(0 <= r['test_accuracy'] <= 1 for r in rows)
   for r in rows[1:]:
     assert np.isfinite(r['train_loss']) and r['client_memory_bytes'] > 0 and r['wall_s'] > 0
-    if algorithm == 'fedmezo':  # 2 clients x 2 steps x 1 central probe: scalars only
+    if algorithm != 'fedavg_bp':  # 2 clients x 2 steps x 1 central probe: scalars only
       assert r['forwards'] == 8 and r['backwards'] == 0
       assert r['bytes_up'] == 2 * (2 * 4 + 4)
+    if algorithm == 'cooperllm':  # + every client receives the round's V (m = 1) and alpha
+      assert r['alpha'] == 0.5 and r['basis_rank'] == 1
+      assert r['bytes_down_per_client'] >= summary_d * 4 + 4
     else:
       assert r['forwards'] == r['backwards'] == 4
       assert r['bytes_up'] > 4 * 22_000_000          # dense MiniLM deltas
-  assert rows[1]['bytes_down'] == 0 and rows[2]['bytes_down'] > 0
+  guidance = 0 if algorithm != 'cooperllm' else 2 * (summary_d * 4 + 4)
+  assert rows[1]['bytes_down'] == guidance and rows[2]['bytes_down'] > guidance
   summary = json.loads((wd / 'summary.json').read_text())
   assert summary['test_examples'] == 10
   assert (wd / 'partition.npz').exists()

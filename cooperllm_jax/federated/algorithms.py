@@ -53,6 +53,10 @@ def tree_bytes(tree) -> int:
   return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree))
 
 
+# The state a round's clients and edge replay read (the rest, e.g. the cloud's, stays outside).
+CLIENT_VISIBLE = ('trainable', 'frozen', 'prev_update', 'guidance')
+
+
 @dataclasses.dataclass
 class ZOAlgorithm:
   """The scalar protocols: fedmezo, fedkseed, decomfl, fwdllm."""
@@ -149,13 +153,16 @@ class ZOAlgorithm:
   def run_round(self, state, batches, counts, clients, round_index):
     args = (batches, jnp.asarray(counts, jnp.float32), jnp.asarray(clients, jnp.int32),
             jnp.int32(round_index))
+    # Only what the clients and the edge's replay read enters the round's jit: other state (the
+    # cloud's, which may live on other devices) neither crosses devices nor is copied through.
+    visible = {k: v for k, v in state.items() if k in CLIENT_VISIBLE}
     if self.backend == 'map':
-      rest = {k: v for k, v in state.items() if k != 'trainable'}
-      state, uplinks, losses = self._jit_round(state['trainable'], rest, *args)
+      rest = {k: v for k, v in visible.items() if k != 'trainable'}
+      visible, uplinks, losses = self._jit_round(visible['trainable'], rest, *args)
     else:
-      state, uplinks, losses = self._loop_round(state, *args)
+      visible, uplinks, losses = self._loop_round(visible, *args)
     uplinks = jax.tree.map(np.asarray, uplinks)
-    return state, self._account(uplinks, np.asarray(losses))
+    return dict(state, **visible), self._account(uplinks, np.asarray(losses))
 
   # -- accounting ----------------------------------------------------------------------------
   def _account(self, uplinks: zo.Uplink, losses) -> RoundResult:

@@ -184,18 +184,18 @@ class CooperLLM(ZOAlgorithm):
         state['cloud'], direction, stats = self._cloud_direction(state, round_index)
         if bool(pending['ready']):
           state['pool'] = self._push(state['pool'], pending['direction'])
-          tau_sq = pending['tau_sq']
+          tau_sq = float(pending['tau_sq'])
         state['pending'] = {'direction': direction, 'tau_sq': stats['variance'],
                             'ready': jnp.bool_(True)}
       else:
         state['cloud'], direction, stats = self._cloud_direction(state, round_index)
         state['pool'] = self._push(state['pool'], direction)
-        tau_sq = stats['variance']
+        tau_sq = float(stats['variance'])
       basis, valid = self._orthonormalize(state['pool'])
     else:
       basis, valid = state['guidance'].basis, state['guidance'].valid
     if tau_sq is not None:
-      state['mixing'] = dict(state['mixing'], tau_sq=jnp.asarray(tau_sq, jnp.float32))
+      state['mixing'] = dict(state['mixing'], tau_sq=jnp.float32(tau_sq))
     state['guidance'] = guided.make_guidance(basis, valid, self._alpha(state, len(clients)),
                                              self.beta)
     state, result = super().run_round(state, batches, counts, clients, round_index)
