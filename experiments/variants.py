@@ -59,16 +59,19 @@ def write_report(root: pathlib.Path, results: dict, baseline: str, title: str) -
   from cooperllm_jax.reporting import plot_accuracy  # pylint: disable=g-import-not-at-top
   target = results[baseline][1]['accuracy_after']
   base_rounds = rounds_to(results[baseline][2], target)
-  header = ('| run | rounds | accuracy before | after | rounds to ' + f'{baseline} final ({target:.3f})'
+  base_acc = {m['round']: m['test_accuracy'] for m in results[baseline][2] if 'test_accuracy' in m}
+  header = ('| run | rounds | accuracy before | after | ' + f'{baseline} at that round'
+            + ' | rounds to ' + f'{baseline} final ({target:.3f})'
             + ' | speed-up | up B/client/round | down B/client/round | forwards | backwards | '
-            'client memory MiB | train s |\n' + '| --- ' * 12 + '|\n')
+            'client memory MiB | train s |\n' + '| --- ' * 13 + '|\n')
   lines, rows = [], []
   for name, (config, summary, metrics) in results.items():
     trained = [m for m in metrics if m['round'] > 0]
     reach = rounds_to(metrics, target)
     speedup = base_rounds / reach if reach and base_rounds else None
     row = dict(run=name, rounds=config.rounds, before=summary['accuracy_before'],
-               after=summary['accuracy_after'], rounds_to_target=reach, speedup=speedup,
+               after=summary['accuracy_after'], baseline_same_round=base_acc.get(config.rounds),
+               rounds_to_target=reach, speedup=speedup,
                up=sum(m['bytes_up_per_client'] for m in trained) / len(trained),
                down=sum(m['bytes_down_per_client'] for m in trained) / len(trained),
                forwards=sum(m['forwards'] for m in trained),
@@ -76,7 +79,9 @@ def write_report(root: pathlib.Path, results: dict, baseline: str, title: str) -
                memory_mib=summary['client_memory_bytes'] / 2**20,
                seconds=summary['train_seconds'])
     rows.append(row)
+    same = row['baseline_same_round']
     lines.append(f'| {name} | {row["rounds"]} | {row["before"]:.3f} | {row["after"]:.3f} | '
+                 f'{"-" if same is None else f"{same:.3f}"} | '
                  f'{reach if reach is not None else "not reached"} | '
                  f'{f"{speedup:.1f}x" if speedup else "-"} | {row["up"]:,.0f} | {row["down"]:,.0f} | '
                  f'{row["forwards"]:,} | {row["backwards"]:,} | {row["memory_mib"]:.1f} | '
