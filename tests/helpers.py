@@ -1,5 +1,7 @@
 """Helpers shared by test modules (pytest puts tests/ on sys.path)."""
 
+import math
+
 import jax.numpy as jnp
 import numpy as np
 
@@ -41,3 +43,11 @@ def quadratic_loss(params, batch, perturb):
   rows = jnp.zeros_like(rows).at[order].set(rows)
   x = jnp.concatenate([w.ravel(), rows.ravel()]) - batch['c']
   return 0.5 * x @ batch['A'] @ x
+
+
+def t_test_rejects(mean, se, target) -> bool:
+  """Whether an estimator's sample `mean` (standard errors `se`) is inconsistent with `target`:
+  some component's |t| > 5, or the sum of t^2 more than 5 sd above its chi^2_d mean."""
+  t = (np.asarray(mean) - np.asarray(target)) / np.asarray(se)
+  d = t.size
+  return bool(np.abs(t).max() > 5 or (t ** 2).sum() > d + 5 * math.sqrt(2 * d))

@@ -22,7 +22,7 @@ from cooperllm_jax.models import Encoder, EncoderConfig
 from cooperllm_jax.models.common import hook, make_loss
 from cooperllm_jax.models.spec import is_spec
 from cooperllm_jax.zoo import guided
-from helpers import Q_D, flat, quadratic_loss, quadratic_problem
+from helpers import Q_D, flat, quadratic_loss, quadratic_problem, t_test_rejects
 
 N = 8192
 
@@ -113,18 +113,13 @@ def test_guided_estimate_is_unbiased_for_the_documented_scaling(quadratic, alpha
   ghat = g[:, None] * z
   mean, se = ghat.mean(0), ghat.std(0, ddof=1) / math.sqrt(N)
 
-  def rejected(estimate):
-    t = (estimate - expect) / se
-    return np.abs(t).max() > 5 or (t ** 2).sum() > Q_D + 5 * math.sqrt(2 * Q_D)
-
   t = (mean - expect) / se
-  assert not rejected(mean), (np.abs(t).max(), (t ** 2).sum())
+  assert not t_test_rejects(mean, se, expect), (np.abs(t).max(), (t ** 2).sum())
   # Power: the paper's normalization without beta = sqrt(d) (1/d shrink), the plain gradient and
   # a sign flip are all rejected by the same bound.
   paper = beta ** 2 * (alpha / Q_D * np.eye(Q_D) + (1 - alpha) / m * v @ v.T) @ grad
   for wrong in (paper, beta ** 2 * grad, -expect):
-    t = (mean - wrong) / se
-    assert np.abs(t).max() > 5 or (t ** 2).sum() > Q_D + 5 * math.sqrt(2 * Q_D)
+    assert t_test_rejects(mean, se, wrong)
 
 
 def test_pool_basis_is_orthonormal_spans_newest_and_drops_dependent_directions():

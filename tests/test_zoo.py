@@ -23,7 +23,7 @@ from cooperllm_jax.federated import zo as fzo
 from cooperllm_jax.models import Decoder, DecoderConfig, Encoder, EncoderConfig
 from cooperllm_jax.models.common import make_loss
 from cooperllm_jax.models.spec import is_spec, path_str
-from helpers import Q_D, flat, quadratic_loss, quadratic_problem
+from helpers import Q_D, flat, quadratic_loss, quadratic_problem, t_test_rejects
 
 DISTS = ('gaussian', 'rademacher')
 SCHEMES = ('central', 'one_sided')
@@ -263,16 +263,12 @@ def test_spsa_is_unbiased_on_a_quadratic(quadratic, scheme, distribution):
   ghat = g[:, None] * z
   mean, se = ghat.mean(0), ghat.std(0, ddof=1) / math.sqrt(Q_N)
 
-  def rejected(estimate):
-    t = (estimate - v) / se
-    return np.abs(t).max() > 5 or (t ** 2).sum() > Q_D + 5 * math.sqrt(2 * Q_D)
-
   t = (mean - v) / se
-  assert not rejected(mean), (np.abs(t).max(), (t ** 2).sum())
+  assert not t_test_rejects(mean, se, v), (np.abs(t).max(), (t ** 2).sum())
   # The same bounds reject a 1/d-scaled (no E[zz^T] = I), a halved (e.g. 2 eps for one-sided) and a
   # sign-flipped estimator.
   for wrong in (mean / Q_D, mean / 2, -mean):
-    assert rejected(wrong)
+    assert t_test_rejects(wrong, se, v)
 
 
 def test_probes_clip_and_base_loss(quadratic):
