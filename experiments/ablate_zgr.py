@@ -14,6 +14,7 @@ Groups (--only picks some; fedmezo, the plain-ZO baseline, always runs):
   shuffled  the cloud's public labels permuted: guidance without task signal (a control)
   cloud     cloud_lag=1 (round r guided by round r-1's model) and finetune mode (k AdamW steps)
   baseline  fedmezo at 2x and 4x its tuned rate (is the baseline's rate the limit?)
+  downlink  V sent as int8, int4 and ternary codes (system/codec.py) instead of float32
 """
 
 import pathlib
@@ -38,15 +39,15 @@ GROUPS = {  # group: {run name: (algorithm, overrides of demo.py's config for it
     'alpha': {'alpha=0.75': (COOP, ['zgr.alpha=0.75']), 'alpha=0.5': (COOP, []),
               'alpha=0.25': (COOP, ['zgr.alpha=0.25']), 'alpha=0': (COOP, ['zgr.alpha=0.0']),
               'adaptive': (COOP, ['zgr.adaptive=True'])},
+    'baseline': {'fedmezo lr=0.1': ('fedmezo', ['learning_rate=0.1']),
+                 'fedmezo lr=0.2': ('fedmezo', ['learning_rate=0.2'])},
+    'shuffled': {'shuffled labels': (COOP, ['cloud.shuffle_labels=True'])},
+    'mismatch': {'public classes 0,1': (COOP, ['cloud.public_classes=(0, 1)'])},
     'm': {'m=2': (COOP, ['zgr.pool_size=2']), 'm=4': (COOP, ['zgr.pool_size=4'])},
     'public': {'public=16': (COOP, ['cloud.public_examples=16']),
                'public=48': (COOP, ['cloud.public_examples=48'])},
-    'mismatch': {'public classes 0,1': (COOP, ['cloud.public_classes=(0, 1)'])},
-    'shuffled': {'shuffled labels': (COOP, ['cloud.shuffle_labels=True'])},
     'cloud': {'cloud_lag=1': (COOP, ['cloud.lag=1']),
               'finetune': (COOP, ['cloud.mode=finetune', 'cloud.batches=4'])},
-    'baseline': {'fedmezo lr=0.1': ('fedmezo', ['learning_rate=0.1']),
-                 'fedmezo lr=0.2': ('fedmezo', ['learning_rate=0.2'])},
 }
 
 
