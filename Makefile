@@ -41,6 +41,7 @@ demo: setup
 bench: setup
 	$(BIN)/python -m experiments.bench.zo_step
 	$(BIN)/python -m experiments.bench.client_throughput
+	$(BIN)/python -m experiments.bench.base_weights
 
 test: test-setup
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)

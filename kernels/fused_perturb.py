@@ -4,10 +4,17 @@ For a 2-D weight [rows, cols] (a rank-2 leaf, or one layer's slice of a stacked 
 
     w_eff = dequant(w) + h * (a * z + b * sum_k u_k dequant(V_k))
 
-where row i of z is `jax.random.normal(fold_in(leaf_key, row_offset + i), (cols,), float32)`, the key
-schedule's draw (cooperllm_jax.zoo.keys.slice_direction). The kernel generates z itself, block by
-block, with the same threefry2x32 bits, so neither z nor the dequantized weights ever exist in HBM:
-one pass reads int8 weights (and basis) and writes the perturbed float weights.
+with z the key schedule's draw (cooperllm_jax.zoo.keys.slice_direction) in one of two layouts:
+
+  'rows'  row i is jax.random.normal(fold_in(key, row_offset + i), (cols,)): a rank-2 leaf (an
+          embedding table, a head kernel), whose leading-axis slices are its rows;
+  'flat'  the block is rows [row_offset, row_offset + rows) of jax.random.normal(key, (R, cols)):
+          one layer of a stacked leaf, drawn whole from key = fold_in(leaf_key, layer), so the
+          counter is the element's flat index (row_offset + i) * cols + c (64-bit: hi, lo words).
+
+The kernel generates z itself, block by block, with the same threefry2x32 bits, so neither z nor
+the dequantized weights ever exist in HBM: one pass reads int8 (or packed int4) weights and basis
+and writes the perturbed float weights.
 
 z is bit-identical to jax.random.normal under `jax_threefry_partitionable=True`, the default since
 jax 0.5 (and the only behaviour once the flag is gone); with the flag off jax lays the counters out
@@ -25,38 +32,68 @@ from jax.experimental import pallas as pl
 
 
 @functools.partial(jax.tree_util.register_dataclass, data_fields=['values', 'scales'],
-                   meta_fields=['group'])
+                   meta_fields=['group', 'packed'])
 @dataclasses.dataclass(frozen=True)
 class Quantized:
   """Symmetric group quantization along the last axis: x ~= values * scales (per group).
 
-  values: int8 [..., cols] (8-bit in [-127, 127], 4-bit in [-8, 7], one value per int8, unpacked);
+  values: int8 [..., cols] (8-bit in [-127, 127], 4-bit in [-8, 7], one value per int8), or with
+          `packed` int8 [..., cols / 2] holding two 4-bit values: column c < cols / 2 in the low
+          nibble, column c + cols / 2 in the high one (so a block of columns unpacks by selecting a
+          nibble, with no interleaving);
   scales: float32 [..., cols // group], one per `group` consecutive columns;
   group:  static int dividing cols (group = cols: one scale per row).
   """
   values: jax.Array
   scales: jax.Array
   group: int
+  packed: bool = False
+
+  @property
+  def shape(self) -> tuple:
+    """The dequantized array's shape."""
+    v = self.values.shape
+    return (*v[:-1], 2 * v[-1]) if self.packed else tuple(v)
 
 
-def quantize(x, group: int, bits: int = 8) -> Quantized:
-  """Round-to-nearest symmetric quantization of x (float [..., cols]) in groups of `group` columns."""
+def quantize(x, group: int, bits: int = 8, pack: bool = False) -> Quantized:
+  """Round-to-nearest symmetric quantization of x (float [..., cols]) in groups of `group` columns;
+  `pack` stores two values per byte (bits <= 4, even cols)."""
   x = jnp.asarray(x, jnp.float32)
   if x.ndim < 1 or group < 1 or x.shape[-1] % group:
     raise ValueError(f'group {group} must divide the last axis of shape {x.shape}')
   if not 2 <= bits <= 8:
     raise ValueError(f'bits must be in [2, 8] (int8 storage), got {bits}')
+  if pack and (bits > 4 or x.shape[-1] % 2):
+    raise ValueError(f'packing needs bits <= 4 and an even last axis, got {bits} bits, {x.shape}')
   qmax = 2 ** (bits - 1) - 1
   g = x.reshape(*x.shape[:-1], x.shape[-1] // group, group)
   scales = jnp.max(jnp.abs(g), axis=-1) / qmax
   safe = jnp.where(scales > 0, scales, 1.0)  # an all-zero group stores zeros with scale 0
   values = jnp.clip(jnp.round(g / safe[..., None]), -qmax - 1, qmax).astype(jnp.int8)
-  return Quantized(values.reshape(x.shape), scales, group)
+  values = values.reshape(x.shape)
+  if pack:
+    half = x.shape[-1] // 2
+    values = (values[..., half:] << 4) | (values[..., :half] & 0xF)
+  return Quantized(values, scales, group, pack)
+
+
+def _nibbles(values):
+  """(low, high) signed 4-bit halves of packed int8 values, as int32."""
+  v = values.astype(jnp.int32)
+  return jax.lax.shift_right_arithmetic(jax.lax.shift_left(v, 28), 28), v >> 4
+
+
+def unpack(q: Quantized) -> jax.Array:
+  """One value per int8, [..., cols] (q.values itself when not packed)."""
+  if not q.packed:
+    return q.values
+  return jnp.concatenate(_nibbles(q.values), axis=-1).astype(jnp.int8)
 
 
 def dequantize(q: Quantized) -> jax.Array:
   """values * scales as float32: the reference the kernel's in-block dequantization matches."""
-  v = q.values.astype(jnp.float32)
+  v = unpack(q).astype(jnp.float32)
   g = v.reshape(*v.shape[:-1], v.shape[-1] // q.group, q.group)
   return (g * q.scales[..., None]).reshape(v.shape)
 
@@ -89,21 +126,40 @@ def threefry2x32(k0, k1, x0, x1):
   return x0, x1
 
 
-def _normal_bits(k0, k1, rows, cols):
-  """float32 N(0,1) samples at (rows, cols), uint32 arrays broadcasting to the block:
-  jax.random.normal(fold_in(key, row), (n,))[col] for key data (k0, k1).
+def _normal_at(k0, k1, hi, lo):
+  """float32 N(0,1) samples of key data (k0, k1) at 64-bit counters (hi, lo), uint32 arrays
+  broadcasting to the block: jax.random.normal(key, shape) at flat index hi * 2^32 + lo.
 
-  fold_in(key, d) = threefry(key, (0, d)); random_bits(key, 32, (n,))[c] = xor of
-  threefry(key, (0, c)) (the partitionable layout: counter = the element's 64-bit flat index);
-  uniform keeps the top 23 bits as the mantissa of a float in [1, 2), maps it to [lo, 1) with
-  lo = nextafter(-1, 0); normal = sqrt(2) * erfinv(u).
+  random_bits(key, 32, shape) at flat index n is the xor of threefry(key, (hi(n), lo(n))) (the
+  partitionable layout); uniform keeps the top 23 bits as the mantissa of a float in [1, 2), maps
+  it to [lo, 1) with lo = nextafter(-1, 0); normal = sqrt(2) * erfinv(u).
   """
-  r0, r1 = threefry2x32(k0, k1, jnp.zeros_like(rows), rows)
-  b0, b1 = threefry2x32(r0, r1, jnp.zeros_like(cols), cols)
+  b0, b1 = threefry2x32(k0, k1, hi, lo)
   mantissa = jax.lax.shift_right_logical(b0 ^ b1, np.uint32(32 - 23)) | _ONE_BITS
   f = jax.lax.bitcast_convert_type(mantissa, jnp.float32) - np.float32(1.0)
   u = jax.lax.max(_LO, f * _SPAN + _LO)
   return _SQRT2 * jax.lax.erf_inv(u)
+
+
+def _normal_rows(k0, k1, rows, cols):
+  """jax.random.normal(fold_in(key, row), (n,))[col]; fold_in(key, d) = threefry(key, (0, d))."""
+  r0, r1 = threefry2x32(k0, k1, jnp.zeros_like(rows), rows)
+  return _normal_at(r0, r1, jnp.zeros_like(cols), cols)
+
+
+def _flat_index(rows, n: int, cols):
+  """(hi, lo) uint32 words of the 64-bit rows * n + cols (rows, cols uint32 arrays; 0 <= n < 2^32),
+  in 16-bit limbs: 32-bit arithmetic only, as GPUs and x64-less jax have."""
+  mask = np.uint32(0xFFFF)
+  shr = lambda x, k: jax.lax.shift_right_logical(x, np.uint32(k))
+  r_lo, r_hi = rows & mask, shr(rows, 16)
+  n_lo, n_hi = np.uint32(n & 0xFFFF), np.uint32(n >> 16)
+  p0, p1, p2 = r_lo * n_lo, r_lo * n_hi, r_hi * n_lo
+  mid = shr(p0, 16) + (p1 & mask) + (p2 & mask)
+  lo = (p0 & mask) | jax.lax.shift_left(mid, np.uint32(16))
+  hi = r_hi * n_hi + shr(p1, 16) + shr(p2, 16) + shr(mid, 16)
+  out = lo + cols
+  return hi + (out < lo).astype(jnp.uint32), out
 
 
 def _check_threefry_layout():
@@ -121,8 +177,11 @@ class _Config(NamedTuple):
   block_rows: int
   block_cols: int
   w_group: Optional[int]  # None: float base weight
+  w_packed: bool
   v_group: Optional[int]  # None: float basis (or none)
+  v_packed: bool
   m: int                  # basis size (0: no basis)
+  layout: str
   out_dtype: str
   interpret: bool
 
@@ -146,6 +205,15 @@ def _scale_spec(cfg: _Config, group: int, lead: tuple):
                       lambda i, j: (*lead, i, j * bc // group))
 
 
+def _value_spec(cfg: _Config, packed: bool, lead: tuple):
+  """BlockSpec of a values array: a packed one holds column blocks j and j + half in one block."""
+  shape = (*(1,) * len(lead), cfg.block_rows, cfg.block_cols)
+  if packed:
+    half = cfg.cols // 2 // cfg.block_cols
+    return pl.BlockSpec(shape, lambda i, j: (*lead, i, j % half))
+  return pl.BlockSpec(shape, lambda i, j: (*lead, i, j))
+
+
 def _expand(scales, group: int, shape):
   """Per-group scales [br, n] -> per-element [br, bc]."""
   br, bc = shape
@@ -160,24 +228,30 @@ def _kernel(cfg: _Config, ints_ref, floats_ref, *refs):
   br, bc = cfg.block_rows, cfg.block_cols
   i, j = pl.program_id(0), pl.program_id(1)
 
-  def load(group, squeeze):
+  def load(group, packed, squeeze):
     values = next(refs)[0] if squeeze else next(refs)[...]
+    if packed:  # column block j < half lives in the low nibbles
+      low, high = _nibbles(values)
+      values = jnp.where(j < cfg.cols // 2 // bc, low, high)
     values = values.astype(jnp.float32)
     if group is None:
       return values
     scales = next(refs)[0] if squeeze else next(refs)[...]
     return values * _expand(scales, group, (br, bc))
 
-  w = load(cfg.w_group, False)
+  w = load(cfg.w_group, cfg.w_packed, False)
   rows = (ints_ref[2] + (i * br).astype(jnp.uint32)
           + jax.lax.broadcasted_iota(jnp.int32, (br, 1), 0).astype(jnp.uint32))
   cols = (j * bc + jax.lax.broadcasted_iota(jnp.int32, (1, bc), 1)).astype(jnp.uint32)
-  z = _normal_bits(ints_ref[0], ints_ref[1], rows, cols)
+  if cfg.layout == 'rows':
+    z = _normal_rows(ints_ref[0], ints_ref[1], rows, cols)
+  else:
+    z = _normal_at(ints_ref[0], ints_ref[1], *_flat_index(rows, cfg.cols, cols))
   h, a, b = floats_ref[0], floats_ref[1], floats_ref[2]
   if cfg.m:
-    g = floats_ref[3] * load(cfg.v_group, True)
+    g = floats_ref[3] * load(cfg.v_group, cfg.v_packed, True)
     for k in range(1, cfg.m):
-      g = g + floats_ref[3 + k] * load(cfg.v_group, True)
+      g = g + floats_ref[3 + k] * load(cfg.v_group, cfg.v_packed, True)
     step = a * z + b * g
   else:
     step = a * z
@@ -188,11 +262,11 @@ def _call(cfg: _Config, ints, floats, arrays):
   br, bc = cfg.block_rows, cfg.block_cols
   block = pl.BlockSpec((br, bc), lambda i, j: (i, j))
   specs = [pl.BlockSpec(ints.shape, lambda i, j: (0,)),
-           pl.BlockSpec(floats.shape, lambda i, j: (0,)), block]
+           pl.BlockSpec(floats.shape, lambda i, j: (0,)), _value_spec(cfg, cfg.w_packed, ())]
   if cfg.w_group is not None:
     specs.append(_scale_spec(cfg, cfg.w_group, ()))
   for k in range(cfg.m):  # V passed once per basis vector: (1, br, bc) blocks, no m-sized block
-    specs.append(pl.BlockSpec((1, br, bc), lambda i, j, k=k: (k, i, j)))
+    specs.append(_value_spec(cfg, cfg.v_packed, (k,)))
     if cfg.v_group is not None:
       specs.append(_scale_spec(cfg, cfg.v_group, (k,)))
   n_base = 1 if cfg.w_group is None else 2
@@ -227,19 +301,21 @@ _fused.defvjp(_fused_fwd, _fused_bwd)
 
 
 def _split(x, name: str, rank: int):
-  """(arrays, group, shape) of a float array or a Quantized one, checking rank and format."""
+  """(arrays, group, packed, shape) of a float array or a Quantized one, checking rank and
+  format; shape is the dequantized one."""
   if isinstance(x, Quantized):
     v, s = jnp.asarray(x.values), jnp.asarray(x.scales)
+    shape = x.shape
     if v.ndim != rank or v.dtype != jnp.int8:
       raise ValueError(f'{name}.values must be int8 of rank {rank}, got {v.dtype}{v.shape}')
-    if x.group < 1 or v.shape[-1] % x.group or s.shape != (*v.shape[:-1], v.shape[-1] // x.group):
+    if x.group < 1 or shape[-1] % x.group or s.shape != (*shape[:-1], shape[-1] // x.group):
       raise ValueError(f'{name}: group {x.group} must divide cols and scales must be '
-                       f'{(*v.shape[:-1], v.shape[-1] // max(x.group, 1))}, got {s.shape}')
-    return [v, s.astype(jnp.float32)], x.group, v.shape
+                       f'{(*shape[:-1], shape[-1] // max(x.group, 1))}, got {s.shape}')
+    return [v, s.astype(jnp.float32)], x.group, x.packed, shape
   x = jnp.asarray(x)
   if x.ndim != rank or not jnp.issubdtype(x.dtype, jnp.floating):
     raise ValueError(f'{name} must be float of rank {rank} or Quantized, got {x.dtype}{x.shape}')
-  return [x], None, x.shape
+  return [x], None, False, x.shape
 
 
 def _key_data(leaf_key):
@@ -250,50 +326,62 @@ def _key_data(leaf_key):
   return jax.random.key_data(leaf_key)
 
 
-def fused_perturb(w, leaf_key, h, a, b, basis=None, u=None, *, block_rows: int = 32,
-                  block_cols: Optional[int] = None, interpret: Optional[bool] = None,
-                  row_offset=0) -> jax.Array:
+LAYOUTS = ('rows', 'flat')
+
+
+def fused_perturb(w, leaf_key, h, a, b, basis=None, u=None, *, layout: str = 'rows',
+                  block_rows: int = 32, block_cols: Optional[int] = None,
+                  interpret: Optional[bool] = None, row_offset=0, out_dtype=None) -> jax.Array:
   """dequant(w) + h * (a * z + b * sum_k u_k dequant(basis_k)), one fused pass.
 
   w:          [rows, cols] float (f32, bf16, ...) or Quantized (int8 values, float32 scales);
-  leaf_key:   the leaf's threefry2x32 key (keys.leaf_key); z row i is drawn from
-              fold_in(leaf_key, row_offset + i), so a slice of rows gets its slice of the leaf's z;
+  leaf_key:   a threefry2x32 key; with layout 'rows' the leaf's key (keys.leaf_key), z row i drawn
+              from fold_in(leaf_key, row_offset + i); with 'flat' the key of the whole 2-D draw
+              (fold_in(leaf_key, layer) for a layer of a stacked leaf), see the module docstring;
   h, a, b:    float32 scalars (may be traced);
   basis, u:   [m, rows, cols] float or Quantized, and float32 [m]; both or neither;
-  block_rows, block_cols: power-of-two block sizes (GPU needs them); block_cols=None: whole rows.
-              With a quantized w or basis, block_cols must be a multiple or a divisor of its group.
-              Ragged edge blocks are fine: every element depends only on its own (row, col);
+  block_rows, block_cols: power-of-two block sizes (GPU needs them); block_cols=None: whole rows
+              (half rows with packed values). With a quantized w or basis, block_cols must be a
+              multiple or a divisor of its group, and divide cols / 2 if packed. Ragged edge
+              blocks are fine otherwise: every element depends only on its own (row, col);
   interpret:  None runs the Pallas interpreter on CPU and compiles on GPU/TPU;
-  row_offset: int (may be traced), the first row's index in the leaf.
+  row_offset: int (may be traced), the first row's index in the leaf (or in the 'flat' draw);
+  out_dtype:  None: float32 for a quantized w, w's dtype for a float one.
 
-  Returns float32 [rows, cols] (w's dtype for a float w). Under jax.vmap any argument may be
-  batched (e.g. leaf_key, u, h per client). No gradient: the ZO client only runs it forward, and
-  jax.grad through it raises rather than silently returning zero.
+  Returns out_dtype [rows, cols]. Under jax.vmap any argument may be batched (e.g. leaf_key, u,
+  h per client). No gradient: the ZO client only runs it forward, and jax.grad through it raises
+  rather than silently returning zero.
   """
   _check_threefry_layout()
-  base, w_group, (rows, cols) = _split(w, 'w', 2)
+  if layout not in LAYOUTS:
+    raise ValueError(f'layout must be one of {LAYOUTS}, got {layout!r}')
+  base, w_group, w_packed, (rows, cols) = _split(w, 'w', 2)
   if (basis is None) != (u is None):
     raise ValueError('pass both basis and u, or neither')
   if basis is not None:
-    v_arrays, v_group, v_shape = _split(basis, 'basis', 3)
+    v_arrays, v_group, v_packed, v_shape = _split(basis, 'basis', 3)
     u = jnp.asarray(u, jnp.float32)
     if v_shape[1:] != (rows, cols) or u.shape != v_shape[:1]:
       raise ValueError(f'basis must be [m, {rows}, {cols}] and u [m], got {v_shape} and {u.shape}')
     m = v_shape[0]
   else:
-    v_arrays, v_group, m, u = [], None, 0, jnp.zeros((0,), jnp.float32)
-  bc = cols if block_cols is None else block_cols
+    v_arrays, v_group, v_packed, m, u = [], None, False, 0, jnp.zeros((0,), jnp.float32)
+  packed = w_packed or v_packed
+  bc = (cols // 2 if packed else cols) if block_cols is None else block_cols
   if not _is_pow2(block_rows) or not (block_cols is None or _is_pow2(block_cols)):
     raise ValueError(f'block_rows and block_cols must be powers of two, got {block_rows}, '
                      f'{block_cols}')
   for group in (w_group, v_group):
     if group is not None and bc % group and group % bc:
       raise ValueError(f'block_cols {bc} must be a multiple or a divisor of the group {group}')
-  out_dtype = jnp.float32 if w_group is not None else base[0].dtype
+  if packed and (cols // 2) % bc:
+    raise ValueError(f'block_cols {bc} must divide cols / 2 = {cols // 2} with packed values')
+  if out_dtype is None:
+    out_dtype = jnp.float32 if w_group is not None else base[0].dtype
   if interpret is None:
     interpret = jax.default_backend() == 'cpu'
-  cfg = _Config(rows, cols, min(block_rows, _pow2_ceil(rows)), bc, w_group, v_group, m,
-                jnp.dtype(out_dtype).name, bool(interpret))
+  cfg = _Config(rows, cols, min(block_rows, _pow2_ceil(rows)), bc, w_group, w_packed, v_group,
+                v_packed, m, layout, jnp.dtype(out_dtype).name, bool(interpret))
   kd = _key_data(leaf_key)  # kernel scalars: ints = key data, row_offset; floats = h, a, b, u
   ints = jnp.stack([kd[0], kd[1], jnp.asarray(row_offset, jnp.int32).astype(jnp.uint32),
                     jnp.uint32(0)])
@@ -303,14 +391,20 @@ def fused_perturb(w, leaf_key, h, a, b, basis=None, u=None, *, block_rows: int =
   return _fused(cfg, ints, floats, *base, *v_arrays)
 
 
-def fused_perturb_reference(w, leaf_key, h, a, b, basis=None, u=None, *, row_offset=0):
-  """fused_perturb in plain jnp, z from jax.random.normal (the key schedule's own draw)."""
+def fused_perturb_reference(w, leaf_key, h, a, b, basis=None, u=None, *, layout: str = 'rows',
+                            row_offset=0, out_dtype=None):
+  """fused_perturb in plain jnp, z from jax.random.normal (the key schedule's own draw); with
+  layout 'flat' row_offset must be a Python int."""
   wf = dequantize(w) if isinstance(w, Quantized) else jnp.asarray(w)
-  out_dtype = jnp.float32 if isinstance(w, Quantized) else wf.dtype
+  if out_dtype is None:
+    out_dtype = jnp.float32 if isinstance(w, Quantized) else wf.dtype
   rows, cols = wf.shape
-  idx = jnp.asarray(row_offset, jnp.int32) + jnp.arange(rows, dtype=jnp.int32)
-  z = jax.vmap(lambda i: jax.random.normal(jax.random.fold_in(leaf_key, i.astype(jnp.uint32)),
-                                           (cols,), jnp.float32))(idx)
+  if layout == 'flat':
+    z = jax.random.normal(leaf_key, (row_offset + rows, cols), jnp.float32)[row_offset:]
+  else:
+    idx = jnp.asarray(row_offset, jnp.int32) + jnp.arange(rows, dtype=jnp.int32)
+    z = jax.vmap(lambda i: jax.random.normal(jax.random.fold_in(leaf_key, i.astype(jnp.uint32)),
+                                             (cols,), jnp.float32))(idx)
   step = a * z
   if basis is not None:
     vf = dequantize(basis) if isinstance(basis, Quantized) else jnp.asarray(basis, jnp.float32)

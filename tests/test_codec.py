@@ -186,3 +186,14 @@ def test_encode_decode_jit():
     np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
   enc = jax.jit(C.LeafCodec('int8').encode)(tree['a'], KEY)
   assert enc.values.dtype == jnp.int8 and enc.scales.shape == (3, 2)
+
+
+def test_roundtrip_tree_is_decode_of_encode_and_allocate_takes_topk():
+  tree = {'a': _x((2, 40)), 'b': _x((2, 7), seed=1)}
+  alloc = C.allocate(tree, C.tree_nbytes(tree, C.LeafCodec('int8', 16, 0.5)), ('int8', 'int4'),
+                     block=16, topk=0.5)
+  assert {c.topk for c in alloc.codecs.values()} == {0.5}
+  got = C.roundtrip_tree(tree, alloc.codecs, KEY)
+  want = C.decode_tree(C.encode_tree(tree, alloc.codecs, KEY), alloc.codecs, tree)
+  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    np.testing.assert_array_equal(a, b)

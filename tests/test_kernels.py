@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 from cooperllm_jax.zoo import keys as keys_lib
-from kernels.fused_perturb import (Quantized, dequantize, fused_perturb, fused_perturb_reference,
-                                   quantize)
+from kernels.fused_perturb import (Quantized, _flat_index, dequantize, fused_perturb,
+                                   fused_perturb_reference, quantize, unpack)
 
 PATH = 'layers/attn/q/kernel'
 
@@ -47,6 +47,33 @@ class TestFusedPerturb:
     want = keys_lib.slice_direction(_probe_key(), PATH, idx, (cols,))
     np.testing.assert_array_equal(_bits(z), _bits(want))
 
+  @pytest.mark.parametrize('rows,cols,block_rows,block_cols,row_offset', [
+      (37, 96, 8, 32, 0),     # ragged row blocks
+      (5, 40, 8, 16, 3),      # ragged column blocks, offset into the draw
+  ])
+  def test_flat_z_bit_exact(self, rows, cols, block_rows, block_cols, row_offset):
+    """A stacked leaf's layer slice is one normal draw from fold_in(leaf_key, layer)."""
+    layer_key = jax.random.fold_in(keys_lib.leaf_key(_probe_key(), PATH), jnp.uint32(3))
+    run = jax.jit(lambda off: self.call(jnp.zeros((rows, cols)), layer_key, 1.0, 1.0, 0.0,
+                                        layout='flat', block_rows=block_rows,
+                                        block_cols=block_cols, row_offset=off))
+    z = run(jnp.int32(row_offset))
+    want = keys_lib.slice_direction(_probe_key(), PATH, 3, (row_offset + rows, cols))[row_offset:]
+    np.testing.assert_array_equal(_bits(z), _bits(want))
+
+  def test_packed_int4_equals_unpacked(self):
+    rows, cols, m = 13, 96, 2
+    x, v = _normal(1, (rows, cols)), _normal(2, (m, rows, cols))
+    w, wp = quantize(x, 32, bits=4), quantize(x, 32, bits=4, pack=True)
+    basis, basis_p = quantize(v, 16, bits=4), quantize(v, 16, bits=4, pack=True)
+    assert wp.values.shape == (rows, cols // 2) and wp.shape == (rows, cols)
+    leaf, u = keys_lib.leaf_key(_probe_key(), PATH), _normal(3, (m,))
+    args = (leaf, 0.05, 0.8, 0.6)
+    out = self.call(wp, *args, basis_p, u, block_rows=8, block_cols=16)
+    np.testing.assert_array_equal(out, self.call(w, *args, basis, u, block_rows=8, block_cols=16))
+    np.testing.assert_allclose(out, fused_perturb_reference(wp, *args, basis_p, u), rtol=1e-6,
+                               atol=1e-6)
+
   @pytest.mark.parametrize('w_bits,v_kind,m,w_group,v_group,block_cols', [
       (8, 'float', 1, 32, None, 32),
       (8, 4, 4, 32, 96, 32),   # per-row basis scales (group = cols), blocks inside a group
@@ -69,16 +96,19 @@ class TestFusedPerturb:
     assert out.dtype == jnp.float32 and out.shape == (rows, cols)
     np.testing.assert_allclose(out, want, rtol=1e-6, atol=1e-6)
 
-  @pytest.mark.parametrize('dtype', [jnp.float32, jnp.bfloat16])
-  def test_matches_reference_float(self, dtype):
+  @pytest.mark.parametrize('dtype,out_dtype,layout', [(jnp.float32, None, 'rows'),
+                                                      (jnp.bfloat16, None, 'flat'),
+                                                      (jnp.bfloat16, jnp.float32, 'rows')])
+  def test_matches_reference_float(self, dtype, out_dtype, layout):
     w = _normal(1, (20, 64)).astype(dtype)
     basis, u = _normal(2, (2, 20, 64)), _normal(3, (2,))
     leaf = keys_lib.leaf_key(_probe_key(), PATH)
     args = (w, leaf, 0.05, 0.8, 0.6, basis, u)
-    out = self.call(*args, block_rows=8, block_cols=32)
-    assert out.dtype == dtype
+    kw = dict(layout=layout, out_dtype=out_dtype)
+    out = self.call(*args, block_rows=8, block_cols=32, **kw)
+    assert out.dtype == (out_dtype or dtype)
     np.testing.assert_allclose(out.astype(jnp.float32),
-                               fused_perturb_reference(*args).astype(jnp.float32),
+                               fused_perturb_reference(*args, **kw).astype(jnp.float32),
                                rtol=1e-6, atol=1e-6)
 
   def test_vmap_over_clients(self):
@@ -104,14 +134,30 @@ class TestFusedPerturbCompiled(TestFusedPerturb):
   INTERPRET = False
 
 
-@pytest.mark.parametrize('bits,group', [(8, 16), (4, 16), (4, 48)])
-def test_quantize_roundtrip(bits, group):
+def test_flat_index_is_the_64_bit_product():
+  rng = np.random.default_rng(0)
+  rows = rng.integers(0, 2 ** 32, 1000, dtype=np.uint64)
+  cols = rng.integers(0, 2 ** 32, 1000, dtype=np.uint64)
+  for n in (1, 96, 49152, 2 ** 32 - 1):
+    hi, lo = _flat_index(jnp.asarray(rows, jnp.uint32), n, jnp.asarray(cols, jnp.uint32))
+    want = rows * np.uint64(n) + cols  # wraps mod 2^64 like the counter
+    np.testing.assert_array_equal(np.asarray(hi), (want >> np.uint64(32)).astype(np.uint32))
+    np.testing.assert_array_equal(np.asarray(lo), (want & np.uint64(2 ** 32 - 1)).astype(np.uint32))
+
+
+@pytest.mark.parametrize('bits,group,pack', [(8, 16, False), (4, 16, False), (4, 48, False),
+                                             (4, 16, True)])
+def test_quantize_roundtrip(bits, group, pack):
   x = _normal(5, (6, 48)) * jnp.linspace(0.01, 3.0, 48)
   x = x.at[0, :group].set(0.0)  # an all-zero group
-  q = quantize(x, group, bits=bits)
+  q = quantize(x, group, bits=bits, pack=pack)
   assert q.values.dtype == jnp.int8 and q.scales.shape == (6, 48 // group)
+  assert q.values.shape == (6, 24 if pack else 48) and q.shape == (6, 48)
   qmax = 2 ** (bits - 1) - 1
-  assert int(q.values.min()) >= -qmax - 1 and int(q.values.max()) <= qmax
+  codes = unpack(q)
+  assert int(codes.min()) >= -qmax - 1 and int(codes.max()) <= qmax
+  if pack:
+    np.testing.assert_array_equal(codes, quantize(x, group, bits=bits).values)
   per_elem = np.repeat(np.asarray(q.scales), group, axis=-1)
   err = np.abs(np.asarray(dequantize(q)) - np.asarray(x))
   assert np.all(err <= per_elem / 2 * (1 + 1e-6) + 1e-12)
@@ -130,6 +176,10 @@ def test_bad_input_is_one_clear_error():
        'group 5'),
       (lambda: fused_perturb(q, leaf, 1., 1., 0., block_cols=24), ValueError, 'powers of two'),
       (lambda: fused_perturb(q, leaf, 1., 1., 0., block_rows=12), ValueError, 'powers of two'),
+      (lambda: fused_perturb(w, leaf, 1., 1., 0., layout='cols'), ValueError, 'layout'),
+      (lambda: quantize(w, 16, bits=8, pack=True), ValueError, 'packing'),
+      (lambda: fused_perturb(quantize(w, 16, bits=4, pack=True), leaf, 1., 1., 0., block_cols=32),
+       ValueError, 'divide cols / 2'),
       (lambda: fused_perturb(quantize(jnp.zeros((8, 48)), 24), leaf, 1., 1., 0., block_cols=32),
        ValueError, 'multiple or a divisor'),
       (lambda: fused_perturb(w, leaf, 1., 1., 0., basis=jnp.zeros((2, 8, 32))), ValueError,

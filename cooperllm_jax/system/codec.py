@@ -205,7 +205,7 @@ def encoded_bytes(codec: LeafCodec, shape: Sequence[int]) -> int:
   return total
 
 
-def _codec_of(codecs, path) -> LeafCodec:
+def codec_of(codecs, path) -> LeafCodec:
   """codecs: one LeafCodec for every leaf, or a dict 'a/b/kernel' -> LeafCodec."""
   if isinstance(codecs, LeafCodec):
     return codecs
@@ -222,18 +222,30 @@ def _leaf_key(key, path):
 def encode_tree(tree, codecs, key: Optional[jax.Array] = None):
   """Encoded per leaf; leaf keys are fold_in(key, path_hash(path)), so leaves round independently."""
   return jax.tree_util.tree_map_with_path(
-      lambda p, x: _codec_of(codecs, p).encode(x, _leaf_key(key, p)), tree)
+      lambda p, x: codec_of(codecs, p).encode(x, _leaf_key(key, p)), tree)
 
 
 def decode_tree(encoded, codecs, like):
   """The float32 tree; `like` gives the structure and leaf shapes (arrays or ShapeDtypeStructs)."""
   return jax.tree_util.tree_map_with_path(
-      lambda p, x, enc: _codec_of(codecs, p).decode(enc, x.shape), like, encoded)
+      lambda p, x, enc: codec_of(codecs, p).decode(enc, x.shape), like, encoded)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _roundtrip(codec: LeafCodec, x, key):
+  return codec.decode(codec.encode(x, key), x.shape)
+
+
+def roundtrip_tree(tree, codecs, key: Optional[jax.Array] = None):
+  """decode_tree(encode_tree(tree, codecs, key), codecs, tree): what the receiver holds, one jitted
+  leaf at a time (compiled once per codec and leaf shape, however the allocation mixes them)."""
+  return jax.tree_util.tree_map_with_path(
+      lambda p, x: _roundtrip(codec_of(codecs, p), x, _leaf_key(key, p)), tree)
 
 
 def tree_nbytes(like, codecs) -> int:
   """Exact wire bytes of the whole tree (the per-client downlink of one basis)."""
-  return sum(_codec_of(codecs, p).nbytes(x.shape)
+  return sum(codec_of(codecs, p).nbytes(x.shape)
              for p, x in jax.tree_util.tree_flatten_with_path(like)[0])
 
 
@@ -264,7 +276,7 @@ class Allocation(NamedTuple):
 
 @functools.partial(jax.jit, static_argnums=0)
 def _roundtrip_error(codec: LeafCodec, x, key):
-  return jnp.sum(jnp.square(codec.decode(codec.encode(x, key), x.shape) - x))
+  return jnp.sum(jnp.square(_roundtrip(codec, x, key) - x))
 
 
 def _pareto(options):
@@ -320,8 +332,9 @@ def _greedy(options, budget: int):
 
 def allocate(tree, budget_bytes: int, formats: Sequence[str] = FORMATS, block: int = 256,
              error: str = 'relative', stochastic: bool = True,
-             exact_limit: int = 1 << 16) -> Allocation:
-  """Picks one format per leaf minimizing the summed guidance error with total bytes <= budget.
+             exact_limit: int = 1 << 16, topk: Optional[float] = None) -> Allocation:
+  """Picks one format per leaf minimizing the summed guidance error with total bytes <= budget
+  (every format with the same `block` and `topk`).
 
   Each leaf is actually coded with each format (stochastic rounding with a fixed key when
   `stochastic`, else round-to-nearest) to measure its error. error='absolute' minimizes
@@ -333,7 +346,7 @@ def allocate(tree, budget_bytes: int, formats: Sequence[str] = FORMATS, block: i
     raise ConfigError(f'unknown allocation error {error!r}; choose one of {ERRORS}')
   if not formats:
     raise ConfigError('allocate needs at least one format')
-  codecs = [LeafCodec(f, block, stochastic=stochastic) for f in formats]
+  codecs = [LeafCodec(f, block, topk, stochastic) for f in formats]
   key = jax.random.key(0, impl='threefry2x32')
   names, measured, options = [], [], []
   for path, x in jax.tree_util.tree_flatten_with_path(tree)[0]:

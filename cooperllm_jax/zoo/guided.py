@@ -77,6 +77,16 @@ def basis_leaf(guide: Guidance, path) -> jax.Array:
   return node
 
 
+def terms(guide: Guidance, key: jax.Array, path, index=None, distribution: str = 'gaussian'):
+  """(a, w, basis): z = a v + sum_j w_j basis_j for the leaf at `path` (its slices `index`), basis
+  [m, *z.shape]; the pieces `direction` and the fused perturbation kernel both combine."""
+  a, w = mixing(guide, key, distribution)
+  basis = basis_leaf(guide, path)
+  if index is not None:
+    basis = jnp.take(basis, jnp.asarray(index, jnp.int32), axis=1)
+  return a, w, basis
+
+
 def direction(key: jax.Array, path, shape, index=None, distribution: str = 'gaussian',
               guide: Guidance | None = None) -> jax.Array:
   """z of one leaf (index=None, shape = the leaf's) or of leading-axis slices `index` of a rank >= 2
@@ -87,10 +97,7 @@ def direction(key: jax.Array, path, shape, index=None, distribution: str = 'gaus
     v = keys_lib.slice_direction(key, path, index, shape, distribution)
   if guide is None:
     return v
-  a, w = mixing(guide, key, distribution)
-  basis = basis_leaf(guide, path)
-  if index is not None:
-    basis = jnp.take(basis, jnp.asarray(index, jnp.int32), axis=1)
+  a, w, basis = terms(guide, key, path, index, distribution)
   return a * v + jnp.tensordot(w, basis, axes=1)
 
 

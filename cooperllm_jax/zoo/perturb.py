@@ -9,9 +9,16 @@ import jax
 import jax.numpy as jnp
 
 from cooperllm_jax.models.spec import path_str
+from cooperllm_jax.zoo import guided
 from cooperllm_jax.zoo import keys as keys_lib
 from cooperllm_jax.zoo.guided import Guidance, direction
+from cooperllm_jax.zoo.quantized import is_quantized, take_rows
 from cooperllm_jax.zoo.trainable import merge_lora
+from kernels.fused_perturb import dequantize, fused_perturb
+
+IMPLS = ('xla', 'pallas')
+# The fused kernel's blocks in the client: powers of two (GPU), rows up to 512 columns wide.
+PALLAS_BLOCK_ROWS, PALLAS_MAX_BLOCK_COLS = 32, 512
 
 
 @dataclasses.dataclass(frozen=True)
@@ -21,7 +28,12 @@ class Perturbation:
   Adds scale * z(key) to the trainable leaves (`paths`) that a forward pass touches, generating z
   for the layer being computed (inside lax.scan) or for the embedding rows looked up, and folds LoRA
   adapters into their kernels. key=None only merges LoRA (the unperturbed loss). With `guide`, z is
-  ZGR's guided direction (zoo/guided.py) instead of the plain one.
+  ZGR's guided direction (zoo/guided.py) instead of the plain one. Frozen leaves kept quantized
+  (zoo/quantized.py) are dequantized here, a layer or the looked-up rows at a time.
+
+  impl='pallas' perturbs 2-D trainable weights (a layer's slice of a stacked leaf, a rank-2 leaf)
+  with the fused kernel (kernels/fused_perturb.py), which draws the same z bit for bit in the layout
+  the key schedule uses for that case; other leaves and embedding rows (gathered by id) use XLA.
   """
   paths: frozenset
   key: Optional[jax.Array] = None
@@ -29,24 +41,53 @@ class Perturbation:
   distribution: str = 'gaussian'
   lora_scale: float = 0.0
   guide: Optional[Guidance] = None
+  impl: str = 'xla'
+
+  def __post_init__(self):
+    if self.impl not in IMPLS:
+      raise ValueError(f'perturbation impl must be one of {IMPLS}, got {self.impl!r}')
 
   def _add(self, x, z):
     return (x.astype(jnp.float32) + self.scale * z).astype(jnp.promote_types(x.dtype, jnp.float32))
 
+  def _perturb(self, path, x, layer):
+    """x + scale * z for the trainable leaf at `path` (its slice `layer` when not None)."""
+    if self.impl == 'pallas' and x.ndim == 2:
+      return self._fused(path, x, layer)
+    return self._add(x, direction(self.key, path, x.shape, layer, self.distribution, self.guide))
+
+  def _fused(self, path, x, layer):
+    """The kernel's layouts: a rank-2 leaf's rows are its slices, each drawn from fold_in(leaf key,
+    row) ('rows'); a stacked leaf's layer is one draw from fold_in(leaf key, layer) ('flat')."""
+    key = keys_lib.leaf_key(self.key, path)
+    if layer is not None:
+      key = jax.random.fold_in(key, jnp.asarray(layer, jnp.int32).astype(jnp.uint32))
+    a, b, u, basis = 1.0, 0.0, None, None
+    if self.guide is not None:
+      a, u, basis = guided.terms(self.guide, self.key, path, layer, self.distribution)
+      b = 1.0
+    return fused_perturb(x, key, self.scale, a, b, basis, u,
+                         layout='rows' if layer is None else 'flat',
+                         block_rows=PALLAS_BLOCK_ROWS,
+                         block_cols=min(PALLAS_MAX_BLOCK_COLS, 1 << (x.shape[1] - 1).bit_length()),
+                         out_dtype=jnp.promote_types(x.dtype, jnp.float32))
+
   def group(self, name, params, layer):
     def one(subpath, x):
+      if is_quantized(x):  # frozen: never perturbed
+        return dequantize(x)
       path = (name,) + tuple(getattr(k, 'key', k) for k in subpath)
       if self.key is None or path_str(path) not in self.paths:
         return x
       # layer: one layer's slice of a stacked leaf, which gets its slice of the whole-leaf draw.
-      return self._add(x, direction(self.key, path, x.shape, layer, self.distribution, self.guide))
+      return self._perturb(path, x, layer)
 
-    out = jax.tree_util.tree_map_with_path(one, params)
+    out = jax.tree_util.tree_map_with_path(one, params, is_leaf=is_quantized)
     return merge_lora(out, self.lora_scale) if self.lora_scale else out
 
   def rows(self, path, table, ids):
     if self.key is None or path_str(path) not in self.paths:
-      return table[ids]
+      return take_rows(table, ids)
     if table.shape[0] <= ids.size:  # small tables (positions, token types): draw once, then gather
       z = direction(self.key, path, table.shape, None, self.distribution, self.guide)
       return self._add(table, z)[ids]

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 from cooperllm_jax.errors import ConfigError
 from cooperllm_jax.zoo import keys as keys_lib
 from cooperllm_jax.zoo.guided import Guidance
-from cooperllm_jax.zoo.perturb import Perturbation, apply_directions, coefficients
+from cooperllm_jax.zoo.perturb import IMPLS, Perturbation, apply_directions, coefficients
 from cooperllm_jax.zoo.trainable import Subset, overlay, trainable_paths
 
 SCHEMES = ('central', 'one_sided')
@@ -37,6 +37,7 @@ class Estimator:
   scheme: str = 'central'
   distribution: str = 'gaussian'
   clip: Optional[float] = None       # bound on |g_p|, None = off
+  perturb_impl: str = 'xla'          # forward perturbation of 2-D weights: 'xla' or 'pallas'
 
   def __post_init__(self):
     if not self.eps > 0:
@@ -50,6 +51,12 @@ class Estimator:
                         f'{", ".join(keys_lib.DISTRIBUTIONS)}')
     if self.clip is not None and not self.clip > 0:
       raise ConfigError(f'clip must be > 0 or None, got {self.clip}')
+    if self.perturb_impl not in IMPLS:
+      raise ConfigError(f'unknown perturb_impl {self.perturb_impl!r}; choose one of '
+                        f'{", ".join(IMPLS)}')
+    if self.perturb_impl == 'pallas' and self.distribution != 'gaussian':
+      raise ConfigError("perturb_impl='pallas' draws Gaussian directions only "
+                        f'(distribution={self.distribution!r})')
 
   @property
   def forwards_per_step(self) -> int:
@@ -57,11 +64,11 @@ class Estimator:
 
 
 def loss_at(loss_fn: LossFn, trainable, frozen, batch, key, scale, distribution='gaussian',
-            subset: Subset = Subset(), guide: Optional[Guidance] = None):
+            subset: Subset = Subset(), guide: Optional[Guidance] = None, impl: str = 'xla'):
   """L(theta + scale * z(key)) in float32 through the model's hooks; key=None gives L(theta).
-  With `guide`, z is the guided direction (ZGR)."""
+  With `guide`, z is the guided direction (ZGR); impl picks XLA or the fused Pallas kernel."""
   pert = Perturbation(trainable_paths(trainable), key, scale, distribution, subset.lora_scale,
-                      guide)
+                      guide, impl)
   return loss_fn(overlay(frozen, trainable), batch, pert).astype(jnp.float32)
 
 
@@ -72,7 +79,7 @@ def make_projected_gradient(loss_fn: LossFn, est: Estimator, subset: Subset = Su
   """
   def pg(trainable, frozen, batch, key, base_loss, guide=None):
     at = lambda scale: loss_at(loss_fn, trainable, frozen, batch, key, scale, est.distribution,
-                               subset, guide)
+                               subset, guide, est.perturb_impl)
     plus = at(est.eps)
     if est.scheme == 'central':
       minus = at(-est.eps)
