@@ -257,7 +257,7 @@ for devices in (0, 4):
     state, _ = alg.run_round(state, tz.round_batches(r), tz.COUNTS, tz.CLIENT_IDS, r)
   finals[devices] = state
   if devices:
-    out['cloud_mesh_devices'] = sorted(d.id for d in alg.mesh.devices.flat)
+    out['cloud_mesh_devices'] = sorted(d.id for d in alg.cloud_mesh.devices.flat)
     out['pending_devices'] = sorted({d.id for x in jax.tree.leaves(state['pending']['direction'])
                                      for d in x.devices()})
     out['trainable_devices'] = sorted({d.id for x in jax.tree.leaves(state['trainable'])
@@ -302,7 +302,7 @@ def test_sharded_step_matches_single_device(sharded_run):
 
 def test_sharded_params_and_optimizer_state_are_split(sharded_run):
   report = json.dumps(sharded_run, indent=1)
-  assert sharded_run['mesh'] == {'data': 4, 'model': 2}, report
+  assert sharded_run['mesh'] == {'clients': 1, 'data': 4, 'model': 2}, report
   assert 'does not divide' in sharded_run['bad_mesh'], report
   assert sharded_run['double_embed'] == ['data', None], report    # one mesh axis per leaf
   assert sharded_run['odd_spec'] == [None, None], report         # 97 % 2, 6 % 4: replicated

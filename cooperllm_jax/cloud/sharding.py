@@ -1,4 +1,8 @@
-"""Sharding for the cloud tier: a ('data', 'model') mesh and logical-axis rules for the weights.
+"""Sharding: the run's ('clients', 'data', 'model') mesh and logical-axis rules for the weights.
+
+One mesh serves both tiers: simulated clients are split over 'clients' (federated/mesh.py; only
+their scalars cross it), the cloud's weights and public batches over 'data' and 'model' (its
+NamedShardings never name 'clients', so they are replicated along it).
 
 The models name every weight dimension with a logical axis (`ParamSpec.axes`); `LOGICAL_RULES` maps
 those names onto mesh axes, as Flax's `logical_to_mesh_sharding` does. The layout is FSDP over
@@ -9,6 +13,7 @@ the models are not written with sharding-in-types, so the compiler's propagation
 places the activations from the weights' and the batch's shardings.
 """
 
+import math
 from typing import Optional, Sequence
 
 import jax
@@ -17,7 +22,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from cooperllm_jax.errors import ConfigError
 from cooperllm_jax.models.spec import logical_axes
 
-MESH_AXES = ('data', 'model')
+CLIENT_AXIS = 'clients'
+MESH_AXES = (CLIENT_AXIS, 'data', 'model')
 
 LOGICAL_RULES = (
     ('layers', None),         # scanned over; every device needs each layer in turn
@@ -33,20 +39,28 @@ LOGICAL_RULES = (
 )
 
 
-def make_mesh(data: int = -1, model: int = 1, devices: Optional[Sequence] = None) -> Mesh:
-  """A ('data', 'model') mesh with Auto axes over the first data * model devices; data=-1 takes
-  all the devices that `model` leaves."""
+def make_mesh(data: int = -1, model: int = 1, devices: Optional[Sequence] = None,
+              clients: int = 1) -> Mesh:
+  """A ('clients', 'data', 'model') mesh with Auto axes over the first clients * data * model
+  devices; one of data and clients may be -1: all the devices the other axes leave.
+
+  'clients' is the outermost axis, so with jax.devices()' order (process by process) it is the one
+  that spans hosts: the cloud's FSDP/tensor-parallel collectives over 'data'/'model' stay within a
+  host while only the clients' scalars travel between hosts."""
   devices = list(jax.devices() if devices is None else devices)
   n = len(devices)
-  if model < 1 or n % model:
-    raise ConfigError(f'mesh model size {model} does not divide the {n} devices')
-  if data == -1:
-    data = n // model
-  if data < 1 or n % (data * model):
-    raise ConfigError(f'mesh data x model = {data} x {model} does not divide the {n} devices')
-  return jax.make_mesh((data, model), MESH_AXES,
+  sizes = [clients, data, model]
+  shape = ' x '.join(map(str, sizes))
+  if model < 1 or any(s == 0 or s < -1 for s in sizes) or sizes.count(-1) > 1:
+    raise ConfigError(f'mesh clients x data x model = {shape}: sizes must be >= 1 (data or '
+                      'clients may be -1, not both)')
+  fixed = math.prod(s for s in sizes if s != -1)
+  if n % fixed:
+    raise ConfigError(f'mesh clients x data x model = {shape} does not divide the {n} devices')
+  sizes = [n // fixed if s == -1 else s for s in sizes]
+  return jax.make_mesh(tuple(sizes), MESH_AXES,
                        axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES),
-                       devices=devices[:data * model])
+                       devices=devices[:math.prod(sizes)])
 
 
 def logical_spec(axes: Sequence[Optional[str]], shape: Sequence[int], mesh: Mesh,
