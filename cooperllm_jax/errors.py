@@ -28,3 +28,7 @@ class LoaderError(CooperError):
 
 class TrainingError(CooperError):
   """Training cannot go on as configured (e.g. the loss became NaN: the rate is too high)."""
+
+
+class CheckpointError(CooperError):
+  """No usable checkpoint to resume from, or one that belongs to another run or config."""

@@ -21,6 +21,24 @@ def read_metrics(path) -> list[dict]:
     return [json.loads(line) for line in f if line.strip()]
 
 
+def truncate_metrics(path, last_round: int) -> list[dict]:
+  """Keeps the rows up to `last_round` (a resumed run continues after its checkpoint, so the rows a
+  crashed run wrote after it would be duplicated); rewritten atomically. Returns the kept rows."""
+  path = pathlib.Path(path)
+  rows = []
+  for line in path.read_text(encoding='utf-8').splitlines() if path.exists() else ():
+    try:
+      row = json.loads(line)
+    except ValueError:  # a line cut short by a crash
+      continue
+    if row['round'] <= last_round:
+      rows.append(row)
+  tmp = path.with_name(f'.{path.name}.tmp')
+  tmp.write_text(''.join(json.dumps(row) + '\n' for row in rows), encoding='utf-8')
+  tmp.replace(path)
+  return rows
+
+
 def plot_accuracy(runs: dict[str, list[dict]], path, title: str) -> None:
   """Test accuracy (and, where logged, train loss) against round for named runs, one PNG.
 
@@ -90,3 +108,17 @@ class MetricWriter:
 
   def __exit__(self, *exc_info):
     self.close()
+
+
+class NullWriter:
+  """MetricWriter's interface, writing nothing: processes other than 0 of a multi-process run,
+  which compute every row alike, leave the files to process 0."""
+
+  def write(self, row: dict) -> None:
+    del row
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *exc_info):
+    return None

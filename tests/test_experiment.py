@@ -60,7 +60,7 @@ def test_tiny_run_writes_metrics_summary_plot_and_events(tmp_path, algorithm):
     if algorithm == 'cooperllm':  # + every client receives the round's V (m = 1) and alpha
       assert r['alpha'] == 0.5 and r['basis_rank'] == 1
       assert r['bytes_down_per_client'] >= summary_d * 4 + 4
-    else:
+    elif algorithm == 'fedavg_bp':
       assert r['forwards'] == r['backwards'] == 4
       assert r['bytes_up'] > 4 * 22_000_000          # dense MiniLM deltas
   guidance = 0 if algorithm != 'cooperllm' else 2 * (summary_d * 4 + 4)
@@ -93,6 +93,17 @@ def test_flags_files_name_registered_configs():
     ('--config.zo.trainable=most', "unknown trainable mode 'most'"),
     ('--config.zo.distribution=cauchy', "unknown distribution 'cauchy'"),
     ('--config.client_backend=gpu', "client_backend must be 'map' or 'loop'"),
+    ('--config.zgr.alpha=1.5', 'zgr.alpha must be in [0, 1], got 1.5'),
+    ('--config.weight_decay=-0.1', 'weight_decay must be >= 0'),
+    ('--config.eval_every=0', 'eval_every must be >= 1'),
+    ('--config.test_fraction=1.2', 'test_fraction must be in [0, 1)'),
+    ('--config.faults.dropout=-0.1', 'faults.dropout must be in [0, 0.99]'),
+    ('--config.faults.byzantine=1.5', 'faults.byzantine must be in [0, 1.0]'),
+    ('--config.dp.clip=-1', 'dp.clip must be > 0'),
+    ('--config.aggregation=mode', "unknown aggregation 'mode'"),
+    ('--config.aggregation_trim=0.8', 'aggregation_trim must be in [0, 0.5]'),
+    ('--config.guard.spike=0.5', 'guard.spike must be > 1'),
+    ('--config.checkpoint_every=-1', 'checkpoint_every must be >= 0'),
 ])
 def test_bad_config_is_one_line_and_exit_2(tmp_path, flag, message):
   assert message in _error_line(_train(tmp_path / 'wd', flag))

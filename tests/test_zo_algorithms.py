@@ -72,12 +72,13 @@ def config(name, **over):
   zo = dict(eps=1e-3, probes=2, scheme='central', distribution='gaussian', clip=None,
             trainable='head', lora_rank=4, lora_alpha=8.0, lora_targets=('attn/q', 'attn/v'),
             kseed_candidates=4096, fwdllm_candidates=FWD_CANDIDATES, fwdllm_min_probes=FWD_MIN,
-            fwdllm_var_threshold=0.5)
+            fwdllm_var_threshold=0.5, perturb_impl='xla', base_weights='f32', base_group=32)
   if name == 'fwdllm':
     zo['probes'] = FWD_PROBES
   zo.update(over.pop('zo', {}))
   zgr = dict(alpha=0.5, adaptive=False, alpha_min=0.05, alpha_max=0.95, ema=0.8, pool_size=2,
-             refresh=1, beta=1.0)
+             refresh=1, beta=1.0, guidance_format='f32', guidance_block=256,
+             guidance_budget_bytes=0, guidance_topk=None)
   zgr.update(over.pop('zgr', {}))
   cloud = dict(mode='gradient', learning_rate=1e-2, weight_decay=0.0, batches=2, batch_size=16,
                lag=0, devices=0)
@@ -351,7 +352,9 @@ def test_unknown_client_backend_is_a_config_error():
     ({'alpha': 1.5}, {}, 'alpha'), ({'alpha': -0.1}, {}, 'alpha'), ({'pool_size': 0}, {}, 'pool'),
     ({'refresh': 0}, {}, 'refresh'), ({'beta': 0.0}, {}, 'beta'), ({'alpha_min': 0.0}, {}, 'alpha_min'),
     ({}, {'lag': 2}, 'lag'), ({}, {'batches': 0}, 'batches'), ({}, {'mode': 'adam'}, 'mode'),
-    ({}, {'devices': 1}, 'devices')])
+    ({}, {'devices': 1}, 'devices'), ({'guidance_format': 'int2'}, {}, 'guidance_format'),
+    ({'guidance_format': 'adaptive'}, {}, 'guidance_budget_bytes'),
+    ({'guidance_block': 0}, {}, 'block'), ({'guidance_topk': 1.5}, {}, 'topk')])
 def test_cooperllm_rejects_bad_configs(zgr, cloud, match):
   with pytest.raises(ConfigError, match=match):
     make_algorithm(config('cooperllm', zgr=zgr, cloud=cloud), MODEL, PUBLIC)
@@ -374,6 +377,19 @@ def test_cooperllm_with_alpha_one_is_fedmezo():
   assert guided_run['results'][0].metrics['basis_rank'] == 1       # one direction after round 1
 
 
+def _replays_the_edge(h, r):
+  """The edge's model after round r is the replay of every client's uplink under the round's V
+  (the round's in-jit replay may fuse differently from this standalone one: an ulp or so)."""
+  alg, before, after = h['alg'], h['states'][r - 1], h['states'][r]
+  up = h['results'][r - 1].uplink
+  coefs = zoo.coefficients(alg.lr, up.scalars, up.weights) * weights()[:, None, None]
+  replayed = jax.jit(zoo.replay, static_argnames='distribution')(
+      before['trainable'], alg.seed, jnp.asarray(up.addresses).reshape(-1, 4), coefs.reshape(-1),
+      guide=after['guidance'])
+  jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-8),
+               after['trainable'], replayed)
+
+
 def test_cooperllm_pool_is_the_cloud_gradient_and_the_edge_replays_under_it():
   h = history('cooperllm', rounds=3)
   alg = h['alg']
@@ -393,15 +409,7 @@ def test_cooperllm_pool_is_the_cloud_gradient_and_the_edge_replays_under_it():
     assert int(after['pool'].filled) == min(r, 2)
     basis, valid = pool_lib.orthonormalize(after['pool'])
     np.testing.assert_array_equal(after['guidance'].valid, valid)
-    # Replaying every client's uplink under the round's guidance gives the edge's model.
-    up = h['results'][r - 1].uplink
-    coefs = zoo.coefficients(alg.lr, up.scalars, up.weights) * weights()[:, None, None]
-    replayed = jax.jit(zoo.replay, static_argnames='distribution')(
-        before['trainable'], alg.seed, jnp.asarray(up.addresses).reshape(-1, 4), coefs.reshape(-1),
-        guide=after['guidance'])
-    # The round's in-jit replay may fuse differently from this standalone one: an ulp or so.
-    jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-8),
-                 after['trainable'], replayed)
+    _replays_the_edge(h, r)
     assert h['results'][r - 1].guidance_bytes == 2 * alg._d * 4 + 4  # pylint: disable=protected-access
 
 
@@ -442,3 +450,69 @@ def test_cooperllm_adaptive_alpha_is_set_from_the_estimates():
   for r in h['results']:
     assert 0.0 <= r.metrics['lambda_star'] <= 1.0 and r.metrics['grad_sq'] > 0
     assert 0.0 <= r.metrics['cloud_share'] <= 1.0 + 1e-6
+
+
+def test_cooperllm_quantized_guidance_bytes_and_replay():
+  """The clients and the edge's replay both use the decoded V; each client is charged the codec's
+  exact wire bytes of V (m = 2 slots over the head) plus alpha."""
+  from cooperllm_jax.cloud import pool as pool_lib  # pylint: disable=g-import-not-at-top
+  from cooperllm_jax.system import codec as C  # pylint: disable=g-import-not-at-top
+  h = history('cooperllm', rounds=2, zgr=(('guidance_format', 'int8'),))
+  alg = h['alg']
+  for r in (1, 2):
+    after, result = h['states'][r], h['results'][r - 1]
+    sent = after['guidance'].basis
+    assert result.guidance_bytes == C.tree_nbytes(sent, C.LeafCodec('int8')) + 4
+    assert result.guidance_bytes < 2 * alg._d * 4 / 3  # pylint: disable=protected-access
+    # V as sent is the orthonormal basis up to the codec's (reported) rounding error.
+    basis, _ = pool_lib.orthonormalize(after['pool'])
+    diff = jax.tree.map(lambda x, y: x - y, sent, basis)
+    rel = float(pool_lib.tree_dot(diff, diff) / pool_lib.tree_dot(basis, basis))
+    assert 0 < rel < 1e-3
+    assert result.metrics['guidance_rel_error'] == pytest.approx(rel, rel=1e-4)
+    _replays_the_edge(h, r)
+  # A client run on its own with the decoded V sends the scalars the round's client 0 sent.
+  before, r = h['states'][0], 1
+  b0 = jax.tree.map(lambda x: x[0], h['inputs'][0])
+  _, up, _ = alg._jit_client(before['trainable'], before['frozen'], b0, alg.seed, r,  # pylint: disable=protected-access
+                             CLIENT_IDS[0], alg.lr, guide=h['states'][1]['guidance'])
+  np.testing.assert_allclose(up.scalars, h['results'][0].uplink.scalars[0], rtol=1e-3, atol=1e-3)
+
+
+def test_cooperllm_adaptive_guidance_allocates_formats_within_the_budget():
+  from cooperllm_jax.system import codec as C  # pylint: disable=g-import-not-at-top
+  budget = 200  # V in float32 would be 2 * (32 * 2 + 2) * 4 = 528 bytes
+  h = history('cooperllm', rounds=2, zgr=(('guidance_format', 'adaptive'),
+                                          ('guidance_budget_bytes', budget)))
+  for r in (1, 2):
+    result = h['results'][r - 1]
+    formats = result.metrics['guidance_formats']
+    assert set(formats) == {'head/classifier/kernel', 'head/classifier/bias'}
+    codecs = {k: C.LeafCodec(f) for k, f in formats.items()}
+    sent = C.tree_nbytes(h['states'][r]['guidance'].basis, codecs)
+    assert sent <= budget and result.guidance_bytes == sent + 4 + len(formats)  # + format bytes
+    assert formats['head/classifier/kernel'] != 'f32'
+    _replays_the_edge(h, r)
+
+
+def test_cooperllm_with_alpha_one_ignores_quantized_guidance():
+  quantized = history('cooperllm', rounds=2, learning_rate=0.1,
+                      zgr=(('alpha', 1.0), ('guidance_format', 'int4')))
+  plain = history('fedmezo', rounds=2)
+  for a, b in zip(quantized['states'][1:], plain['states'][1:]):
+    assert max_rel_diff(a['trainable'], b['trainable']) < 1e-4
+
+
+def test_quantized_base_weights_round():
+  """zo.base_weights keeps the frozen body int8 on the clients; the model the edge evaluates is
+  the dequantized body with the trained head."""
+  from kernels.fused_perturb import Quantized  # pylint: disable=g-import-not-at-top
+  h = history('fedmezo', rounds=2, zo=(('base_weights', 'int8'),))
+  state = h['states'][-1]
+  assert isinstance(state['frozen']['layers']['attn']['q']['kernel'], Quantized)
+  final = h['final']
+  np.testing.assert_allclose(final['layers']['attn']['q']['kernel'],
+                             PARAMS_NP['layers']['attn']['q']['kernel'], atol=0.1 / 254)  # half a step
+  assert full_loss(final) < full_loss(h['alg'].model_params(h['states'][0]))
+  with pytest.raises(ConfigError, match='base_weights'):
+    make_algorithm(config('fedmezo', zo={'base_weights': 'int3'}), MODEL)

@@ -35,3 +35,11 @@ class DownlinkTracker:
     if len(self.broadcasts) != round_index:
       raise ValueError(f'round {round_index} recorded out of order')
     self.broadcasts.append(int(broadcast_bytes))
+
+  def to_json(self) -> dict:
+    """The tracker's state for a checkpoint."""
+    return {'synced': self.synced.tolist(), 'broadcasts': self.broadcasts}
+
+  def load(self, saved: dict) -> None:
+    self.synced = np.asarray(saved['synced'], np.int64)
+    self.broadcasts = [int(b) for b in saved['broadcasts']]

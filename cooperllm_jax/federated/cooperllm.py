@@ -6,7 +6,10 @@ Per round r (the FedMeZO protocol plus the cloud tier):
              the last m; with cloud_lag=1 the direction used in round r was computed from round
              r-1's model, so the cloud's BP runs concurrently with round r-1's clients (async
              dispatch; on disjoint devices when the host has several).
-  2. edge    orthonormalizes the pool into V (QR) and sends (V, alpha) down with the ledger;
+  2. edge    orthonormalizes the pool into V (QR) and sends (V, alpha) down with the ledger, V
+             coded by system/codec.py (`guidance_format`: f32, int8, int4, ternary, or 'adaptive':
+             one format per leaf under `guidance_budget_bytes`); stochastic rounding is keyed by
+             (seed, round) through the key schedule;
   3. clients sample guided directions z = beta (sqrt(alpha) v + sqrt((1-alpha) d/m) V u) from their
              probe keys (zoo/guided.py), run local ZO steps and upload only the scalars;
   4. edge    replays every client's (address, scalar) entries under the same V.
@@ -16,10 +19,18 @@ and the mixing. Adaptive mixing sets alpha each round from the paper's optimal w
     lambda* = d sigma^2 / (d sigma^2 + |b|^2 + tau^2),     alpha = 1 - lambda* (clipped),
 
 with every term estimated online from the round's own scalars (see `probe_moments`).
+
+Quantized guidance: the clients and the edge's replay both use the decoded V, so replay stays exact.
+The decoded V is not exactly orthonormal (each entry is off by an unbiased rounding error, about
+guidance_rel_error of |V|^2 in all), and we use it as it is: the estimator's covariance becomes
+alpha I + (1 - alpha) (d/m) V'V'^T for the V' actually sent, still replayable, and the mixing
+estimates (which assume V'^T V' = I) are off by that relative error. Re-orthonormalizing on the
+clients would cost a QR per client and round, and the edge's replay would then be exact only if
+every client's QR rounded exactly like the edge's.
 """
 
 import dataclasses
-from typing import Any, Optional
+from typing import Optional
 
 import jax
 import jax.numpy as jnp
@@ -30,10 +41,16 @@ from cooperllm_jax.cloud import pool as pool_lib
 from cooperllm_jax.errors import ConfigError
 from cooperllm_jax.federated import client_data
 from cooperllm_jax.federated.algorithms import SCALAR_BYTES, RoundResult, ZOAlgorithm
-from cooperllm_jax.federated.zo import Uplink
+from cooperllm_jax.federated.zo import SHARED, Uplink
 from cooperllm_jax.models.common import make_loss
+from cooperllm_jax.models.spec import path_str
+from cooperllm_jax.system import codec as codec_lib
 from cooperllm_jax.zoo import guided
 from cooperllm_jax.zoo import keys as keys_lib
+from cooperllm_jax.zoo.quantized import dequantize_tree
+
+CODEC_PATH = ('__guidance__', 'codec')  # the downlink's rounding stream: a path no model has
+GUIDANCE_FORMATS = codec_lib.FORMATS + ('adaptive',)
 
 
 def probe_moments(uplinks: Uplink, counts, guide: guided.Guidance, seed, distribution: str):
@@ -89,7 +106,10 @@ class CooperLLM(ZOAlgorithm):
   alpha_max: float = 0.95
   beta: float = 1.0
   ema: float = 0.8
-  mesh: Any = None
+  guidance_format: str = 'f32'
+  guidance_block: int = 256
+  guidance_budget_bytes: int = 0     # adaptive: bytes of V per client and round
+  guidance_topk: Optional[float] = None
 
   def __post_init__(self):
     checks = [(self.public is not None and len(self.public.get('labels', ())) > 0,
@@ -99,6 +119,9 @@ class CooperLLM(ZOAlgorithm):
                f'cloud.batch_size must be >= 1, got {self.cloud_batch_size}'),
               (self.cloud_lag in (0, 1), f'cloud.lag must be 0 or 1, got {self.cloud_lag}'),
               (self.cloud_devices >= 0, f'cloud.devices must be >= 0, got {self.cloud_devices}'),
+              (not self.cloud_devices or self.mesh is None,
+               f'cloud.devices={self.cloud_devices} gives the cloud devices of its own, but the run '
+               'has a mesh (mesh.*), whose data/model axes the cloud uses: set one of the two'),
               (self.pool_size >= 1, f'zgr.pool_size must be >= 1, got {self.pool_size}'),
               (self.refresh >= 1, f'zgr.refresh must be >= 1, got {self.refresh}'),
               (0.0 <= self.alpha <= 1.0, f'zgr.alpha must be in [0, 1], got {self.alpha}'),
@@ -106,31 +129,38 @@ class CooperLLM(ZOAlgorithm):
                f'zgr.alpha_min/alpha_max must satisfy 0 < min <= max < 1 (both parts must stay '
                f'estimable), got {self.alpha_min}, {self.alpha_max}'),
               (self.beta > 0, f'zgr.beta must be > 0, got {self.beta}'),
-              (0.0 <= self.ema < 1.0, f'zgr.ema must be in [0, 1), got {self.ema}')]
+              (0.0 <= self.ema < 1.0, f'zgr.ema must be in [0, 1), got {self.ema}'),
+              (self.guidance_format in GUIDANCE_FORMATS,
+               f'zgr.guidance_format must be one of {", ".join(GUIDANCE_FORMATS)}, got '
+               f'{self.guidance_format!r}'),
+              (self.guidance_format != 'adaptive' or self.guidance_budget_bytes > 0,
+               'zgr.guidance_format=adaptive needs zgr.guidance_budget_bytes > 0')]
     for ok, message in checks:
       if not ok:
         raise ConfigError(message)
+    self._codec('f32')  # checks guidance_block and guidance_topk now rather than in round 1
     super().__post_init__()
     self._client_device = self._place()
     self._cloud = cloud_bp.make_cloud_step(make_loss(self.model), self.subset, self.cloud,
-                                           mesh=self.mesh, model=self.model)
+                                           mesh=self.cloud_mesh, model=self.model)
     self._orthonormalize = jax.jit(pool_lib.orthonormalize)
     self._push = jax.jit(pool_lib.push)
     self._moments = jax.jit(probe_moments, static_argnames='distribution')
 
   def _place(self):
-    """The clients' device (None: the default one). With cloud_devices=n the cloud gets the last n
-    devices as its own mesh and the clients device 0, so the two tiers overlap for real."""
+    """The clients' device (None: the default one, or the run's mesh) and the cloud's mesh
+    (`cloud_mesh`: the run's mesh, or None). With cloud_devices=n the cloud gets the last n devices
+    as its own mesh and the clients device 0, so the two tiers overlap for real."""
+    self.cloud_mesh = self.mesh
     if not self.cloud_devices:
       return None
     devices = jax.devices()
     if self.cloud_devices >= len(devices):
       raise ConfigError(f'cloud.devices={self.cloud_devices} leaves no device for the clients '
                         f'({len(devices)} devices)')
-    if self.mesh is None:
-      from cooperllm_jax.cloud import sharding  # pylint: disable=g-import-not-at-top
-      self.mesh = sharding.make_mesh(data=self.cloud_devices, model=1,
-                                     devices=devices[-self.cloud_devices:])
+    from cooperllm_jax.cloud import sharding  # pylint: disable=g-import-not-at-top
+    self.cloud_mesh = sharding.make_mesh(data=self.cloud_devices, model=1,
+                                         devices=devices[-self.cloud_devices:])
     return devices[0]
 
   # -- state ---------------------------------------------------------------------------------
@@ -144,21 +174,23 @@ class CooperLLM(ZOAlgorithm):
     # the start so the state's structure (checkpoints, memory analysis) never changes.
     state['guidance'] = guided.make_guidance(state['pool'].directions,
                                              jnp.zeros(self.pool_size), self.alpha, self.beta)
+    _, state['downlink'] = self._downlink(state['pool'].directions, 0)
     state['mixing'] = {'grad_sq': jnp.float32(0), 'proj_sq': jnp.float32(0),
                        'tau_sq': jnp.float32(0), 'seen': jnp.int32(0)}
     if self.cloud_lag:
       state['pending'] = {'direction': jax.tree.map(jnp.zeros_like, trainable),
                           'tau_sq': jnp.float32(0), 'ready': jnp.bool_(False)}
-    return state
+    return self._on_mesh(state)
 
   def _cloud_direction(self, state, round_index):
     """Runs the cloud on this round's public batches at the current global model (async)."""
     batches = client_data.public_batches(self.public, self.cloud_batches, self.cloud_batch_size,
                                          self.seed, round_index)
-    trainable, frozen = state['trainable'], state['frozen']
-    if self.mesh is None:  # the round donates the global weights; the cloud reads its own copy
+    trainable, frozen = state['trainable'], dequantize_tree(state['frozen'])
+    # The round donates the global weights: on the devices it shares with the clients (one device
+    # or the run's mesh) the cloud reads its own copy; on its own, placing copies them there.
+    if self._client_device is None:
       trainable = jax.tree.map(jnp.copy, trainable)
-    # On a mesh, placing copies the weights onto the cloud's devices and shardings.
     trainable, frozen, batches = self._cloud.place(trainable, frozen, batches)
     cloud_state, direction, stats = self._cloud.step(state['cloud'], trainable, frozen, batches)
     if self._client_device is not None:
@@ -192,6 +224,7 @@ class CooperLLM(ZOAlgorithm):
         state['pool'] = self._push(state['pool'], direction)
         tau_sq = float(stats['variance'])
       basis, valid = self._orthonormalize(state['pool'])
+      basis, state['downlink'] = self._downlink(basis, round_index)
     else:
       basis, valid = state['guidance'].basis, state['guidance'].valid
     if tau_sq is not None:
@@ -199,12 +232,55 @@ class CooperLLM(ZOAlgorithm):
     state['guidance'] = guided.make_guidance(basis, valid, self._alpha(state, len(clients)),
                                              self.beta)
     state, result = super().run_round(state, batches, counts, clients, round_index)
-    self._update_mixing(state, result, counts)
-    return state, result
+    self._update_mixing(state, result, result.client_weights)
+    self._account_guidance(state, result)
+    return self._on_mesh(state), result
+
+  # -- the guidance downlink -----------------------------------------------------------------
+  def _codec(self, fmt: str) -> codec_lib.LeafCodec:
+    return codec_lib.LeafCodec(fmt, self.guidance_block, self.guidance_topk)
+
+  def _downlink(self, basis, round_index):
+    """(V as the clients receive it, record): V coded and decoded leaf by leaf; the record holds
+    each leaf's format (index into codec.FORMATS) and |V' - V|^2 / |V|^2."""
+    if self.guidance_format == 'adaptive':
+      codecs = codec_lib.allocate(basis, self.guidance_budget_bytes, block=self.guidance_block,
+                                  topk=self.guidance_topk).codecs
+    else:
+      codecs = self._codec(self.guidance_format)
+    key = keys_lib.leaf_key(keys_lib.address_key(self.seed, (round_index, SHARED, SHARED, SHARED)),
+                            CODEC_PATH)
+    sent = codec_lib.roundtrip_tree(basis, codecs, key)
+    diff = jax.tree.map(jnp.subtract, sent, basis)
+    norm = pool_lib.tree_dot(basis, basis)
+    formats = jax.tree_util.tree_map_with_path(
+        lambda p, _: jnp.int32(codec_lib.FORMATS.index(codec_lib.codec_of(codecs, p).fmt)), basis)
+    rel_error = jnp.where(norm > 0, pool_lib.tree_dot(diff, diff) / jnp.where(norm > 0, norm, 1.0),
+                          0.0)
+    return sent, {'formats': formats, 'rel_error': rel_error}
+
+  def _account_guidance(self, state, result: RoundResult):
+    """Every sampled client receives the round's guidance (and one catching up on this round
+    needs it too): the codec's exact wire bytes of V, alpha, and with 'adaptive' one format byte
+    per leaf."""
+    formats = {path_str(p): codec_lib.FORMATS[int(i)]
+               for p, i in jax.tree_util.tree_flatten_with_path(state['downlink']['formats'])[0]}
+    codecs = {name: self._codec(fmt) for name, fmt in formats.items()}
+    guidance = codec_lib.tree_nbytes(state['guidance'].basis, codecs) + SCALAR_BYTES
+    if self.guidance_format == 'adaptive':
+      guidance += len(codecs)
+      result.metrics['guidance_formats'] = formats
+    result.guidance_bytes = guidance
+    result.broadcast_bytes += guidance
+    result.metrics['guidance_rel_error'] = float(state['downlink']['rel_error'])
 
   def _update_mixing(self, state, result: RoundResult, counts):
-    """EMA of the private gradient's norm and its cloud-subspace share; logged with the round."""
+    """EMA of the private gradient's norm and its cloud-subspace share; logged with the round.
+    counts: the weights of the uploads the edge used (a round none arrived in tells nothing)."""
     guide = state['guidance']
+    if not np.any(counts > 0):
+      result.metrics.update(alpha=float(guide.alpha), basis_rank=int(guide.valid.sum()))
+      return
     uplinks = jax.tree.map(jnp.asarray, result.uplink)
     g2, gu = self._moments(uplinks, jnp.asarray(counts, jnp.float32), guide, self.seed,
                            distribution=self.est.distribution)
@@ -221,16 +297,3 @@ class CooperLLM(ZOAlgorithm):
         alpha=float(guide.alpha), basis_rank=int(guide.valid.sum()),
         grad_sq=float(grad_sq), cloud_share=float(proj_sq / max(float(grad_sq), 1e-30)),
         cloud_tau_sq=float(mix['tau_sq']), lambda_star=float(lam))
-
-  # -- accounting ----------------------------------------------------------------------------
-  def _account(self, uplinks, losses) -> RoundResult:
-    result = super()._account(uplinks, losses)
-    guidance = self.guidance_bytes
-    result.guidance_bytes = guidance
-    result.broadcast_bytes += guidance  # a client catching up on this round needs its V as well
-    return result
-
-  @property
-  def guidance_bytes(self) -> int:
-    """Bytes of one round's guidance as sent (float32 V for every pool slot, plus alpha)."""
-    return self.pool_size * self._d * SCALAR_BYTES + SCALAR_BYTES

@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from cooperllm_jax.federated.zo import fedavg_weights
 from cooperllm_jax.models.common import make_loss
 
 
@@ -44,7 +45,7 @@ def make_round(client_update: Callable, chunk: int = 1) -> Callable:
   @jax.jit
   def round_fn(params, batches, counts):
     deltas, losses = jax.lax.map(lambda b: client_update(params, b), batches, batch_size=chunk)
-    weights = counts / counts.sum()
+    weights = fedavg_weights(counts)
     mean = jax.tree.map(lambda d: jnp.tensordot(weights, d.astype(jnp.float32), axes=1), deltas)
     return jax.tree.map(lambda p, d: (p + d).astype(p.dtype), params, mean), losses
 

@@ -30,7 +30,7 @@ def get_config(algorithm: str = 'cooperllm') -> ml_collections.ConfigDict:
   c.test_fraction = 0.2
   c.public_fraction = 0.05
   c.seed = 0
-  c.rounds = 40
+  c.rounds = 20 if algorithm == 'cooperllm' else 40  # cooperllm converges in ~10 rounds
   c.clients_per_round = 4
   c.local_steps = 8
   c.batch_size = 8
@@ -38,6 +38,12 @@ def get_config(algorithm: str = 'cooperllm') -> ml_collections.ConfigDict:
   c.weight_decay = 0.0          # fedavg_bp's AdamW
   c.client_chunk = 1            # clients vmapped together inside the round's lax.map
   c.client_backend = 'map'      # 'loop': one jitted call per client, for debugging
+  # One device mesh for the run (docs/scaling.md): clients split over 'clients', the cloud's BP
+  # over 'data' x 'model'. 1 x 1 x 1 = one device, no mesh; clients or data = -1: all the rest.
+  c.mesh = ml_collections.ConfigDict()
+  c.mesh.clients = 1            # must divide clients_per_round
+  c.mesh.data = 1
+  c.mesh.model = 1
   c.eval_every = 5
   c.eval_batch_size = 64
   c.tensorboard = True
@@ -51,6 +57,9 @@ def get_config(algorithm: str = 'cooperllm') -> ml_collections.ConfigDict:
   c.zo.lora_rank = 8
   c.zo.lora_alpha = 16.0
   c.zo.lora_targets = ('attn/q', 'attn/v')
+  c.zo.perturb_impl = 'xla'     # or 'pallas': the fused Pallas kernel perturbs 2-D weights
+  c.zo.base_weights = 'f32'     # frozen weights kept on the client as 'int8' or 'int4' (packed)
+  c.zo.base_group = 32          # columns per quantization scale of the frozen weights
   c.zo.kseed_candidates = 4096  # fedkseed: K
   c.zo.fwdllm_candidates = 4    # fwdllm: directions drawn per probe slot, best cosine kept
   c.zo.fwdllm_min_probes = 2    # fwdllm: probes per step run between min and zo.probes (max)
@@ -65,6 +74,10 @@ def get_config(algorithm: str = 'cooperllm') -> ml_collections.ConfigDict:
   c.zgr.pool_size = 1           # m: the last m cloud directions span V
   c.zgr.refresh = 1             # the cloud computes a new direction every `refresh` rounds
   c.zgr.beta = 1.0              # overall scale of z (1: E|z|^2 = d, as plain ZO)
+  c.zgr.guidance_format = 'f32'  # V on the downlink: f32 | int8 | int4 | ternary | adaptive
+  c.zgr.guidance_block = 256    # values per codec scale
+  c.zgr.guidance_budget_bytes = 0  # adaptive: bytes of V per client and round (> 0)
+  c.zgr.guidance_topk = ml_collections.config_dict.placeholder(float)  # keep this share; None = all
   c.cloud = ml_collections.ConfigDict()
   c.cloud.mode = 'gradient'     # or 'finetune': k AdamW steps of the cloud's own, send the update
   c.cloud.learning_rate = 1e-3  # finetune mode's AdamW rate
@@ -76,6 +89,32 @@ def get_config(algorithm: str = 'cooperllm') -> ml_collections.ConfigDict:
   c.cloud.public_examples = 0   # cap on the public slice the cloud uses (0 = all of it)
   c.cloud.public_classes = ()   # keep only these labels (domain mismatch); () = all
   c.cloud.shuffle_labels = False  # control: permuted public labels (a cloud without signal)
+  # Reliability: checkpoints and the ledger (cooperllm_jax/checkpoint.py, federated/ledger.py).
+  c.checkpoint_every = 10       # orbax checkpoint every N rounds and at the last; 0 = off
+  c.keep_checkpoints = 3        # the newest N are kept
+  c.ledger = True               # workdir/ledger: each round's received uplinks (experiments.replay)
+  # The edge's aggregation (zo.Aggregation): mean (FedAvg) | clip | trimmed_mean | median.
+  c.aggregation = 'mean'
+  c.aggregation_trim = 0.2      # trimmed_mean: share of the clients cut at each end, in [0, 0.5]
+  c.aggregation_clip = 1.0      # clip: a client's scalar norm is capped at this x the median's
+  # Simulated faults (federated/faults.py), all deterministic from (seed, round, client).
+  c.faults = ml_collections.ConfigDict()
+  c.faults.dropout = 0.0        # probability that a sampled client sends nothing this round
+  c.faults.deadline = 0.0       # uploads later than this x the nominal latency dropped; 0 = none
+  c.faults.latency_sigma = 0.5  # log-normal spread of client speed and of per-round jitter
+  c.faults.byzantine = 0.0      # share of the clients (ids fixed by the seed) that corrupt scalars
+  c.faults.byzantine_scale = -10.0  # what they multiply their scalars by (-1: sign flip)
+  c.faults.nonfinite = 0.0      # probability that a sent scalar arrives as NaN/Inf (edge rejects)
+  # Optional DP of the uplink scalars (federated/privacy.py): per-client clipping + Gaussian noise.
+  c.dp = ml_collections.ConfigDict()
+  c.dp.clip = 0.0               # L2 bound on a client's scalars per round; 0 = DP off
+  c.dp.noise = 1.0              # noise multiplier: N(0, (noise * clip)^2) on every sent scalar
+  c.dp.delta = 1e-5             # epsilon is reported at this delta (metrics: dp_epsilon)
+  # Divergence guard (faults.DivergenceGuard): on a loss spike, roll back and halve the rate.
+  c.guard = ml_collections.ConfigDict()
+  c.guard.spike = 4.0           # spike: train loss > spike x the running median; 0 = off
+  c.guard.window = 5            # losses in the running median (the guard starts once it is full)
+  c.guard.max_rollbacks = 5     # then give up with an error
   if algorithm == 'fwdllm':
     c.zo.probes = 4             # fwdllm's maximum probes per step
   return c

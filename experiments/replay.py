@@ -1,0 +1,106 @@
+r"""Rebuilds a run's global model from the pretrained weights and its ledger, and checks it.
+
+  python -m experiments.replay --workdir=workdir/demo
+
+Reads the run's config.json, loads its model and data (the base weights and the edge's settings
+come from them), checks the ledger's sha256 of the base trainable weights, replays every round
+with the run's own edge function (`algorithm.edge_update`, the same jitted code on the same inputs)
+and compares the rebuilt trainable weights with every checkpoint kept in workdir/checkpoints. The
+comparison is bitwise: the edge is deterministic on a given machine and backend, so any difference
+is a corrupt or mismatched ledger (a resumed run's ledger replays like an uninterrupted one's).
+Prints one `replay:` line; a mismatch, a missing round or a corrupt record prints one `error:` line
+and exits 2. fedavg_bp's ledger is not replayable (its clients upload dense deltas).
+"""
+
+import json
+import pathlib
+import sys
+
+from absl import app
+from absl import flags
+from absl import logging
+
+from cooperllm_jax.errors import CheckpointError, CooperError
+
+_WORKDIR = flags.DEFINE_string('workdir', None, 'A run directory written by experiments.train.',
+                               required=True)
+
+
+def _first_difference(a, b) -> str:
+  """'' when the trees are bitwise equal, else where and by how much they differ."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  for (path, x), y in zip(jax.tree_util.tree_flatten_with_path(a)[0], jax.tree.leaves(b)):
+    x, y = np.asarray(x), np.asarray(y)
+    if x.shape != y.shape or x.dtype != y.dtype or x.tobytes() != y.tobytes():
+      gap = np.abs(x.astype(np.float64) - y.astype(np.float64)).max() if x.shape == y.shape else -1
+      return f'{jax.tree_util.keystr(path)} differs by up to {gap:.3g}'
+  return ''
+
+
+def replay(workdir, log=print) -> str:
+  """Replays the run in `workdir`; returns the summary line, raises CheckpointError on mismatch."""
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  from cooperllm_jax import checkpoint as checkpoint_lib  # pylint: disable=g-import-not-at-top
+  from cooperllm_jax import experiment  # pylint: disable=g-import-not-at-top
+  from cooperllm_jax.federated import faults  # pylint: disable=g-import-not-at-top
+  from cooperllm_jax.federated import ledger as ledger_lib  # pylint: disable=g-import-not-at-top
+  workdir = pathlib.Path(workdir)
+  try:
+    config = ml_collections.ConfigDict(json.loads((workdir / 'config.json').read_text()))
+  except (OSError, ValueError):
+    raise CheckpointError(f'{workdir} holds no run (no readable config.json)') from None
+  ledger = ledger_lib.Ledger(workdir / 'ledger')
+  meta = ledger.meta()
+  if not meta['replayable']:
+    raise CheckpointError(f'{meta["algorithm"]} is not replayable: its clients upload dense '
+                          'deltas, which the ledger does not keep')
+  if not (workdir / 'checkpoints').is_dir():
+    raise CheckpointError(f'{workdir} has no checkpoints to compare the replay with '
+                          '(checkpoint_every was 0)')
+  pre, dataset, arrays, partition = experiment.load_task(config)
+  algorithm = experiment.task_algorithm(config, pre, dataset, arrays, partition)
+  state = algorithm.init(pre.params)
+  if checkpoint_lib.tree_sha256(state['trainable']) != meta['base_trainable_sha256']:
+    raise CheckpointError('the pretrained trainable weights differ from the ones the ledger '
+                          'started from (another model, seed or asset version)')
+  checkpoints = checkpoint_lib.Checkpointer(workdir / 'checkpoints', log=log)
+  guarded = faults.DivergenceGuard.from_config(config) is not None
+  template = checkpoint_lib.template(state, guarded)
+  targets = {}
+  for step in checkpoints.steps():
+    found = checkpoints.restore(template, upto=step)
+    if found is not None and found[0] == step:
+      targets[step] = found[1]['state']['trainable']
+  if not targets:
+    raise CheckpointError(f'no readable checkpoint in {workdir / "checkpoints"} to compare with')
+  guide = state.get('guidance')
+  verified, last = [], 0
+  for r, trainable in ledger_lib.rebuild(ledger, algorithm.edge_update, state['trainable'], guide):
+    last = r
+    if r in targets:
+      diff = _first_difference(trainable, targets[r])
+      if diff:
+        raise CheckpointError(f'round {r}: the model rebuilt from the ledger differs from '
+                              f'checkpoint {r}: {diff}')
+      verified.append(r)
+  missing = sorted(set(targets) - set(verified))
+  if missing:
+    raise CheckpointError(f'the ledger ends at round {last}, before checkpoints {missing}')
+  return (f'replay: {meta["algorithm"]}, {last} ledger rounds replayed from the pretrained '
+          f'weights (sha256 ok); equal bit for bit to checkpoints {", ".join(map(str, verified))}')
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  logging.set_verbosity(logging.WARNING)  # orbax logs every read at INFO
+  try:
+    print(replay(_WORKDIR.value))
+  except CooperError as e:
+    print(f'error: {e}', file=sys.stderr)
+    sys.exit(2)
+
+
+if __name__ == '__main__':
+  app.run(main)
