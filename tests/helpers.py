@@ -51,3 +51,12 @@ def t_test_rejects(mean, se, target) -> bool:
   t = (np.asarray(mean) - np.asarray(target)) / np.asarray(se)
   d = t.size
   return bool(np.abs(t).max() > 5 or (t ** 2).sum() > d + 5 * math.sqrt(2 * d))
+
+
+def quadratic_setup():
+  """(trainable, batch, grad, A, c, theta) of quadratic_problem in the form the estimators take."""
+  a, c, theta = quadratic_problem()
+  trainable = {k: {n: jnp.asarray(x, jnp.float32) for n, x in v.items()} for k, v in theta.items()}
+  batch = {'A': jnp.asarray(a, jnp.float32), 'c': jnp.asarray(c, jnp.float32)}
+  grad = a @ (np.asarray(flat(theta)) - c)
+  return trainable, batch, grad, a, c, theta

@@ -22,7 +22,7 @@ from cooperllm_jax.models import Encoder, EncoderConfig
 from cooperllm_jax.models.common import hook, make_loss
 from cooperllm_jax.models.spec import is_spec
 from cooperllm_jax.zoo import guided
-from helpers import Q_D, flat, quadratic_loss, quadratic_problem, t_test_rejects
+from helpers import Q_D, flat, quadratic_loss, quadratic_setup, t_test_rejects
 
 N = 8192
 
@@ -36,11 +36,7 @@ def _random_pool(shapes_tree, m, filled, seed=0):
 
 @pytest.fixture(scope='module')
 def quadratic():
-  a, c, theta = quadratic_problem()
-  trainable = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), theta)
-  batch = {'A': jnp.asarray(a, jnp.float32), 'c': jnp.asarray(c, jnp.float32)}
-  grad = a @ (np.asarray(flat(theta)) - c)
-  return trainable, batch, grad
+  return quadratic_setup()[:3]
 
 
 def _guide(trainable, m, alpha, beta=1.0, filled=None, seed=0):

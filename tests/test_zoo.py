@@ -23,7 +23,7 @@ from cooperllm_jax.federated import zo as fzo
 from cooperllm_jax.models import Decoder, DecoderConfig, Encoder, EncoderConfig
 from cooperllm_jax.models.common import make_loss
 from cooperllm_jax.models.spec import is_spec, path_str
-from helpers import Q_D, flat, quadratic_loss, quadratic_problem, t_test_rejects
+from helpers import Q_D, flat, quadratic_loss, quadratic_setup, t_test_rejects
 
 DISTS = ('gaussian', 'rademacher')
 SCHEMES = ('central', 'one_sided')
@@ -220,11 +220,7 @@ Q_N = 8192
 
 @pytest.fixture(scope='module')
 def quadratic():
-  a, c, theta = quadratic_problem()
-  trainable = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), theta)
-  batch = {'A': jnp.asarray(a, jnp.float32), 'c': jnp.asarray(c, jnp.float32)}
-  grad = a @ (np.asarray(flat(theta)) - c)
-  return trainable, batch, grad, a, c, theta
+  return quadratic_setup()
 
 
 def _probe_samples(est, trainable, batch, n, start=0):
