@@ -2,7 +2,8 @@
 
 Loads the model and data named by the config, partitions the data over simulated clients, runs the
 rounds of the configured algorithm and writes to `workdir`: config.json, partition.npz,
-metrics.jsonl (one line per round: accuracy, loss, bytes up/down, passes, client memory, wall time),
+metrics.jsonl (one line per round: accuracy, loss, bytes up/down, passes, client memory, wall time,
+and the simulated wall clock of the configured devices, sim_round_s / sim_time_s: system/clock.py),
 TensorBoard events (tb/), accuracy.png and summary.json. Returns the summary dict.
 
 Reliability (issue 7): checkpoints/ (orbax, every `checkpoint_every` rounds; `resume=True` goes on
@@ -35,6 +36,8 @@ from cooperllm_jax.federated.accounting import DownlinkTracker
 from cooperllm_jax.federated.algorithms import ALGORITHMS, make_algorithm, robustness
 from cooperllm_jax.models import count_params, load_pretrained
 from cooperllm_jax.reporting import MetricWriter, NullWriter, truncate_metrics
+from cooperllm_jax.system import clock as clock_lib
+from cooperllm_jax.system import profiles as profiles_lib
 
 
 
@@ -65,6 +68,11 @@ def validate(config) -> None:
                       f'num_clients={config.num_clients}')
   if config.algorithm not in ALGORITHMS:
     raise ConfigError(f'unknown algorithm {config.algorithm!r}; choose one of {", ".join(ALGORITHMS)}')
+  system = config.system
+  profiles = profiles_lib.load_profiles(system.profiles or None)
+  profiles_lib.pick(profiles, system.cloud, 'cloud')
+  profiles_lib.pick(profiles, system.edge, 'edge')
+  clock_lib.client_devices(system.clients, profiles, config.num_clients, config.seed)
 
 
 def check_workdir(workdir, overwrite: bool) -> pathlib.Path:
@@ -185,6 +193,12 @@ def train_and_evaluate(config, workdir, overwrite: bool = False, log=print,
   labels = dataset.labels
   shapes = client_data.round_shapes(arrays, config.local_steps, config.batch_size)
   client_memory = algorithm.client_memory(state, shapes)['peak_bytes']
+  clock = clock_lib.SimulatedClock.from_config(config, model,
+                                               state.get('trainable', state.get('params')))
+  small = min(clock.devices, key=lambda d: d.memory_bytes)
+  if client_memory > small.memory_bytes:
+    log(f'warning: a client step needs {client_memory / 2**20:.0f} MiB, more than the '
+        f'{small.memory_gib:g} GiB of device profile {small.name!r}')
   downlink = DownlinkTracker(partition.num_clients, algorithm.dense_bytes(state),
                              algorithm.sync_bytes)
   releases = np.zeros(partition.num_clients, np.int64)  # uploads per client (DP accounting)
@@ -196,6 +210,7 @@ def train_and_evaluate(config, workdir, overwrite: bool = False, log=print,
     downlink.load(meta['downlink'])
     releases = np.asarray(meta['releases'], np.int64)
     seconds_before = meta['train_seconds']
+    clock.elapsed = meta.get('sim_time_s', 0.0)
     rows = truncate_metrics(workdir / 'metrics.jsonl', done) if primary else []
     before = rows[0] if rows else {'test_accuracy': float('nan'), 'test_loss': float('nan')}
     before = {'accuracy': before['test_accuracy'], 'loss': before['test_loss'],
@@ -217,7 +232,8 @@ def train_and_evaluate(config, workdir, overwrite: bool = False, log=print,
   with (MetricWriter(workdir, title=title, tensorboard=config.tensorboard) if primary
         else NullWriter()) as writer:
     if not resume:
-      writer.write({'round': 0, 'test_accuracy': before['accuracy'], 'test_loss': before['loss']})
+      writer.write({'round': 0, 'test_accuracy': before['accuracy'], 'test_loss': before['loss'],
+                    'sim_time_s': 0.0})
     for r in (progress(rounds) if progress else rounds):
       t0 = time.perf_counter()
       sampled = client_data.sample_clients(partition.num_clients, config.clients_per_round,
@@ -228,13 +244,19 @@ def train_and_evaluate(config, workdir, overwrite: bool = False, log=print,
       # On a mesh, each process loads only the clients its devices train.
       batches, counts = mesh_lib.host_local_batches(getattr(algorithm, 'mesh', None), sampled,
                                                     load)
-      bytes_down = downlink.download(sampled, r)
+      sync_bytes = downlink.download(sampled, r)
       lr = np.float32(state['lr'])
       entering = faults_lib.copy_state(state) if guard is not None else None
       state, result = algorithm.run_round(state, batches, counts, sampled, r)
       guide = state.get('guidance')  # the round's, before a rollback replaces the state
       downlink.record(r, result.broadcast_bytes)
-      bytes_down = bytes_down + result.guidance_bytes
+      bytes_down = sync_bytes + result.guidance_bytes
+      sent = result.sent if result.sent is not None else np.ones(len(sampled), bool)
+      probes = (np.zeros(len(sampled), np.int64) if result.uplink is None else
+                (np.asarray(result.uplink.weights) != 0).reshape(len(sampled), -1).sum(1))
+      sim_round = clock.tick(clock.plan(
+          r, sampled, result.forwards, result.backwards, result.uplink_bytes, sync_bytes, sent,
+          probes, result.client_weights > 0, result.metrics.get('guidance_formats')))
       arrived = result.client_weights > 0  # the edge only hears the losses of these clients
       train_loss = float(np.mean(result.losses[arrived])) if arrived.any() else None
       verdict = ledger_lib.GUARD_NONE
@@ -252,7 +274,8 @@ def train_and_evaluate(config, workdir, overwrite: bool = False, log=print,
              'bytes_down_per_client': float(bytes_down.mean()),
              'forwards': int(result.forwards.sum()), 'backwards': int(result.backwards.sum()),
              'client_memory_bytes': client_memory, 'clients': sampled.tolist(),
-             'learning_rate': float(lr), **result.metrics}
+             'learning_rate': float(lr), 'sim_round_s': sim_round, 'sim_time_s': clock.elapsed,
+             **result.metrics}
       if train_loss is not None:
         row['train_loss'] = train_loss
       if verdict == ledger_lib.GUARD_ROLLED_BACK:
@@ -273,7 +296,8 @@ def train_and_evaluate(config, workdir, overwrite: bool = False, log=print,
         store.save(r, state, guard.good if guard is not None else None, {
             'downlink': downlink.to_json(), 'releases': releases.tolist(),
             'guard': guard.to_json() if guard is not None else None,
-            'train_seconds': seconds_before + time.perf_counter() - start})
+            'train_seconds': seconds_before + time.perf_counter() - start,
+            'sim_time_s': clock.elapsed})
       log(f'round {r}: train loss {row.get("train_loss", float("nan")):.4f}'
           + (f', test accuracy {row["test_accuracy"]:.4f}' if 'test_accuracy' in row else '')
           + f', {row["bytes_up_per_client"]:.0f} B up / {row["bytes_down_per_client"]:.0f} B down'
@@ -286,7 +310,10 @@ def train_and_evaluate(config, workdir, overwrite: bool = False, log=print,
              'rounds': config.rounds, 'accuracy_before': before['accuracy'],
              'accuracy_after': row['test_accuracy'], 'test_examples': before['examples'],
              'train_seconds': seconds_before + time.perf_counter() - start,
-             'client_memory_bytes': client_memory, 'backend': jax.default_backend()}
+             'client_memory_bytes': client_memory, 'sim_time_s': clock.elapsed,
+             'system': {'clients': config.system.clients, 'edge': config.system.edge,
+                        'cloud': config.system.cloud, 'pipelined': bool(config.system.pipelined)},
+             'backend': jax.default_backend()}
   if primary:
     (workdir / 'summary.json').write_text(json.dumps(summary, indent=2))
   return summary

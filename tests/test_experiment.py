@@ -63,6 +63,10 @@ def test_tiny_run_writes_metrics_summary_plot_and_events(tmp_path, algorithm):
     elif algorithm == 'fedavg_bp':
       assert r['forwards'] == r['backwards'] == 4
       assert r['bytes_up'] > 4 * 22_000_000          # dense MiniLM deltas
+  # The simulated clock (system/clock.py): every round takes time on the default devices.
+  assert rows[0]['sim_time_s'] == 0.0
+  assert all(r['sim_round_s'] > 0 for r in rows[1:])
+  assert np.isclose(rows[2]['sim_time_s'], rows[1]['sim_round_s'] + rows[2]['sim_round_s'])
   guidance = 0 if algorithm != 'cooperllm' else 2 * (summary_d * 4 + 4)
   assert rows[1]['bytes_down'] == guidance and rows[2]['bytes_down'] > guidance
   summary = json.loads((wd / 'summary.json').read_text())
@@ -104,6 +108,10 @@ def test_flags_files_name_registered_configs():
     ('--config.aggregation_trim=0.8', 'aggregation_trim must be in [0, 0.5]'),
     ('--config.guard.spike=0.5', 'guard.spike must be > 1'),
     ('--config.checkpoint_every=-1', 'checkpoint_every must be >= 0'),
+    ('--config.system.clients=laptop', "unknown device profile 'laptop'"),
+    ('--config.system.clients=edge_server', "'edge_server' is for the edge tier, not the end tier"),
+    ('--config.system.clients=phone_midrange:x', "share 'x' is not a number"),
+    ('--config.system.profiles=/nonexistent.json', "cannot read device profiles"),
 ])
 def test_bad_config_is_one_line_and_exit_2(tmp_path, flag, message):
   assert message in _error_line(_train(tmp_path / 'wd', flag))

@@ -89,6 +89,14 @@ def get_config(algorithm: str = 'cooperllm') -> ml_collections.ConfigDict:
   c.cloud.public_examples = 0   # cap on the public slice the cloud uses (0 = all of it)
   c.cloud.public_classes = ()   # keep only these labels (domain mismatch); () = all
   c.cloud.shuffle_labels = False  # control: permuted public labels (a cloud without signal)
+  # The simulated system (cooperllm_jax/system): device profiles of the tiers and the SPC schedule,
+  # which give every round a simulated wall-clock latency (metrics: sim_round_s, sim_time_s).
+  c.system = ml_collections.ConfigDict()
+  c.system.profiles = ''        # a device-profile JSON file; '' = cooperllm_jax/system/profiles.json
+  c.system.cloud = 'cloud_gpu'
+  c.system.edge = 'edge_server'
+  c.system.clients = 'phone_midrange'  # one end-device profile, or a mix 'name:share,name:share'
+  c.system.pipelined = True     # SPC's layer-wise pipelining; False: each tier waits for the last
   # Reliability: checkpoints and the ledger (cooperllm_jax/checkpoint.py, federated/ledger.py).
   c.checkpoint_every = 10       # orbax checkpoint every N rounds and at the last; 0 = off
   c.keep_checkpoints = 3        # the newest N are kept
