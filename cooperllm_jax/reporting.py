@@ -11,6 +11,7 @@ import time
 
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.patches import Rectangle
 from matplotlib.ticker import MaxNLocator
 import tensorboardX
 
@@ -39,12 +40,19 @@ def truncate_metrics(path, last_round: int) -> list[dict]:
   return rows
 
 
-def plot_accuracy(runs: dict[str, list[dict]], path, title: str) -> None:
-  """Test accuracy (and, where logged, train loss) against round for named runs, one PNG.
+# The x axes plot_accuracy can draw against: a metrics key and its label.
+X_AXES = {'round': 'round', 'sim_time_s': 'simulated time (s)'}
+
+
+def plot_accuracy(runs: dict[str, list[dict]], path, title: str, x: str = 'round',
+                  target: float = None) -> None:
+  """Test accuracy (and, where logged, train loss) against `x` (a key of X_AXES: round or
+  simulated time) for named runs, one PNG; `target` adds a dashed accuracy line.
 
   Rows without a metric (accuracy is only measured on eval rounds, loss not at round 0) are left
   out of that curve. Draws on an Agg canvas, not pyplot, so no global backend or open window is
-  involved and it is safe in headless jobs. A single run gets no legend: the title names it.
+  involved and it is safe in headless jobs. A single run gets no legend (bar the target's): the
+  title names it.
   """
   with_loss = any('train_loss' in row for rows in runs.values() for row in rows)
   fig = Figure(figsize=(7, 7 if with_loss else 4.5), layout='constrained')
@@ -53,15 +61,23 @@ def plot_accuracy(runs: dict[str, list[dict]], path, title: str) -> None:
   for ax, (key, label) in zip(axes, [('test_accuracy', 'test accuracy'),
                                      ('train_loss', 'train loss')]):
     for name, rows in runs.items():
-      points = [(row['round'], row[key]) for row in rows if key in row]
+      points = [(row[x], row[key]) for row in rows if key in row and x in row]
       # Markers keep a run with a single eval point visible.
       ax.plot([r for r, _ in points], [v for _, v in points], '.-', markersize=4, label=name)
     ax.set_ylabel(label)
     ax.grid(True, alpha=0.3)
-  if len(runs) > 1:
+  if target is not None:
+    axes[0].axhline(target, color='gray', linestyle='--', linewidth=1, label=f'target {target:.3f}')
+  if len(runs) > 1 or target is not None:
     axes[0].legend()
-  axes[-1].set_xlabel('round')
-  axes[-1].xaxis.set_major_locator(MaxNLocator(integer=True))
+  axes[-1].set_xlabel(X_AXES[x])
+  times = [row[x] for rows in runs.values() for row in rows if row.get(x, 0) > 0]
+  if x == 'round':
+    axes[-1].xaxis.set_major_locator(MaxNLocator(integer=True))
+  elif times and max(times) > 10 * min(times):
+    # Runs whose rounds take 100x longer (BP vs ZO) would squash the others into the origin.
+    axes[-1].set_xscale('symlog', linthresh=min(times))
+    axes[-1].set_xlim(left=0)
   fig.suptitle(title)
   fig.savefig(path, dpi=120)
 
@@ -122,3 +138,35 @@ class NullWriter:
 
   def __exit__(self, *exc_info):
     return None
+
+
+GANTT_COLORS = {'cloud': '#7b4fa0', 'link': '#4c9be0', 'compute': '#e0913c', 'edge': '#4ca05a'}
+
+
+def plot_gantt(timelines: dict, path, title: str) -> None:
+  """One panel per named timeline ({name: system.timeline.simulate's events}) with a row per
+  resource and a bar per task, coloured by kind; shared time axis, so panels compare at a glance."""
+  rows = []
+  for events in timelines.values():
+    for e in sorted(events.values(), key=lambda e: e.start):
+      if e.task.resource not in rows:
+        rows.append(e.task.resource)
+  fig = Figure(figsize=(10, 1.2 + 0.32 * len(rows) * len(timelines)), layout='constrained')
+  FigureCanvasAgg(fig)
+  axes = fig.subplots(len(timelines), 1, sharex=True, squeeze=False)[:, 0]
+  for ax, (name, events) in zip(axes, timelines.items()):
+    for e in events.values():
+      y = rows.index(e.task.resource)
+      ax.broken_barh([(e.start, max(e.end - e.start, 1e-9))], (y - 0.4, 0.8),
+                     facecolors=GANTT_COLORS[e.task.kind], edgecolor='white', linewidth=0.3)
+    end = max(e.arrival for e in events.values())
+    ax.axvline(end, color='black', linewidth=1)
+    ax.set_title(f'{name}: {end:.2f} s', fontsize=10)
+    ax.set_yticks(range(len(rows)), rows, fontsize=7)
+    ax.invert_yaxis()
+    ax.grid(True, axis='x', alpha=0.3)
+  axes[-1].set_xlabel('simulated time (s)')
+  handles = [Rectangle((0, 0), 1, 1, color=c) for c in GANTT_COLORS.values()]
+  axes[0].legend(handles, list(GANTT_COLORS), fontsize=7, loc='lower right', ncols=4)
+  fig.suptitle(title)
+  fig.savefig(path, dpi=120)

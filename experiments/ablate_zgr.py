@@ -1,10 +1,11 @@
-r"""ZGR ablations on the embedded default (MiniLM, BBC News, 10 Dirichlet(0.5) clients): one table and
-one accuracy-vs-round plot, every row a real run.
+r"""ZGR ablations on the embedded default (MiniLM, BBC News, 10 Dirichlet(0.5) clients): one table
+and plots of accuracy vs round and vs simulated time, every row a real run.
 
   python -m experiments.ablate_zgr --workdir=workdir/ablate_zgr [--rounds=20] [--only=alpha,m]
 
 fedmezo runs --baseline_rounds (40, the demo's), cooperllm runs --rounds: the table gives the
-rounds each run needs to reach fedmezo's final accuracy and its lead over fedmezo at equal rounds.
+rounds and simulated seconds each run needs to reach fedmezo's final accuracy and its lead over
+fedmezo at equal rounds.
 
 Groups (--only picks some; fedmezo, the plain-ZO baseline, always runs):
   alpha     cooperllm with alpha in {0.75, 0.5, 0.25, 0} and adaptive (alpha = 1 is fedmezo exactly)
@@ -72,7 +73,7 @@ def main(argv):
   except CooperError as e:
     print(f'error: {e}', file=sys.stderr)
     sys.exit(2)
-  print(write_report(root, results, 'fedmezo', 'ZGR ablations: test accuracy vs round'))
+  print(write_report(root, results, 'ZGR ablations', baseline='fedmezo'))
 
 
 if __name__ == '__main__':

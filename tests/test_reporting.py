@@ -114,3 +114,10 @@ def test_plot_accuracy_several_runs(tmp_path):
   runs = {'fedavg': ROWS, 'accuracy only': [ROWS[0], {'round': 2, 'test_accuracy': 0.4}]}
   plot_accuracy(runs, tmp_path / 'compare.png', 'comparison')
   assert_png(tmp_path / 'compare.png')
+
+
+def test_plot_accuracy_against_simulated_time_with_target(tmp_path):
+  timed = [{**row, 'sim_time_s': 12.5 * row['round']} for row in ROWS]
+  plot_accuracy({'timed': timed, 'untimed rows are skipped': ROWS}, tmp_path / 'time.png',
+                'vs simulated time', x='sim_time_s', target=0.45)
+  assert_png(tmp_path / 'time.png')
