@@ -2,6 +2,9 @@
 
 import dataclasses
 import json
+import os
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -211,3 +214,66 @@ def test_spc_and_dtc_shorten_a_phone_round_on_the_real_model_shapes():
   # f32 guidance of 22.7M weights over the phone's 40 Mbit/s downlink: over 4 * 22.7e6 B / 5e6 B/s
   # = 18 s sequentially, and the round cannot beat the transfer.
   assert seconds['f32', True] > 4 * 22.7e6 / 5e6
+
+
+def test_the_edge_does_not_wait_for_clients_that_sent_nothing():
+  profiles = pr.load_profiles()
+  model = Encoder(EncoderConfig(num_labels=5))
+  stages = wl.model_stages(model, {'head': {'classifier': {
+      'kernel': jax.ShapeDtypeStruct((384, 5), jnp.float32)}}}, 32)
+  fast, slow = profiles['jetson_orin_nano'], profiles['phone_midrange']
+  clock = clock_lib.SimulatedClock(stages=stages, devices=[fast, slow], cloud=profiles['cloud_gpu'],
+                                   edge=profiles['edge_server'], batch_size=8, steps=2)
+  n = np.full(2, 4)
+  both = clock.plan(1, [0, 1], n, 0 * n, n, 0 * n, np.array([True, True]), n // 2, n > 0)
+  fast_only = clock.plan(1, [0, 1], n, 0 * n, n, 0 * n, np.array([True, False]), n // 2,
+                         np.array([True, False]))
+  assert [w.device.name for w in fast_only.clients] == ['jetson_orin_nano']
+  assert tl.round_seconds(fast_only) < tl.round_seconds(both)
+  # The straggler sets the pace: the round with both equals the phone's own critical path.
+  tasks = tl.simulate(tl.round_tasks(both))
+  assert tl.makespan(tasks) == pytest.approx(tasks['edge aggregate'].end)
+  assert tasks['client 1 upload'].arrival > tasks['client 0 upload'].arrival
+
+
+def test_backprop_clients_pay_forward_backward_and_adamw():
+  dev = _device('end', flops=1e9)
+  stage = wl.Stage('model', 1e6)
+  plan = tl.RoundPlan((stage,), 4, (tl.ClientWork(dev, forwards=2, steps=2, backwards=2,
+                                                  update_flops=5e6),),
+                      _device('cloud'), _device('edge'))
+  ev = tl.simulate(tl.round_tasks(plan))
+  compute = ev['client 0 model'].end - ev['client 0 model'].start
+  rest = ev['client 0 rest'].end - ev['client 0 rest'].start
+  assert compute == pytest.approx(4e6 / 1e9)                        # step 1's forward, batch 4
+  assert rest == pytest.approx((4e6 + 2 * 2 * 4e6 + 5e6) / 1e9)     # step 2 fwd, 2 bwd, updates
+
+
+def test_dtc_keeps_f32_where_the_transfer_hides_and_compresses_where_it_would_stall():
+  # Per stage d = 1e5 weights: f32 = 400 kB, int8 ~ 101.6 kB, int4 ~ 51.6 kB over a 1e6 B/s link.
+  d = 100_000
+  leaves = (('layers/w', (d,)),)
+  def plan(example_flops):
+    stages = (wl.Stage('embed', 0.0), wl.Stage('layer_0', example_flops, d, leaves=leaves))
+    client = tl.ClientWork(_device('end', flops=1e9), forwards=2)
+    return tl.RoundPlan(stages, 1, (client,), _device('cloud'), _device('edge'),
+                        guidance_bytes=(0, 1), pool_size=1)
+  perturb = 2 * d * (wl.DIRECTION_FLOPS + 2 + 2)      # two forwards regenerate z and V u
+  assert tl.dtc_formats(plan(0.5e9 - perturb / 2))[0] == ('f32', 'f32')   # 1 s compute > 0.4 s
+  assert tl.dtc_formats(plan(0.06e9))[0] == ('f32', 'int8')               # ~0.13 s
+  formats, sizes = tl.dtc_formats(plan(0.0))
+  assert formats == ('f32', 'int4') and sizes == (0, wl.stage_guidance_bytes(
+      plan(0.0).stages[1], codec_lib.LeafCodec('int4'), 1))             # nothing hides: coarsest
+
+
+def test_spc_experiment_writes_its_table_and_chart(tmp_path):
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  proc = subprocess.run([sys.executable, '-m', 'experiments.spc', f'--workdir={tmp_path}',
+                         '--models=minilm', '--subsets=lora', '--clients=phone_midrange',
+                         '--gantt=minilm,lora,phone_midrange'], cwd=repo, capture_output=True,
+                        text=True, timeout=300, env={**os.environ, 'JAX_PLATFORMS': 'cpu'})
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  rows = json.loads((tmp_path / 'results.json').read_text())['rounds']
+  assert len(rows) == 1 and rows[0]['pipelined_f32_s'] < rows[0]['sequential_f32_s']
+  assert (tmp_path / 'gantt.png').read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
+  assert '| minilm | lora | phone_midrange |' in (tmp_path / 'table.md').read_text()
