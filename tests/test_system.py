@@ -277,3 +277,21 @@ def test_spc_experiment_writes_its_table_and_chart(tmp_path):
   assert len(rows) == 1 and rows[0]['pipelined_f32_s'] < rows[0]['sequential_f32_s']
   assert (tmp_path / 'gantt.png').read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
   assert '| minilm | lora | phone_midrange |' in (tmp_path / 'table.md').read_text()
+
+
+def test_a_frozen_prefix_runs_once_per_step_whatever_the_probes():
+  dev = _device('end', flops=1e9)
+  stages = (wl.Stage('body', 1e6, shared=True), wl.Stage('head', 1e3, 10))
+  plan = tl.RoundPlan(stages, 2, (tl.ClientWork(dev, forwards=8, steps=2),), _device('cloud'),
+                      _device('edge'), guidance_bytes=(0, 40), pool_size=1)
+  for pipelined in (True, False):
+    ev = tl.simulate(tl.round_tasks(plan, pipelined))
+    body = ev['client 0 body' if pipelined else 'client 0 shared prefix']
+    assert body.end - body.start == pytest.approx(2e6 / 1e9)        # once, not 4 times
+  head = 4 * (2 * 1e3 + 10 * (wl.DIRECTION_FLOPS + 2 + 2))        # 4 passes of step 1, perturbed
+  ev = tl.simulate(tl.round_tasks(plan))
+  assert ev['client 0 head'].end - ev['client 0 head'].start == pytest.approx(
+      (head + wl.DECODE_FLOPS * 10) / 1e9)
+  assert ev['client 0 rest'].end - ev['client 0 rest'].start == pytest.approx(
+      (2e6 + head) / 1e9)                                           # step 2
+  assert [s.shared for s in wl.model_stages(*_tiny_trainable('head'), 16)] == [True] * 4 + [False]

@@ -8,8 +8,11 @@ the next message while one is in flight). Ready tasks take a resource first come
 
 Pipelined (SPC), every model stage is a message and a compute task of its own: the cloud codes the
 guidance of stage l while stage l-1's is on a link and the client computes stage l-2. The
-sequential schedule is the same graph with all stages merged into one: every tier waits for the
-whole of the previous one. With equal stages of duration e (cloud), t (each link) and c (client)
+sequential schedule is the same graph with the stages merged into one (two if the model starts
+with a shared prefix): every tier waits for the whole of the previous one. A shared prefix (the
+frozen stages before the first trained one) runs once per local step, not once per probe pass: the
+probes share its activations, as in the compiled client step (README, Benchmarks: a head-only ZO
+step costs about one forward). With equal stages of duration e (cloud), t (each link) and c (client)
 and no latencies, L stages take L (e + 2t + c) sequentially and e + 2t + c + (L - 1) max(e, t, c)
 pipelined (tests check this).
 
@@ -123,12 +126,17 @@ class RoundPlan:
   edge_flops: float = 0.0       # the edge's aggregation (ledger replay)
 
   def merged(self) -> 'RoundPlan':
-    """The sequential schedule's plan: one stage holding all of them, one message per tier."""
-    stage = wl.Stage('model', wl.total(self.stages, 'example_flops'),
-                     int(wl.total(self.stages, 'trainable')),
-                     wl.total(self.stages, 'forward_flops'))
-    guidance = (sum(self.guidance_bytes),) if self.guidance_bytes else ()
-    return dataclasses.replace(self, stages=(stage,), guidance_bytes=guidance)
+    """The sequential schedule's plan: the shared prefix (if any) and the rest as one stage each,
+    one message per tier (round_tasks makes the client wait for all of it)."""
+    def merge(name, stages, shared):
+      return wl.Stage(name, wl.total(stages, 'example_flops'), int(wl.total(stages, 'trainable')),
+                      wl.total(stages, 'forward_flops'), shared=shared)
+    prefix = [s for s in self.stages if s.shared]
+    stages = ((merge('shared prefix', prefix, True),) if prefix else ()) + (
+        merge('model', [s for s in self.stages if not s.shared], False),)
+    guidance = ((0,) * (len(stages) - 1) + (sum(self.guidance_bytes),)
+                if self.guidance_bytes else ())
+    return dataclasses.replace(self, stages=stages, guidance_bytes=guidance)
 
 
 def round_tasks(plan: RoundPlan, pipelined: bool = True) -> list[Task]:
@@ -160,22 +168,31 @@ def round_tasks(plan: RoundPlan, pipelined: bool = True) -> list[Task]:
       tasks.append(Task(f'{prefix} sync', f'{prefix} downlink', down.occupancy(work.sync_bytes),
                         (), down.latency, kind='link'))
       previous = (f'{prefix} sync',)
-    first = work.forwards / max(work.steps, 1)          # forward passes of the first step
+    per_step = work.forwards / max(work.steps, 1)       # forward passes of one step
+    # A shared (unperturbed) stage runs once per step, however many passes the probes make.
+    step_flops = [(1 if s.shared else per_step) * wl.forward_flops(s, plan.batch_size,
+                                                                   m if guided else 0)
+                  for s in stages]
+    downloads = []
     for i, s in enumerate(stages):
-      deps = previous
-      flops = first * wl.forward_flops(s, plan.batch_size, m if guided else 0)
       if guided and plan.guidance_bytes[i]:
         tasks.append(Task(f'{prefix} down {s.name}', f'{prefix} downlink',
                           down.occupancy(plan.guidance_bytes[i]), (f'backbone {s.name}',),
                           down.latency, kind='link'))
-        deps = deps + (f'{prefix} down {s.name}',)
-        flops += wl.DECODE_FLOPS * m * s.trainable
+        downloads.append(f'{prefix} down {s.name}')
+    for i, s in enumerate(stages):
+      # Pipelined, stage i waits for its own guidance; sequentially, the client waits for all.
+      own = f'{prefix} down {s.name}'
+      if pipelined:
+        waits = (own,) if own in downloads else ()
+      else:
+        waits = tuple(downloads) if i == 0 else ()
+      flops = step_flops[i] + (wl.DECODE_FLOPS * m * s.trainable if guided else 0)
       tasks.append(Task(f'{prefix} {s.name}', f'{prefix} compute', work.device.seconds(flops),
-                        deps))
+                        previous + waits))
       previous = (f'{prefix} {s.name}',)
     # The rest of the round: the first step's backward, the later steps, the updates.
-    per_forward = sum(wl.forward_flops(s, plan.batch_size, m if guided else 0) for s in stages)
-    rest = (work.forwards - first) * per_forward + work.update_flops + (
+    rest = (work.steps - 1) * sum(step_flops) + work.update_flops + (
         work.backwards * wl.BACKWARD_FACTOR * plan.batch_size * wl.total(stages, 'example_flops'))
     tasks.append(Task(f'{prefix} rest', f'{prefix} compute', work.device.seconds(rest), previous))
     tasks.append(Task(f'{prefix} upload', f'{prefix} uplink', up.occupancy(work.upload_bytes),

@@ -37,6 +37,8 @@ class Stage:
   trainable: int = 0            # trainable weights in this stage (its share of d)
   forward_flops: float = 0.0    # per forward pass, whatever the batch (LoRA's W + A @ B merge)
   leaves: tuple = ()            # (path, shape of this stage's slice) of its trainable leaves
+  shared: bool = False          # unperturbed and before every perturbed stage: the probes of a
+                                # step share its activations, so it runs once per step
 
 
 def _layer_flops(model, seq: int) -> float:
@@ -96,7 +98,9 @@ def model_stages(model, trainable, seq: int) -> tuple[Stage, ...]:
       stage = 'embed' if group == 'embed' else 'head'
       counts[stage] += math.prod(shape)
       leaves[stage].append((name, shape))
-  return tuple(Stage(n, flops[n], counts[n], merge[n], tuple(leaves[n])) for n in names)
+  first = next((i for i, n in enumerate(names) if counts[n]), len(names))
+  return tuple(Stage(n, flops[n], counts[n], merge[n], tuple(leaves[n]), shared=i < first)
+               for i, n in enumerate(names))
 
 
 def stage_guidance_bytes(stage: Stage, codecs, pool_size: int) -> int:
