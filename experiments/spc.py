@@ -41,7 +41,8 @@ MODELS = {'minilm': lambda: Encoder(EncoderConfig(num_labels=5)),
 
 _WORKDIR = flags.DEFINE_string('workdir', 'experiments/results/spc', 'Output directory.')
 _MODELS = flags.DEFINE_list('models', ['minilm', 'smollm2'], f'Of {", ".join(MODELS)}.')
-_SUBSETS = flags.DEFINE_list('subsets', ['full', 'lora', 'head'], 'Trainable subsets (zoo.Subset modes).')
+_SUBSETS = flags.DEFINE_list('subsets', ['full', 'lora', 'head'],
+                             'Trainable subsets (zoo.Subset modes).')
 _CLIENTS = flags.DEFINE_list('clients', ['phone_midrange', 'phone_flagship', 'jetson_orin_nano'],
                              'End-device profiles (one row each).')
 _PER_ROUND = flags.DEFINE_integer('clients_per_round', 4, 'Clients per round.')
