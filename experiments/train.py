@@ -66,7 +66,8 @@ def main(argv):
   print(f'summary: {summary["algorithm"]} on {summary["dataset"]} with {summary["model"]}: '
         f'test accuracy {summary["accuracy_before"]:.4f} -> {summary["accuracy_after"]:.4f} '
         f'after {summary["rounds"]} rounds ({summary["train_seconds"]:.0f}s on '
-        f'{summary["backend"]}); client memory {summary["client_memory_bytes"] / 2**20:.1f} MiB')
+        f'{summary["backend"]}); client memory {summary["client_memory_bytes"] / 2**20:.1f} MiB; '
+        f'{summary["sim_time_s"]:.1f}s simulated on {summary["system"]["clients"]}')
 
 
 if __name__ == '__main__':
