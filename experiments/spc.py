@@ -26,21 +26,17 @@ import numpy as np
 
 from cooperllm_jax import zoo
 from cooperllm_jax.errors import CooperError
-from cooperllm_jax.models.decoder import Decoder, DecoderConfig
-from cooperllm_jax.models.encoder import Encoder, EncoderConfig
 from cooperllm_jax.reporting import plot_gantt
 from cooperllm_jax.system import codec as codec_lib
 from cooperllm_jax.system import profiles as profiles_lib
 from cooperllm_jax.system import timeline as tl
 from cooperllm_jax.system import workload as wl
 from cooperllm_jax.system.clock import SimulatedClock
-
-# The real models' shapes (defaults of the configs are all-MiniLM-L6-v2 and SmolLM2-135M).
-MODELS = {'minilm': lambda: Encoder(EncoderConfig(num_labels=5)),
-          'smollm2': lambda: Decoder(DecoderConfig(label_token_ids=(1, 2, 3, 4, 5)))}
+from experiments.bench import common
 
 _WORKDIR = flags.DEFINE_string('workdir', 'experiments/results/spc', 'Output directory.')
-_MODELS = flags.DEFINE_list('models', ['minilm', 'smollm2'], f'Of {", ".join(MODELS)}.')
+_MODELS = flags.DEFINE_list('models', ['minilm', 'smollm2', 'llama1b'],
+                            f'Of {", ".join(common.MODEL_SHAPES)}.')
 _SUBSETS = flags.DEFINE_list('subsets', ['full', 'lora', 'head'],
                              'Trainable subsets (zoo.Subset modes).')
 _CLIENTS = flags.DEFINE_list('clients', ['phone_midrange', 'phone_flagship', 'jetson_orin_nano'],
@@ -82,9 +78,10 @@ def main(argv):
   try:
     profiles = profiles_lib.load_profiles(_PROFILES.value or None)
     devices = [profiles_lib.pick(profiles, name, 'end') for name in _CLIENTS.value]
-    unknown = [m for m in _MODELS.value if m not in MODELS]
+    unknown = [m for m in _MODELS.value if m not in common.MODEL_SHAPES]
     if unknown:
-      raise CooperError(f'unknown model {unknown[0]!r}; choose from {", ".join(MODELS)}')
+      raise CooperError(f'unknown model {unknown[0]!r}; choose from '
+                        f'{", ".join(common.MODEL_SHAPES)}')
     for mode in _SUBSETS.value:
       zoo.Subset(mode)
     if not (len(_GANTT.value) == 3 and _GANTT.value[0] in _MODELS.value
@@ -98,7 +95,7 @@ def main(argv):
   out.mkdir(parents=True, exist_ok=True)
   results, gantt = [], None
   for name in _MODELS.value:
-    model = MODELS[name]()
+    model = common.MODEL_SHAPES[name]()
     for mode in _SUBSETS.value:
       stages = wl.model_stages(model, trainable_shapes(model, mode), _SEQ.value)
       for device in devices:

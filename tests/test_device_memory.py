@@ -6,6 +6,7 @@ import pytest
 
 from cooperllm_jax.models import (Decoder, DecoderConfig, Encoder, EncoderConfig, abstract_params,
                                   count_params)
+from experiments.bench import common
 from experiments.bench import device_memory
 
 F32 = 4
@@ -102,7 +103,7 @@ def test_bench_configs_have_the_published_sizes():
   """Parameter counts of the real checkpoints (MiniLM: BertModel's 22,713,216 less its unused
   pooler, plus the 5-class classifier), so the configs are the models the report names."""
   sizes = {name: count_params(abstract_params(make().specs(), jnp.float32))
-           for name, make in device_memory.CONFIGS.items()}
+           for name, make in common.MODEL_SHAPES.items()}
   h = 384
   assert sizes == {'minilm': 22_713_216 - (h * h + h) + (h * 5 + 5),
                    'smollm2': 134_515_008, 'llama1b': 1_235_814_400}

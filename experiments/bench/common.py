@@ -12,8 +12,25 @@ os.environ.setdefault('TRANSFORMERS_VERBOSITY', 'error')
 import jax  # pylint: disable=g-import-not-at-top
 import numpy as np  # pylint: disable=g-import-not-at-top
 
+# pylint: disable-next=g-import-not-at-top
+from cooperllm_jax.models import Decoder, DecoderConfig, Encoder, EncoderConfig
+
 NUM_LABELS = 5
 LABEL_WORDS = ('business', 'entertainment', 'politics', 'sport', 'tech')  # BBC News topics
+LABEL_TOKENS = tuple(range(1, NUM_LABELS + 1))  # any ids: only their count shapes the head
+
+# Real models' shapes, for measuring without loading weights (abstract params).
+MODEL_SHAPES = {
+    # all-MiniLM-L6-v2: the encoder defaults.
+    'minilm': lambda: Encoder(EncoderConfig(num_labels=NUM_LABELS)),
+    # SmolLM2-135M: the decoder defaults.
+    'smollm2': lambda: Decoder(DecoderConfig(label_token_ids=LABEL_TOKENS)),
+    # Llama-3.2-1B's shape.
+    'llama1b': lambda: Decoder(DecoderConfig(
+        vocab_size=128256, hidden_size=2048, num_layers=16, num_heads=32, num_kv_heads=8,
+        head_dim=64, intermediate_size=8192, rope_theta=500000.0, tie_embeddings=True,
+        label_token_ids=LABEL_TOKENS)),
+}
 
 
 def log(msg: str):

@@ -45,7 +45,6 @@ from cooperllm_jax import zoo
 from cooperllm_jax.cloud import pool as pool_lib
 from cooperllm_jax.federated import zo as fzo
 from cooperllm_jax.memory import compiled_memory
-from cooperllm_jax.models import Decoder, DecoderConfig, Encoder, EncoderConfig
 from cooperllm_jax.models import abstract_params, count_params
 from cooperllm_jax.models.common import make_loss
 from cooperllm_jax.system import codec as codec_lib
@@ -63,19 +62,6 @@ _OUT = flags.DEFINE_string('out', None, 'Also write the JSON report here.')
 
 LR = 1e-5
 GUIDE_BYTES = 4  # V is float32
-LABEL_TOKENS = tuple(range(1, common.NUM_LABELS + 1))  # any ids: only their count shapes the head
-
-CONFIGS = {
-    # all-MiniLM-L6-v2: the encoder defaults.
-    'minilm': lambda: Encoder(EncoderConfig(num_labels=common.NUM_LABELS)),
-    # SmolLM2-135M: the decoder defaults.
-    'smollm2': lambda: Decoder(DecoderConfig(label_token_ids=LABEL_TOKENS)),
-    # Llama-3.2-1B's shape.
-    'llama1b': lambda: Decoder(DecoderConfig(
-        vocab_size=128256, hidden_size=2048, num_layers=16, num_heads=32, num_kv_heads=8,
-        head_dim=64, intermediate_size=8192, rope_theta=500000.0, tie_embeddings=True,
-        label_token_ids=LABEL_TOKENS)),
-}
 
 
 def stage_blocks(model, trainable, pool: int) -> dict:
@@ -164,13 +150,14 @@ def measure(model, modes, batch: int, seq: int, steps: int = 1, pool: int = 1) -
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-  unknown = set(_MODELS.value) - set(CONFIGS)
+  unknown = set(_MODELS.value) - set(common.MODEL_SHAPES)
   if unknown:
-    raise app.UsageError(f'unknown models {sorted(unknown)}; choose from {", ".join(CONFIGS)}')
+    raise app.UsageError(f'unknown models {sorted(unknown)}; choose from '
+                         f'{", ".join(common.MODEL_SHAPES)}')
   models = {}
   for name in _MODELS.value:
     common.log(f'{name}: compiling')
-    model = CONFIGS[name]()
+    model = common.MODEL_SHAPES[name]()
     models[name] = dict(config=dataclasses.asdict(model.cfg),
                         **measure(model, _SUBSETS.value, _BATCH.value, _SEQ.value, _STEPS.value,
                                   _POOL.value))
