@@ -209,14 +209,6 @@ def round_seconds(plan: RoundPlan, pipelined: bool = True) -> float:
   return makespan(simulate(round_tasks(plan, pipelined)))
 
 
-def busy_seconds(events: dict[str, Event]) -> dict:
-  """Busy seconds per resource (how much of the round each one works)."""
-  out = {}
-  for e in events.values():
-    out[e.task.resource] = out.get(e.task.resource, 0.0) + e.end - e.start
-  return out
-
-
 def dtc_formats(plan: RoundPlan, formats=('f32', 'int8', 'int4'), block: int = 256) -> tuple:
   """DTC for the pipeline: per stage, the most precise format whose transfer to every client takes
   no longer than the client computes the stage (or one link latency, below which compressing
