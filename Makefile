@@ -16,7 +16,7 @@ TEST_LOCK := $(if $(filter 311,$(PY_MINOR)),requirements/test-lock-py311.txt,pyt
 WORKDIR ?= workdir/demo
 PYTEST_ARGS ?=
 
-.PHONY: setup test-setup demo test bench clean
+.PHONY: setup test-setup demo reproduce reproduce-quick test bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -38,10 +38,18 @@ test-setup: $(VENV)/.test-setup
 demo: setup
 	$(BIN)/python -m experiments.train --config=experiments/configs/demo.py --workdir=$(WORKDIR) --overwrite
 
+# The headline table (experiments/reproduce.py): all algorithms, accuracy vs rounds and simulated time.
+reproduce: setup
+	$(BIN)/python -m experiments.reproduce --workdir=workdir/reproduce
+
+reproduce-quick: setup
+	$(BIN)/python -m experiments.reproduce --workdir=workdir/reproduce_quick --quick
+
 bench: setup
 	$(BIN)/python -m experiments.bench.zo_step
 	$(BIN)/python -m experiments.bench.client_throughput
 	$(BIN)/python -m experiments.bench.base_weights
+	$(BIN)/python -m experiments.bench.device_memory
 
 test: test-setup
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)

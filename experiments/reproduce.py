@@ -6,7 +6,8 @@ r"""The paper's headline table in one command: CooperLLM against the ZO baseline
 --quick runs every algorithm for 8 rounds (fedavg_bp 4), evaluating every 2nd, so that the whole
 table takes a few minutes on 2 CPU cores. The full mode runs the configs' own rounds (cooperllm 20,
 the ZO baselines 40, fedavg_bp --bp_rounds=10), evaluating every round so that the time to the
-target is resolved. Full mode takes about N min on 2 CPU cores.
+target is resolved. Measured on 2 CPU cores shared with other jobs: full mode 19 min (decomfl, not
+in the default list, 4 min more), --quick 7.5 min.
 
 Each algorithm runs `experiments/configs/demo.py:<algorithm>` (its tuned rate) in its own
 subdirectory of --workdir (a finished run with the same config is reused); --set entries
