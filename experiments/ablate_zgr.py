@@ -49,6 +49,8 @@ GROUPS = {  # group: {run name: (algorithm, overrides of demo.py's config for it
                'public=48': (COOP, ['cloud.public_examples=48'])},
     'cloud': {'cloud_lag=1': (COOP, ['cloud.lag=1']),
               'finetune': (COOP, ['cloud.mode=finetune', 'cloud.batches=4'])},
+    'downlink': {f'V {fmt}': (COOP, [f'zgr.guidance_format={fmt}'])
+                 for fmt in ('int8', 'int4', 'ternary')},
 }
 
 

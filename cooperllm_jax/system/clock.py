@@ -22,8 +22,6 @@ from cooperllm_jax.system import profiles as profiles_lib
 from cooperllm_jax.system import timeline as tl
 from cooperllm_jax.system import workload as wl
 
-CLOUD_OPTIMIZER_FLOPS = wl.ADAMW_FLOPS
-
 
 def client_devices(spec: str, profiles: dict, num_clients: int, seed: int) -> list:
   """The end-device profile of every client from 'name' or 'name:share,name:share'."""
@@ -104,7 +102,7 @@ class SimulatedClock:
     (Gram-Schmidt twice: about 8 m^2 d)."""
     d, m = self.trainable, self.pool_size
     passes = (1 + wl.BACKWARD_FACTOR) * self.cloud_examples * wl.total(self.stages, 'example_flops')
-    return passes + (CLOUD_OPTIMIZER_FLOPS * d if self.cloud_adamw else 0) + 8 * m * m * d
+    return passes + (wl.ADAMW_FLOPS * d if self.cloud_adamw else 0) + 8 * m * m * d
 
   def plan(self, round_index: int, clients, forwards, backwards, upload_bytes, sync_bytes,
            sent, probes, arrived, guidance_formats: Optional[dict] = None) -> tl.RoundPlan:
