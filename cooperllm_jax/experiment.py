@@ -195,6 +195,8 @@ def train_and_evaluate(config, workdir, overwrite: bool = False, log=print,
   client_memory = algorithm.client_memory(state, shapes)['peak_bytes']
   clock = clock_lib.SimulatedClock.from_config(config, model,
                                                state.get('trainable', state.get('params')))
+  if config.algorithm == 'cooperllm' and config.zgr.guidance_format == 'link':
+    algorithm.link_budget = clock.guidance_budget   # DTC sized by the simulated links
   small = min(clock.devices, key=lambda d: d.memory_bytes)
   if client_memory > small.memory_bytes:
     log(f'warning: a client step needs {client_memory / 2**20:.0f} MiB, more than the '

@@ -191,6 +191,19 @@ def test_client_devices_follow_the_shares_and_the_seed():
     clock_lib.client_devices('phone_midrange:0', profiles, 10, 0)
 
 
+def test_link_guidance_budget_is_what_the_slowest_link_carries_during_a_step():
+  # One stage of 1 GFLOP per example, 2 passes a step on 1 GFLOP/s devices: 2 s of compute (plus
+  # 10 weights' z); the edge's 8 Mbit/s split between 2 clients: 5e5 B/s each.
+  stage = wl.Stage('s', 1e9, 10)
+  clock = clock_lib.SimulatedClock(
+      stages=(stage,), devices=[_device('end'), _device('end', flops=2e9)], cloud=_device('cloud'),
+      edge=_device('edge'), batch_size=1, steps=4, pool_size=1, step_passes=2)
+  compute = 2 * (1e9 + 10 * (wl.DIRECTION_FLOPS + 2 + 2)) / 1e9
+  # Every client must hide its transfer: the faster one (1 s of compute) sets the budget.
+  assert clock.guidance_budget([0, 1]) == int(5e5 * compute / 2)
+  assert clock.guidance_budget([0]) == int(1e6 * compute)        # alone: the whole 8 Mbit/s
+
+
 def _minilm_full_plan(fmt, client='phone_midrange'):
   """MiniLM's shapes, full fine-tuning, one FedSGD step of 8 x 128 tokens, m = 1, 4 clients."""
   model = Encoder(EncoderConfig(num_labels=5))

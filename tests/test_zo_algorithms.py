@@ -95,13 +95,16 @@ def snapshot(tree):
 
 
 @functools.cache
-def history(name, rounds=ROUNDS, chunk=1, backend='map', **over):
+def history(name, rounds=ROUNDS, chunk=1, backend='map', link_budget=None, **over):
   """Runs `rounds` rounds on fresh jnp copies of the params; returns the algorithm, the caller's
   params, snapshots of the state before/after each round, the round inputs and results.
-  over: config overrides as hashable (key, ((field, value), ...)) pairs, e.g. zgr=(('alpha', 1.0),)."""
+  over: config overrides as hashable (key, ((field, value), ...)) pairs, e.g. zgr=(('alpha', 1.0),).
+  link_budget: cooperllm's clients -> bytes for guidance_format='link' (the run's clock's role)."""
   over = {k: dict(v) if isinstance(v, tuple) else v for k, v in over.items()}
   alg = make_algorithm(config(name, client_chunk=chunk, client_backend=backend, **over), MODEL,
                        PUBLIC)
+  if link_budget is not None:
+    alg.link_budget = link_budget
   params = jax.tree.map(jnp.asarray, PARAMS_NP)
   state = alg.init(params)
   states, results, inputs = [snapshot(state)], [], []
@@ -493,6 +496,29 @@ def test_cooperllm_adaptive_guidance_allocates_formats_within_the_budget():
     assert sent <= budget and result.guidance_bytes == sent + 4 + len(formats)  # + format bytes
     assert formats['head/classifier/kernel'] != 'f32'
     _replays_the_edge(h, r)
+
+
+def test_cooperllm_link_guidance_takes_each_rounds_budget_from_the_sampled_clients():
+  from cooperllm_jax.system import codec as C  # pylint: disable=g-import-not-at-top
+  asked = []
+
+  def budget(clients):
+    asked.append([int(c) for c in clients])
+    return 200   # V in float32 would be 528 bytes
+  h = history('cooperllm', rounds=2, link_budget=budget, zgr=(('guidance_format', 'link'),))
+  assert asked == [list(CLIENT_IDS)] * 2
+  for r in (1, 2):
+    result = h['results'][r - 1]
+    codecs = {k: C.LeafCodec(f) for k, f in result.metrics['guidance_formats'].items()}
+    sent = C.tree_nbytes(h['states'][r]['guidance'].basis, codecs)
+    assert sent <= 200 and result.guidance_bytes == sent + 4 + len(codecs)
+    _replays_the_edge(h, r)
+  # A link that cannot carry even the coarsest codes gets those (the round waits), not an error.
+  h = history('cooperllm', rounds=1, link_budget=lambda clients: 1,
+              zgr=(('guidance_format', 'link'),))
+  assert set(h['results'][0].metrics['guidance_formats'].values()) == {'ternary'}
+  with pytest.raises(ConfigError, match="guidance_format='link' takes its byte budget"):
+    history('cooperllm', rounds=1, zgr=(('guidance_format', 'link'),))
 
 
 def test_cooperllm_with_alpha_one_ignores_quantized_guidance():

@@ -7,8 +7,9 @@ Per round r (the FedMeZO protocol plus the cloud tier):
              r-1's model, so the cloud's BP runs concurrently with round r-1's clients (async
              dispatch; on disjoint devices when the host has several).
   2. edge    orthonormalizes the pool into V (QR) and sends (V, alpha) down with the ledger, V
-             coded by system/codec.py (`guidance_format`: f32, int8, int4, ternary, or 'adaptive':
-             one format per leaf under `guidance_budget_bytes`); stochastic rounding is keyed by
+             coded by system/codec.py (`guidance_format`: f32, int8, int4, ternary, 'adaptive':
+             one format per leaf under `guidance_budget_bytes`, or 'link': the same under the
+             budget the simulated links allow, `link_budget`); stochastic rounding is keyed by
              (seed, round) through the key schedule;
   3. clients sample guided directions z = beta (sqrt(alpha) v + sqrt((1-alpha) d/m) V u) from their
              probe keys (zoo/guided.py), run local ZO steps and upload only the scalars;
@@ -30,7 +31,7 @@ every client's QR rounded exactly like the edge's.
 """
 
 import dataclasses
-from typing import Optional
+from typing import Callable, Optional
 
 import jax
 import jax.numpy as jnp
@@ -50,7 +51,7 @@ from cooperllm_jax.zoo import keys as keys_lib
 from cooperllm_jax.zoo.quantized import dequantize_tree
 
 CODEC_PATH = ('__guidance__', 'codec')  # the downlink's rounding stream: a path no model has
-GUIDANCE_FORMATS = codec_lib.FORMATS + ('adaptive',)
+GUIDANCE_FORMATS = codec_lib.FORMATS + codec_lib.ALLOCATIONS
 
 
 def probe_moments(uplinks: Uplink, counts, guide: guided.Guidance, seed, distribution: str):
@@ -109,6 +110,9 @@ class CooperLLM(ZOAlgorithm):
   guidance_format: str = 'f32'
   guidance_block: int = 256
   guidance_budget_bytes: int = 0     # adaptive: bytes of V per client and round
+  # 'link': sampled clients -> the round's byte budget (train_and_evaluate sets
+  # system.clock.SimulatedClock.guidance_budget: what SPC hides behind the slowest client's compute)
+  link_budget: Optional[Callable] = None
   guidance_topk: Optional[float] = None
 
   def __post_init__(self):
@@ -224,7 +228,7 @@ class CooperLLM(ZOAlgorithm):
         state['pool'] = self._push(state['pool'], direction)
         tau_sq = float(stats['variance'])
       basis, valid = self._orthonormalize(state['pool'])
-      basis, state['downlink'] = self._downlink(basis, round_index)
+      basis, state['downlink'] = self._downlink(basis, round_index, clients)
     else:
       basis, valid = state['guidance'].basis, state['guidance'].valid
     if tau_sq is not None:
@@ -240,11 +244,26 @@ class CooperLLM(ZOAlgorithm):
   def _codec(self, fmt: str) -> codec_lib.LeafCodec:
     return codec_lib.LeafCodec(fmt, self.guidance_block, self.guidance_topk)
 
-  def _downlink(self, basis, round_index):
+  def _budget(self, basis, clients) -> int:
+    """The round's byte budget for V: given ('adaptive') or from the sampled clients' links
+    ('link'; before any round, room for all of V in float32)."""
+    if self.guidance_format == 'adaptive':
+      return self.guidance_budget_bytes
+    if clients is None:
+      return codec_lib.tree_nbytes(basis, self._codec('f32'))
+    if self.link_budget is None:
+      raise ConfigError("zgr.guidance_format='link' takes its byte budget from the run's "
+                        'simulated links: set CooperLLM.link_budget (train_and_evaluate does)')
+    # Below the coarsest codes the link cannot hide V at all: send those (the round waits).
+    floor = sum(min(codec_lib.LeafCodec(f, self.guidance_block, self.guidance_topk).nbytes(x.shape)
+                    for f in codec_lib.FORMATS) for x in jax.tree.leaves(basis))
+    return max(int(self.link_budget(clients)), floor)
+
+  def _downlink(self, basis, round_index, clients=None):
     """(V as the clients receive it, record): V coded and decoded leaf by leaf; the record holds
     each leaf's format (index into codec.FORMATS) and |V' - V|^2 / |V|^2."""
-    if self.guidance_format == 'adaptive':
-      codecs = codec_lib.allocate(basis, self.guidance_budget_bytes, block=self.guidance_block,
+    if self.guidance_format in codec_lib.ALLOCATIONS:
+      codecs = codec_lib.allocate(basis, self._budget(basis, clients), block=self.guidance_block,
                                   topk=self.guidance_topk).codecs
     else:
       codecs = self._codec(self.guidance_format)
@@ -267,7 +286,7 @@ class CooperLLM(ZOAlgorithm):
                for p, i in jax.tree_util.tree_flatten_with_path(state['downlink']['formats'])[0]}
     codecs = {name: self._codec(fmt) for name, fmt in formats.items()}
     guidance = codec_lib.tree_nbytes(state['guidance'].basis, codecs) + SCALAR_BYTES
-    if self.guidance_format == 'adaptive':
+    if self.guidance_format in codec_lib.ALLOCATIONS:
       guidance += len(codecs)
       result.metrics['guidance_formats'] = formats
     result.guidance_bytes = guidance

@@ -62,6 +62,7 @@ class SimulatedClock:
   cloud_lag: int = 0
   refresh: int = 1
   bp_clients: bool = False      # fedavg_bp: clients backprop and send dense deltas
+  step_passes: int = 2          # forward passes of one local step (central SPSA, one probe: 2)
   elapsed: float = 0.0
 
   @classmethod
@@ -77,14 +78,16 @@ class SimulatedClock:
         edge=profiles_lib.pick(profiles, system.edge, 'edge'),
         batch_size=config.batch_size, steps=config.local_steps, pipelined=bool(system.pipelined),
         pool_size=config.zgr.pool_size if cooper else 0,
-        guidance_codec=(codec_lib.LeafCodec('f32' if config.zgr.guidance_format == 'adaptive'
-                                            else config.zgr.guidance_format,
-                                            config.zgr.guidance_block, config.zgr.guidance_topk)
+        guidance_codec=(codec_lib.LeafCodec(
+            'f32' if config.zgr.guidance_format in codec_lib.ALLOCATIONS
+            else config.zgr.guidance_format, config.zgr.guidance_block, config.zgr.guidance_topk)
                         if cooper else None),
         cloud_examples=config.cloud.batches * config.cloud.batch_size if cooper else 0,
         cloud_adamw=cooper and config.cloud.mode == 'finetune',
         cloud_lag=config.cloud.lag if cooper else 0, refresh=config.zgr.refresh,
-        bp_clients=config.algorithm == 'fedavg_bp')
+        bp_clients=config.algorithm == 'fedavg_bp',
+        step_passes=(2 * config.zo.probes if config.zo.scheme == 'central'
+                     else config.zo.probes + 1))
 
   @property
   def trainable(self) -> int:
@@ -96,6 +99,19 @@ class SimulatedClock:
     if formats:
       codecs = {name: dataclasses.replace(codecs, fmt=fmt) for name, fmt in formats.items()}
     return tuple(wl.stage_guidance_bytes(s, codecs, self.pool_size) for s in self.stages)
+
+  def guidance_budget(self, clients) -> int:
+    """DTC from the links (zgr.guidance_format=link): the guidance bytes that every sampled
+    client's downlink carries while that client computes its first local step, i.e. what SPC can
+    hide behind the compute (at least one link latency's worth)."""
+    budgets = []
+    for c in clients:
+      device = self.devices[int(c)]
+      down = profiles_lib.link(self.edge, device, share=len(clients))
+      compute = device.seconds(sum(wl.step_flops(self.stages, self.batch_size, self.step_passes,
+                                                 self.pool_size)))
+      budgets.append(codec_lib.budget_from_link(down.bandwidth, max(compute, down.latency)))
+    return min(budgets)
 
   def cloud_flops(self) -> float:
     """One refresh: backprop over the public batches, the optimizer, orthonormalizing the pool

@@ -35,6 +35,9 @@ from cooperllm_jax.errors import ConfigError
 from cooperllm_jax.models.spec import path_hash, path_str
 
 FORMATS = ('f32', 'int8', 'int4', 'ternary')
+# Guidance 'formats' that allocate one of FORMATS per leaf each round under a byte budget: a given
+# budget, or the one the run's simulated links allow (system/clock.py: guidance_budget).
+ALLOCATIONS = ('adaptive', 'link')
 QMAX = {'int8': 127, 'int4': 7, 'ternary': 1}
 ERRORS = ('relative', 'absolute')
 

@@ -168,11 +168,8 @@ def round_tasks(plan: RoundPlan, pipelined: bool = True) -> list[Task]:
       tasks.append(Task(f'{prefix} sync', f'{prefix} downlink', down.occupancy(work.sync_bytes),
                         (), down.latency, kind='link'))
       previous = (f'{prefix} sync',)
-    per_step = work.forwards / max(work.steps, 1)       # forward passes of one step
-    # A shared (unperturbed) stage runs once per step, however many passes the probes make.
-    step_flops = [(1 if s.shared else per_step) * wl.forward_flops(s, plan.batch_size,
-                                                                   m if guided else 0)
-                  for s in stages]
+    step_flops = wl.step_flops(stages, plan.batch_size, work.forwards / max(work.steps, 1),
+                               m if guided else 0)
     downloads = []
     for i, s in enumerate(stages):
       if guided and plan.guidance_bytes[i]:
@@ -228,8 +225,8 @@ def dtc_formats(plan: RoundPlan, formats=('f32', 'int8', 'int4'), block: int = 2
     def hidden(nbytes):
       for w in plan.clients:
         down = link(plan.edge, w.device, len(plan.clients))
-        compute = w.device.seconds(w.forwards / max(w.steps, 1)
-                                   * wl.forward_flops(s, plan.batch_size, m))
+        compute = w.device.seconds(
+            wl.step_flops((s,), plan.batch_size, w.forwards / max(w.steps, 1), m)[0])
         if down.occupancy(nbytes) > max(compute, down.latency):
           return False
       return True

@@ -116,5 +116,11 @@ def forward_flops(stage: Stage, batch: int, pool_size: int = 0) -> float:
   return batch * stage.example_flops + stage.forward_flops + perturb
 
 
+def step_flops(stages: Sequence[Stage], batch: int, passes: float, pool_size: int = 0) -> list:
+  """Per stage, the FLOPs of one local step: `passes` perturbed forward passes, a shared stage
+  once (the probes share its activations)."""
+  return [(1 if s.shared else passes) * forward_flops(s, batch, pool_size) for s in stages]
+
+
 def total(stages: Sequence[Stage], field: str) -> float:
   return sum(getattr(s, field) for s in stages)

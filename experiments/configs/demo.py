@@ -74,7 +74,9 @@ def get_config(algorithm: str = 'cooperllm') -> ml_collections.ConfigDict:
   c.zgr.pool_size = 1           # m: the last m cloud directions span V
   c.zgr.refresh = 1             # the cloud computes a new direction every `refresh` rounds
   c.zgr.beta = 1.0              # overall scale of z (1: E|z|^2 = d, as plain ZO)
-  c.zgr.guidance_format = 'f32'  # V on the downlink: f32 | int8 | int4 | ternary | adaptive
+  # V on the downlink: f32 | int8 | int4 | ternary, or per-leaf formats under a byte budget:
+  # adaptive (guidance_budget_bytes) | link (what the simulated links hide behind compute: system.*)
+  c.zgr.guidance_format = 'f32'
   c.zgr.guidance_block = 256    # values per codec scale
   c.zgr.guidance_budget_bytes = 0  # adaptive: bytes of V per client and round (> 0)
   c.zgr.guidance_topk = ml_collections.config_dict.placeholder(float)  # keep this share; None = all
@@ -92,7 +94,7 @@ def get_config(algorithm: str = 'cooperllm') -> ml_collections.ConfigDict:
   # The simulated system (cooperllm_jax/system): device profiles of the tiers and the SPC schedule,
   # which give every round a simulated wall-clock latency (metrics: sim_round_s, sim_time_s).
   c.system = ml_collections.ConfigDict()
-  c.system.profiles = ''        # a device-profile JSON file; '' = cooperllm_jax/system/profiles.json
+  c.system.profiles = ''        # device-profile JSON; '' = cooperllm_jax/system/profiles.json
   c.system.cloud = 'cloud_gpu'
   c.system.edge = 'edge_server'
   c.system.clients = 'phone_midrange'  # one end-device profile, or a mix 'name:share,name:share'
