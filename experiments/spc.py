@@ -84,6 +84,8 @@ def main(argv):
                         f'{", ".join(common.MODEL_SHAPES)}')
     for mode in _SUBSETS.value:
       zoo.Subset(mode)
+    if min(_PER_ROUND.value, _BATCH.value, _SEQ.value, _STEPS.value, _POOL.value) < 1:
+      raise CooperError('--clients_per_round, --batch, --seq, --steps and --pool must be >= 1')
     if not (len(_GANTT.value) == 3 and _GANTT.value[0] in _MODELS.value
             and _GANTT.value[1] in _SUBSETS.value and _GANTT.value[2] in _CLIENTS.value):
       raise CooperError(f'--gantt={",".join(_GANTT.value)} must name one of the measured '

@@ -308,3 +308,21 @@ def test_a_frozen_prefix_runs_once_per_step_whatever_the_probes():
   assert ev['client 0 rest'].end - ev['client 0 rest'].start == pytest.approx(
       (2e6 + head) / 1e9)                                           # step 2
   assert [s.shared for s in wl.model_stages(*_tiny_trainable('head'), 16)] == [True] * 4 + [False]
+
+
+@pytest.mark.parametrize('module, flag, message', [
+    ('experiments.spc', '--clients=laptop', "unknown device profile 'laptop'"),
+    ('experiments.spc', '--batch=0', 'must be >= 1'),
+    ('experiments.spc', '--gantt=a,b', '--gantt=a,b must name one'),
+    ('experiments.bench.device_memory', '--models=nope', "unknown models ['nope']"),
+    ('experiments.bench.device_memory', '--subsets=most', "unknown trainable mode 'most'"),
+])
+def test_system_entry_points_reject_bad_flags_in_one_line(tmp_path, module, flag, message):
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  workdir = [f'--workdir={tmp_path}'] if module == 'experiments.spc' else []
+  proc = subprocess.run([sys.executable, '-m', module, *workdir, flag], cwd=repo,
+                        capture_output=True, text=True, timeout=120,
+                        env={**os.environ, 'JAX_PLATFORMS': 'cpu'})
+  errors = [l for l in proc.stderr.splitlines() if l.startswith('error: ')]
+  assert proc.returncode == 2 and len(errors) == 1 and message in errors[0], proc.stderr[-1500:]
+  assert 'Traceback' not in proc.stderr and not list(tmp_path.iterdir())

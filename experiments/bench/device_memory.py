@@ -33,6 +33,7 @@ compile times on stderr.
 
 import dataclasses
 import json
+import sys
 import time
 
 from absl import app
@@ -43,6 +44,7 @@ import optax
 
 from cooperllm_jax import zoo
 from cooperllm_jax.cloud import pool as pool_lib
+from cooperllm_jax.errors import ConfigError
 from cooperllm_jax.federated import zo as fzo
 from cooperllm_jax.memory import compiled_memory
 from cooperllm_jax.models import abstract_params, count_params
@@ -151,9 +153,17 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   unknown = set(_MODELS.value) - set(common.MODEL_SHAPES)
-  if unknown:
-    raise app.UsageError(f'unknown models {sorted(unknown)}; choose from '
-                         f'{", ".join(common.MODEL_SHAPES)}')
+  try:
+    if unknown:
+      raise ConfigError(f'unknown models {sorted(unknown)}; choose from '
+                        f'{", ".join(common.MODEL_SHAPES)}')
+    for mode in _SUBSETS.value:
+      zoo.Subset(mode)
+    if _BATCH.value < 1 or _SEQ.value < 1 or _STEPS.value < 1 or _POOL.value < 1:
+      raise ConfigError('--batch, --seq, --steps and --pool must be >= 1')
+  except ConfigError as e:
+    print(f'error: {e}', file=sys.stderr)
+    sys.exit(2)
   models = {}
   for name in _MODELS.value:
     common.log(f'{name}: compiling')
