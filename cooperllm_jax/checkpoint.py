@@ -23,7 +23,9 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from cooperllm_jax import config as config_lib
 from cooperllm_jax.errors import CheckpointError
+from cooperllm_jax.federated.ledger import Ledger
 
 # Config fields that do not change what a run computes: a resumed run may change them.
 NOT_TRAINING = frozenset({'rounds', 'eval_every', 'eval_batch_size', 'tensorboard',
@@ -145,14 +147,14 @@ class RunStore:
   at the last) and the ledger. `identity` (training config, seed, hashes of the pretrained model
   and of the data) is saved with every checkpoint; a checkpoint of another identity is an error."""
 
-  def __init__(self, workdir, config, identity: dict, log: Callable = print):
-    from cooperllm_jax.federated.ledger import Ledger  # pylint: disable=g-import-not-at-top
+  def __init__(self, workdir, spec: config_lib.Checkpoint, identity: dict,
+               log: Callable = print):
     workdir = pathlib.Path(workdir)
-    self.every = int(config.get('checkpoint_every', 0))
+    self.every = spec.every
     self.identity = identity
-    self.checkpoints = (Checkpointer(workdir / 'checkpoints', config.get('keep_checkpoints', 3),
-                                     log) if self.every else None)
-    self.ledger = Ledger(workdir / 'ledger') if config.get('ledger', False) else None
+    self.checkpoints = (Checkpointer(workdir / 'checkpoints', spec.keep, log) if self.every
+                        else None)
+    self.ledger = Ledger(workdir / 'ledger') if spec.ledger else None
 
   def check(self, meta: dict) -> None:
     """CheckpointError naming what differs between this run and a checkpoint's."""

@@ -42,9 +42,9 @@ def replay(workdir, log=print) -> str:
   """Replays the run in `workdir`; returns the summary line, raises CheckpointError on mismatch."""
   import ml_collections  # pylint: disable=g-import-not-at-top
   from cooperllm_jax import checkpoint as checkpoint_lib  # pylint: disable=g-import-not-at-top
-  from cooperllm_jax import experiment  # pylint: disable=g-import-not-at-top
-  from cooperllm_jax.federated import faults  # pylint: disable=g-import-not-at-top
+  from cooperllm_jax import config as config_lib  # pylint: disable=g-import-not-at-top
   from cooperllm_jax.federated import ledger as ledger_lib  # pylint: disable=g-import-not-at-top
+  from cooperllm_jax.run import loop  # pylint: disable=g-import-not-at-top
   workdir = pathlib.Path(workdir)
   try:
     config = ml_collections.ConfigDict(json.loads((workdir / 'config.json').read_text()))
@@ -58,15 +58,14 @@ def replay(workdir, log=print) -> str:
   if not (workdir / 'checkpoints').is_dir():
     raise CheckpointError(f'{workdir} has no checkpoints to compare the replay with '
                           '(checkpoint_every was 0)')
-  pre, dataset, arrays, partition = experiment.load_task(config)
-  algorithm = experiment.task_algorithm(config, pre, dataset, arrays, partition)
-  state = algorithm.init(pre.params)
-  if checkpoint_lib.tree_sha256(state['trainable']) != meta['base_trainable_sha256']:
+  cfg = config_lib.parse(config)
+  task, algorithm = loop.prepare(cfg)
+  state = algorithm.init(task.pre.params)
+  if checkpoint_lib.tree_sha256(algorithm.trainable(state)) != meta['base_trainable_sha256']:
     raise CheckpointError('the pretrained trainable weights differ from the ones the ledger '
                           'started from (another model, seed or asset version)')
   checkpoints = checkpoint_lib.Checkpointer(workdir / 'checkpoints', log=log)
-  guarded = faults.DivergenceGuard.from_config(config) is not None
-  template = checkpoint_lib.template(state, guarded)
+  template = checkpoint_lib.template(state, cfg.guard.active)
   targets = {}
   for step in checkpoints.steps():
     found = checkpoints.restore(template, upto=step)

@@ -44,7 +44,7 @@ def main(argv):
   logging.set_verbosity(logging.WARNING)  # orbax logs every checkpoint step at INFO
   import jax  # pylint: disable=g-import-not-at-top
   from cooperllm_jax import distributed  # pylint: disable=g-import-not-at-top
-  from cooperllm_jax.experiment import train_and_evaluate  # pylint: disable=g-import-not-at-top
+  from cooperllm_jax.run import train_and_evaluate  # pylint: disable=g-import-not-at-top
   try:
     # Before anything touches a JAX backend.
     distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)

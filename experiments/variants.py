@@ -46,7 +46,7 @@ def run_variants(root: pathlib.Path, variants: dict, overwrite: bool) -> dict:
   returns {name: (config, summary, metrics)}. A run already finished in root/name with the same
   config is read back, not rerun (an interrupted sweep resumes where it stopped)."""
   from experiments.configs import demo  # pylint: disable=g-import-not-at-top
-  from cooperllm_jax.experiment import train_and_evaluate  # pylint: disable=g-import-not-at-top
+  from cooperllm_jax.run import train_and_evaluate  # pylint: disable=g-import-not-at-top
   from cooperllm_jax.reporting import read_metrics  # pylint: disable=g-import-not-at-top
   out = {}
   for name, (algorithm, overrides) in variants.items():

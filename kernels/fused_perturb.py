@@ -21,7 +21,6 @@ jax 0.5 (and the only behaviour once the flag is gone); with the flag off jax la
 differently and `fused_perturb` raises rather than return other bits.
 """
 
-import dataclasses
 import functools
 from typing import NamedTuple, Optional
 
@@ -31,71 +30,21 @@ import numpy as np
 from jax.experimental import pallas as pl
 
 
-@functools.partial(jax.tree_util.register_dataclass, data_fields=['values', 'scales'],
-                   meta_fields=['group', 'packed'])
-@dataclasses.dataclass(frozen=True)
-class Quantized:
-  """Symmetric group quantization along the last axis: x ~= values * scales (per group).
-
-  values: int8 [..., cols] (8-bit in [-127, 127], 4-bit in [-8, 7], one value per int8), or with
-          `packed` int8 [..., cols / 2] holding two 4-bit values: column c < cols / 2 in the low
-          nibble, column c + cols / 2 in the high one (so a block of columns unpacks by selecting a
-          nibble, with no interleaving);
-  scales: float32 [..., cols // group], one per `group` consecutive columns;
-  group:  static int dividing cols (group = cols: one scale per row).
-  """
-  values: jax.Array
-  scales: jax.Array
-  group: int
-  packed: bool = False
-
-  @property
-  def shape(self) -> tuple:
-    """The dequantized array's shape."""
-    v = self.values.shape
-    return (*v[:-1], 2 * v[-1]) if self.packed else tuple(v)
-
-
-def quantize(x, group: int, bits: int = 8, pack: bool = False) -> Quantized:
-  """Round-to-nearest symmetric quantization of x (float [..., cols]) in groups of `group` columns;
-  `pack` stores two values per byte (bits <= 4, even cols)."""
-  x = jnp.asarray(x, jnp.float32)
-  if x.ndim < 1 or group < 1 or x.shape[-1] % group:
-    raise ValueError(f'group {group} must divide the last axis of shape {x.shape}')
-  if not 2 <= bits <= 8:
-    raise ValueError(f'bits must be in [2, 8] (int8 storage), got {bits}')
-  if pack and (bits > 4 or x.shape[-1] % 2):
-    raise ValueError(f'packing needs bits <= 4 and an even last axis, got {bits} bits, {x.shape}')
-  qmax = 2 ** (bits - 1) - 1
-  g = x.reshape(*x.shape[:-1], x.shape[-1] // group, group)
-  scales = jnp.max(jnp.abs(g), axis=-1) / qmax
-  safe = jnp.where(scales > 0, scales, 1.0)  # an all-zero group stores zeros with scale 0
-  values = jnp.clip(jnp.round(g / safe[..., None]), -qmax - 1, qmax).astype(jnp.int8)
-  values = values.reshape(x.shape)
-  if pack:
-    half = x.shape[-1] // 2
-    values = (values[..., half:] << 4) | (values[..., :half] & 0xF)
-  return Quantized(values, scales, group, pack)
-
-
-def _nibbles(values):
-  """(low, high) signed 4-bit halves of packed int8 values, as int32."""
+def nibbles(values):
+  """(low, high) signed 4-bit halves of packed int8 values, as int32: column c < cols / 2 in the
+  low nibble, column c + cols / 2 in the high one (zoo/quantized.py's packing)."""
   v = values.astype(jnp.int32)
   return jax.lax.shift_right_arithmetic(jax.lax.shift_left(v, 28), 28), v >> 4
 
 
-def unpack(q: Quantized) -> jax.Array:
-  """One value per int8, [..., cols] (q.values itself when not packed)."""
-  if not q.packed:
-    return q.values
-  return jnp.concatenate(_nibbles(q.values), axis=-1).astype(jnp.int8)
-
-
-def dequantize(q: Quantized) -> jax.Array:
-  """values * scales as float32: the reference the kernel's in-block dequantization matches."""
-  v = unpack(q).astype(jnp.float32)
-  g = v.reshape(*v.shape[:-1], v.shape[-1] // q.group, q.group)
-  return (g * q.scales[..., None]).reshape(v.shape)
+def dequantize_values(values, scales, group: int, packed: bool = False) -> jax.Array:
+  """values * scales (one scale per `group` columns) as float32, the packed int4 layout unpacked:
+  the reference the kernel's in-block dequantization matches."""
+  if packed:
+    values = jnp.concatenate(nibbles(values), axis=-1)
+  v = values.astype(jnp.float32)
+  g = v.reshape(*v.shape[:-1], v.shape[-1] // group, group)
+  return (g * scales[..., None]).reshape(v.shape)
 
 
 # --- threefry2x32 and jax.random.normal, written out so they can run inside a kernel ------------
@@ -231,7 +180,7 @@ def _kernel(cfg: _Config, ints_ref, floats_ref, *refs):
   def load(group, packed, squeeze):
     values = next(refs)[0] if squeeze else next(refs)[...]
     if packed:  # column block j < half lives in the low nibbles
-      low, high = _nibbles(values)
+      low, high = nibbles(values)
       values = jnp.where(j < cfg.cols // 2 // bc, low, high)
     values = values.astype(jnp.float32)
     if group is None:
@@ -300,22 +249,24 @@ def _fused_bwd(cfg, res, g):
 _fused.defvjp(_fused_fwd, _fused_bwd)
 
 
-def _split(x, name: str, rank: int):
-  """(arrays, group, packed, shape) of a float array or a Quantized one, checking rank and
-  format; shape is the dequantized one."""
-  if isinstance(x, Quantized):
-    v, s = jnp.asarray(x.values), jnp.asarray(x.scales)
-    shape = x.shape
-    if v.ndim != rank or v.dtype != jnp.int8:
-      raise ValueError(f'{name}.values must be int8 of rank {rank}, got {v.dtype}{v.shape}')
-    if x.group < 1 or shape[-1] % x.group or s.shape != (*shape[:-1], shape[-1] // x.group):
-      raise ValueError(f'{name}: group {x.group} must divide cols and scales must be '
-                       f'{(*shape[:-1], shape[-1] // max(x.group, 1))}, got {s.shape}')
-    return [v, s.astype(jnp.float32)], x.group, x.packed, shape
+def _split(x, scales, group, packed: bool, name: str, rank: int):
+  """(arrays, group, packed, shape) of a float array, or of int8 values with their scales,
+  checking rank and format; shape is the dequantized one."""
   x = jnp.asarray(x)
-  if x.ndim != rank or not jnp.issubdtype(x.dtype, jnp.floating):
-    raise ValueError(f'{name} must be float of rank {rank} or Quantized, got {x.dtype}{x.shape}')
-  return [x], None, False, x.shape
+  if scales is None:
+    if x.ndim != rank or not jnp.issubdtype(x.dtype, jnp.floating):
+      raise ValueError(f'{name} must be float of rank {rank} (or int8 values with {name}_scales), '
+                       f'got {x.dtype}{x.shape}')
+    return [x], None, False, x.shape
+  s = jnp.asarray(scales)
+  shape = (*x.shape[:-1], 2 * x.shape[-1]) if packed else tuple(x.shape)
+  if x.ndim != rank or x.dtype != jnp.int8:
+    raise ValueError(f'{name} values must be int8 of rank {rank}, got {x.dtype}{x.shape}')
+  if group is None or group < 1 or shape[-1] % group or s.shape != (*shape[:-1],
+                                                                    shape[-1] // group):
+    raise ValueError(f'{name}: group {group} must divide cols and {name}_scales must be '
+                     f'{(*shape[:-1], shape[-1] // max(group or 1, 1))}, got {s.shape}')
+  return [x, s.astype(jnp.float32)], group, packed, shape
 
 
 def _key_data(leaf_key):
@@ -329,17 +280,21 @@ def _key_data(leaf_key):
 LAYOUTS = ('rows', 'flat')
 
 
-def fused_perturb(w, leaf_key, h, a, b, basis=None, u=None, *, layout: str = 'rows',
-                  block_rows: int = 32, block_cols: Optional[int] = None,
-                  interpret: Optional[bool] = None, row_offset=0, out_dtype=None) -> jax.Array:
-  """dequant(w) + h * (a * z + b * sum_k u_k dequant(basis_k)), one fused pass.
+def fused_perturb(w, leaf_key, h, a, b, basis=None, u=None, *, w_scales=None, w_group=None,
+                  w_packed: bool = False, basis_scales=None, basis_group=None,
+                  basis_packed: bool = False, layout: str = 'rows', block_rows: int = 32,
+                  block_cols: Optional[int] = None, interpret: Optional[bool] = None,
+                  row_offset=0, out_dtype=None) -> jax.Array:
+  """dequant(w) + h * (a * z + b * sum_k u_k dequant(basis_k)), one fused pass, on plain arrays.
 
-  w:          [rows, cols] float (f32, bf16, ...) or Quantized (int8 values, float32 scales);
+  w:          [rows, cols] float (f32, bf16, ...), or int8 values (with w_scales float32
+              [rows, cols // w_group]; w_packed: two 4-bit values per byte, [rows, cols / 2]);
   leaf_key:   a threefry2x32 key; with layout 'rows' the leaf's key (keys.leaf_key), z row i drawn
               from fold_in(leaf_key, row_offset + i); with 'flat' the key of the whole 2-D draw
               (fold_in(leaf_key, layer) for a layer of a stacked leaf), see the module docstring;
   h, a, b:    float32 scalars (may be traced);
-  basis, u:   [m, rows, cols] float or Quantized, and float32 [m]; both or neither;
+  basis, u:   [m, rows, cols] float (or int8 values with basis_scales, basis_group,
+              basis_packed as for w), and float32 [m]; both or neither;
   block_rows, block_cols: power-of-two block sizes (GPU needs them); block_cols=None: whole rows
               (half rows with packed values). With a quantized w or basis, block_cols must be a
               multiple or a divisor of its group, and divide cols / 2 if packed. Ragged edge
@@ -355,11 +310,12 @@ def fused_perturb(w, leaf_key, h, a, b, basis=None, u=None, *, layout: str = 'ro
   _check_threefry_layout()
   if layout not in LAYOUTS:
     raise ValueError(f'layout must be one of {LAYOUTS}, got {layout!r}')
-  base, w_group, w_packed, (rows, cols) = _split(w, 'w', 2)
+  base, w_group, w_packed, (rows, cols) = _split(w, w_scales, w_group, w_packed, 'w', 2)
   if (basis is None) != (u is None):
     raise ValueError('pass both basis and u, or neither')
   if basis is not None:
-    v_arrays, v_group, v_packed, v_shape = _split(basis, 'basis', 3)
+    v_arrays, v_group, v_packed, v_shape = _split(basis, basis_scales, basis_group, basis_packed,
+                                                  'basis', 3)
     u = jnp.asarray(u, jnp.float32)
     if v_shape[1:] != (rows, cols) or u.shape != v_shape[:1]:
       raise ValueError(f'basis must be [m, {rows}, {cols}] and u [m], got {v_shape} and {u.shape}')
@@ -391,13 +347,16 @@ def fused_perturb(w, leaf_key, h, a, b, basis=None, u=None, *, layout: str = 'ro
   return _fused(cfg, ints, floats, *base, *v_arrays)
 
 
-def fused_perturb_reference(w, leaf_key, h, a, b, basis=None, u=None, *, layout: str = 'rows',
+def fused_perturb_reference(w, leaf_key, h, a, b, basis=None, u=None, *, w_scales=None,
+                            w_group=None, w_packed: bool = False, basis_scales=None,
+                            basis_group=None, basis_packed: bool = False, layout: str = 'rows',
                             row_offset=0, out_dtype=None):
   """fused_perturb in plain jnp, z from jax.random.normal (the key schedule's own draw); with
   layout 'flat' row_offset must be a Python int."""
-  wf = dequantize(w) if isinstance(w, Quantized) else jnp.asarray(w)
+  quantized = w_scales is not None
+  wf = dequantize_values(w, w_scales, w_group, w_packed) if quantized else jnp.asarray(w)
   if out_dtype is None:
-    out_dtype = jnp.float32 if isinstance(w, Quantized) else wf.dtype
+    out_dtype = jnp.float32 if quantized else wf.dtype
   rows, cols = wf.shape
   if layout == 'flat':
     z = jax.random.normal(leaf_key, (row_offset + rows, cols), jnp.float32)[row_offset:]
@@ -407,7 +366,8 @@ def fused_perturb_reference(w, leaf_key, h, a, b, basis=None, u=None, *, layout:
                                              (cols,), jnp.float32))(idx)
   step = a * z
   if basis is not None:
-    vf = dequantize(basis) if isinstance(basis, Quantized) else jnp.asarray(basis, jnp.float32)
+    vf = (dequantize_values(basis, basis_scales, basis_group, basis_packed)
+          if basis_scales is not None else jnp.asarray(basis, jnp.float32))
     u = jnp.asarray(u, jnp.float32)
     g = u[0] * vf[0]
     for k in range(1, vf.shape[0]):

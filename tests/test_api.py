@@ -16,7 +16,7 @@ def test_readme_loop_with_public_api_replays_to_the_same_model():
   est, subset = cj.Estimator(eps=1e-3, probes=2), cj.Subset('lora', lora_rank=2)
   trainable, frozen = subset.split(params, jax.random.key(0))
   client_update = cj.make_client_update(loss, est, subset)
-  round_fn = cj.make_round(client_update, seed=0, lr=1e-2, chunk=2)
+  round_fn = cj.make_round(client_update, seed=0, chunk=2)
   rng = np.random.default_rng(0)
   c, s, b, t = 3, 2, 4, 8
   batches = {'input_ids': jnp.asarray(rng.integers(0, 64, (c, s, b, t)), jnp.int32),
@@ -24,7 +24,8 @@ def test_readme_loop_with_public_api_replays_to_the_same_model():
              'labels': jnp.asarray(rng.integers(0, 3, (c, s, b)), jnp.int32)}
   counts, clients = jnp.array([5., 10., 20.]), jnp.array([3, 7, 9], jnp.int32)
   start = jax.tree.map(jnp.copy, trainable)
-  trainable, uplinks, losses = round_fn(trainable, frozen, batches, counts, clients, 1)
+  out = round_fn(trainable, frozen, batches, counts, clients, 1, 1e-2)
+  trainable, uplinks, losses = out.trainable, out.uplinks, out.losses
   assert uplinks.scalars.shape == (c, s, 2) and losses.shape == (c, s)
   assert np.all(np.asarray(uplinks.addresses[..., 1]) == np.asarray(clients)[:, None, None])
   # The edge's model is the replay of the uplink: anyone holding the ledger rebuilds it.

@@ -13,9 +13,9 @@ import numpy as np
 import optax
 import pytest
 
-from cooperllm_jax.cloud import (LOGICAL_RULES, CloudConfig, logical_spec, make_cloud_step,
-                                 make_mesh)
+from cooperllm_jax.cloud import LOGICAL_RULES, CloudConfig, logical_spec, make_cloud_step
 from cooperllm_jax.errors import ConfigError
+from cooperllm_jax.mesh import make_mesh
 from cooperllm_jax.models import Decoder, DecoderConfig, Encoder, EncoderConfig
 from cooperllm_jax.models.common import make_loss
 from cooperllm_jax.models.spec import is_spec
@@ -186,9 +186,9 @@ import jax, jax.numpy as jnp
 jax.config.update('jax_default_matmul_precision', 'highest')
 sys.path.insert(0, 'tests')
 import test_cloud as tc
-from cooperllm_jax.cloud import (CloudConfig, logical_spec, make_cloud_step, make_mesh,
-                                 tree_shardings)
+from cooperllm_jax.cloud import CloudConfig, logical_spec, make_cloud_step, tree_shardings
 from cooperllm_jax.errors import ConfigError
+from cooperllm_jax.mesh import make_mesh
 from cooperllm_jax.zoo import Subset
 
 assert len(jax.devices()) == 8, jax.devices()
@@ -257,7 +257,7 @@ for devices in (0, 4):
     state, _ = alg.run_round(state, tz.round_batches(r), tz.COUNTS, tz.CLIENT_IDS, r)
   finals[devices] = state
   if devices:
-    out['cloud_mesh_devices'] = sorted(d.id for d in alg.cloud_mesh.devices.flat)
+    out['cloud_mesh_devices'] = sorted(d.id for d in alg.guidance.cloud_mesh.devices.flat)
     out['pending_devices'] = sorted({d.id for x in jax.tree.leaves(state['pending']['direction'])
                                      for d in x.devices()})
     out['trainable_devices'] = sorted({d.id for x in jax.tree.leaves(state['trainable'])

@@ -17,8 +17,11 @@ import pytest
 import test_zo_algorithms as tz
 from cooperllm_jax import checkpoint as checkpoint_lib
 from cooperllm_jax.errors import CheckpointError, ConfigError, TrainingError
+from cooperllm_jax import config as config_lib
+from cooperllm_jax.federated import channel, edge
 from cooperllm_jax.federated import faults as faults_lib
-from cooperllm_jax.federated import zo
+from cooperllm_jax.federated.clients import Uplink
+from cooperllm_jax.run import guard as guard_lib
 from cooperllm_jax.federated.algorithms import make_algorithm
 from cooperllm_jax.federated.privacy import GaussianPrivacy
 from cooperllm_jax.reporting import truncate_metrics
@@ -32,28 +35,28 @@ def test_trimmed_mean_and_median_match_numpy_with_masks():
   valid = np.ones(7, bool)
   valid[[1, 4]] = False
   kept = values[valid]                                                   # n = 5
-  median = zo.trimmed_mean(jnp.asarray(values), jnp.asarray(valid), 0.5)
+  median = edge.trimmed_mean(jnp.asarray(values), jnp.asarray(valid), 0.5)
   np.testing.assert_allclose(median, np.median(kept, axis=0), rtol=1e-6)
-  trimmed = zo.trimmed_mean(jnp.asarray(values), jnp.asarray(valid), 0.2)  # cuts 1 at each end
+  trimmed = edge.trimmed_mean(jnp.asarray(values), jnp.asarray(valid), 0.2)  # cuts 1 at each end
   np.testing.assert_allclose(trimmed, np.sort(kept, axis=0)[1:4].mean(0), rtol=1e-5)
-  np.testing.assert_allclose(zo.trimmed_mean(jnp.asarray(values), jnp.asarray(valid), 0.0),
+  np.testing.assert_allclose(edge.trimmed_mean(jnp.asarray(values), jnp.asarray(valid), 0.0),
                              kept.mean(0), rtol=1e-5)
-  even = zo.trimmed_mean(jnp.asarray(values[:4]), jnp.ones(4, bool), 0.5)   # mean of middle two
+  even = edge.trimmed_mean(jnp.asarray(values[:4]), jnp.ones(4, bool), 0.5)   # mean of middle two
   np.testing.assert_allclose(even, np.median(values[:4], axis=0), rtol=1e-6)
   # A per-entry mask ([C, S, P]) and coordinates where nothing is valid (-> 0).
   entry = np.ones(values.shape, bool)
   entry[:, 0, 0] = False
   entry[:3, 1, 1] = False
-  out = np.asarray(zo.trimmed_mean(jnp.asarray(values), jnp.asarray(entry), 0.5))
+  out = np.asarray(edge.trimmed_mean(jnp.asarray(values), jnp.asarray(entry), 0.5))
   assert out[0, 0] == 0
   np.testing.assert_allclose(out[1, 1], np.median(values[3:, 1, 1]), rtol=1e-6)
 
 
 def test_clip_scales_only_clients_above_the_median_norm():
   scalars = np.ones((4, 2, 1), np.float32) * np.array([1, 2, 3, 50], np.float32)[:, None, None]
-  up = zo.Uplink(np.zeros((4, 2, 1, 4), np.int32), scalars, np.ones_like(scalars))
+  up = Uplink(np.zeros((4, 2, 1, 4), np.int32), scalars, np.ones_like(scalars))
   arrived = np.array([True, True, True, False])          # the absent giant sets no bound
-  out = np.asarray(zo.clip_clients(up, jnp.asarray(arrived), 1.0).scalars)
+  out = np.asarray(edge.clip_clients(up, jnp.asarray(arrived), 1.0).scalars)
   np.testing.assert_allclose(out[:, 0, 0], [1, 2, 2, 2], rtol=1e-6)   # bound = median norm (2)
 
 
@@ -89,8 +92,8 @@ def test_robust_rules_resist_a_scaled_sign_flipped_client(name):
 # -- the channel -----------------------------------------------------------------------------------
 
 def test_faults_are_deterministic_per_client_and_have_their_rates():
-  f = faults_lib.Faults(num_clients=1000, seed=3, dropout=0.3, deadline=2.0, latency_sigma=0.5,
-                        byzantine=0.2)
+  f = faults_lib.FaultModel(config_lib.Faults(dropout=0.3, deadline=2.0, latency_sigma=0.5,
+                                               byzantine=0.2), num_clients=1000, seed=3)
   assert len(f.byzantine_ids) == 200 and len(set(f.byzantine_ids)) == 200
   clients = np.arange(1000)
   dropped, late = f.arrivals(clients, 7)
@@ -105,13 +108,13 @@ def test_faults_are_deterministic_per_client_and_have_their_rates():
 
 
 def test_receive_rejects_nonfinite_scalars_and_weights_only_arrivals():
-  f = faults_lib.Faults(num_clients=10, seed=0, nonfinite=0.3, dropout=0.5)
+  f = faults_lib.FaultModel(config_lib.Faults(nonfinite=0.3, dropout=0.5), num_clients=10, seed=0)
   scalars = np.ones((4, 3, 2), np.float32)
   weights = np.full_like(scalars, 0.5)
   weights[:, :, 1] = 0                                    # unused slots are never corrupted
-  up = zo.Uplink(np.zeros((4, 3, 2, 4), np.int32), scalars, weights)
+  up = Uplink(np.zeros((4, 3, 2, 4), np.int32), scalars, weights)
   counts = np.array([10, 20, 30, 40], np.float32)
-  got = faults_lib.receive(up, counts, np.array([0, 1, 2, 3]), 5, f)
+  got = channel.receive(up, counts, np.array([0, 1, 2, 3]), 5, f)
   assert np.all(np.isfinite(got.uplink.scalars))
   hit = got.uplink.weights[:, :, 0] == 0
   arrived = got.client_weights > 0
@@ -119,8 +122,8 @@ def test_receive_rejects_nonfinite_scalars_and_weights_only_arrivals():
   np.testing.assert_array_equal(got.uplink.scalars[:, :, 0][hit], 0)
   assert got.metrics['dropped'] == int((~arrived).sum()) and got.sent.sum() == arrived.sum()
   np.testing.assert_allclose(got.client_weights[arrived], counts[arrived] / counts[arrived].sum())
-  none = faults_lib.receive(up, counts, np.array([0, 1, 2, 3]), 5,
-                            faults_lib.Faults(num_clients=10, dropout=0.99))
+  none = channel.receive(up, counts, np.array([0, 1, 2, 3]), 5,
+                         faults_lib.FaultModel(config_lib.Faults(dropout=0.99), num_clients=10))
   assert none.client_weights.sum() == 0
 
 
@@ -143,11 +146,11 @@ def test_fault_and_aggregation_fields_are_validated():
   for bad, match in [(dict(dropout=1.0), 'dropout'), (dict(byzantine=-0.1), 'byzantine'),
                      (dict(deadline=-1.0), 'deadline'), (dict(nonfinite=2.0), 'nonfinite')]:
     with pytest.raises(ConfigError, match=match):
-      faults_lib.Faults(num_clients=4, **bad)
+      config_lib.Faults(**bad)
   with pytest.raises(ConfigError, match='aggregation'):
-    zo.Aggregation('mode')
+    config_lib.Aggregation('mode')
   with pytest.raises(ConfigError, match='aggregation_trim'):
-    zo.Aggregation('trimmed_mean', trim=0.7)
+    config_lib.Aggregation('trimmed_mean', trim=0.7)
   c = tz.config('fedavg_bp')
   c.aggregation = 'median'
   with pytest.raises(ConfigError, match='scalar protocols'):
@@ -161,22 +164,22 @@ def _state(v, lr=0.1):
 
 
 def test_guard_rolls_back_to_the_last_vouched_model_and_halves_the_rate():
-  guard = faults_lib.DivergenceGuard(spike=3.0, window=3, max_rollbacks=1)
+  guard = guard_lib.DivergenceGuard(spike=3.0, window=3, max_rollbacks=1)
   state = _state(0)
   for r, loss in enumerate([1.0, 0.9, 1.1, 2.5], 1):                  # no spike yet
-    state, rolled = guard.after_round(faults_lib.copy_state(state), _state(r), loss, r)
+    state, rolled = guard.after_round(guard_lib.copy_state(state), _state(r), loss, r)
     assert not rolled
   assert float(guard.good['trainable']['w'][0]) == 3    # the model that entered round 4
-  state, rolled = guard.after_round(faults_lib.copy_state(state), _state(5), None, 5)
+  state, rolled = guard.after_round(guard_lib.copy_state(state), _state(5), None, 5)
   assert not rolled and float(state['trainable']['w'][0]) == 5     # nobody reported: no verdict
   # median(0.9, 1.1, 2.5) = 1.1: 3.4 > 3 x 1.1 is a spike -> back to the model vouched for last.
-  state, rolled = guard.after_round(faults_lib.copy_state(state), _state(6), 3.4, 6)
+  state, rolled = guard.after_round(guard_lib.copy_state(state), _state(6), 3.4, 6)
   assert rolled and float(state['trainable']['w'][0]) == 3
   assert float(state['lr']) == pytest.approx(0.05)
   with pytest.raises(TrainingError, match='rollbacks'):
-    guard.after_round(faults_lib.copy_state(state), _state(7), float('nan'), 7)
+    guard.after_round(guard_lib.copy_state(state), _state(7), float('nan'), 7)
   with pytest.raises(ConfigError, match='guard.spike'):
-    faults_lib.DivergenceGuard(spike=0.5)
+    config_lib.Guard(spike=0.5)
 
 
 # -- DP -------------------------------------------------------------------------------------------
@@ -184,7 +187,7 @@ def test_guard_rolls_back_to_the_last_vouched_model_and_halves_the_rate():
 def test_dp_clips_each_client_and_adds_seeded_noise():
   dp = GaussianPrivacy(clip=1.0, noise=1e-4, seed=1)
   scalars = np.array([[[3.0], [4.0]], [[0.3], [0.4]]], np.float32)        # norms 5 and 0.5
-  up = zo.Uplink(np.zeros((2, 2, 1, 4), np.int32), scalars, np.ones_like(scalars))
+  up = Uplink(np.zeros((2, 2, 1, 4), np.int32), scalars, np.ones_like(scalars))
   out = dp.privatize(up, np.array([0, 1]), 1).scalars
   np.testing.assert_allclose(out[0, :, 0], [0.6, 0.8], atol=1e-3)         # clipped to norm 1
   np.testing.assert_allclose(out[1, :, 0], [0.3, 0.4], atol=1e-3)         # within the bound

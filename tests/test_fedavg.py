@@ -7,7 +7,8 @@ import optax
 import pytest
 
 from cooperllm_jax.errors import ConfigError
-from cooperllm_jax.federated import client_data, fedavg_bp
+from cooperllm_jax.federated import client_data
+from cooperllm_jax.federated.algorithms import fedavg_bp
 from cooperllm_jax.models import Encoder, EncoderConfig
 from cooperllm_jax.models.common import make_loss
 

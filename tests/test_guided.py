@@ -17,7 +17,7 @@ import pytest
 
 from cooperllm_jax import zoo
 from cooperllm_jax.cloud import pool as pool_lib
-from cooperllm_jax.federated import zo as fzo
+from cooperllm_jax.federated import clients as fzo
 from cooperllm_jax.models import Encoder, EncoderConfig
 from cooperllm_jax.models.common import hook, make_loss
 from cooperllm_jax.models.spec import is_spec

@@ -6,9 +6,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from cooperllm_jax.kernels import fused_perturb as kernel
+from cooperllm_jax.kernels.fused_perturb import _flat_index
 from cooperllm_jax.zoo import keys as keys_lib
-from kernels.fused_perturb import (Quantized, _flat_index, dequantize, fused_perturb,
-                                   fused_perturb_reference, quantize, unpack)
+from cooperllm_jax.zoo.quantized import Quantized, dequantize, quantize, unpack
 
 PATH = 'layers/attn/q/kernel'
 
@@ -19,6 +20,25 @@ def _probe_key(probe=0):
 
 def _bits(x):
   return np.asarray(x, np.float32).view(np.uint32)
+
+
+def _plain(fn):
+  """fn (the kernel or its reference) taking Quantized w / basis: the kernels take plain arrays,
+  int8 values with their scales, group and packing."""
+  def call(w, leaf_key, h, a, b, basis=None, u=None, **kw):
+    if isinstance(w, Quantized):
+      kw.update(w_scales=w.scales, w_group=w.group, w_packed=w.packed)
+      w = w.values
+    if isinstance(basis, Quantized):
+      kw.update(basis_scales=basis.scales, basis_group=basis.group, basis_packed=basis.packed)
+      basis = basis.values
+    return fn(w, leaf_key, h, a, b, basis, u, **kw)
+
+  return call
+
+
+fused_perturb, fused_perturb_reference = _plain(kernel.fused_perturb), _plain(
+    kernel.fused_perturb_reference)
 
 
 def _normal(seed, shape):

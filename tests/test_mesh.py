@@ -1,4 +1,4 @@
-"""Clients across devices and processes (federated/mesh.py, cooperllm_jax/distributed.py): a run
+"""Clients across devices and processes (cooperllm_jax/mesh.py, cooperllm_jax/distributed.py): a run
 whose 8 clients per round are split over a mesh's 'clients' axis equals the one-device run, only
 the uplink scalars cross devices, each process loads only its own clients, and two jax.distributed
 processes on localhost agree with one process.
@@ -20,10 +20,11 @@ import pytest
 
 import test_zo_algorithms as tz
 from cooperllm_jax import distributed
-from cooperllm_jax.cloud import make_mesh
+from cooperllm_jax.config import parse
+from cooperllm_jax.mesh import make_mesh
 from cooperllm_jax.errors import ConfigError
 from cooperllm_jax.federated import client_data
-from cooperllm_jax.federated import mesh as mesh_lib
+from cooperllm_jax import mesh as mesh_lib
 from cooperllm_jax.federated.algorithms import make_algorithm
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -108,9 +109,9 @@ jax.config.update('jax_default_matmul_precision', 'highest')
 sys.path.insert(0, 'tests')
 import test_mesh as tm
 import test_zo_algorithms as tz
-from cooperllm_jax.cloud import make_mesh
+from cooperllm_jax.mesh import make_mesh
 from cooperllm_jax.errors import ConfigError
-from cooperllm_jax.federated import mesh as mesh_lib
+from cooperllm_jax import mesh as mesh_lib
 from cooperllm_jax.federated.algorithms import make_algorithm
 
 assert len(jax.devices()) == 8, jax.devices()
@@ -127,10 +128,10 @@ for name in ('fedmezo', 'cooperllm'):
       'trainable_devices': sorted({len(y.sharding.device_set) for y in leaves}),
       'replicated': all(y.is_fully_replicated for y in jax.tree.leaves(state))}
   if name == 'cooperllm':
-    out[name + '_facts']['cloud_mesh'] = dict(alg.cloud_mesh.shape)
+    out[name + '_facts']['cloud_mesh'] = dict(alg.guidance.cloud_mesh.shape)
   else:  # the clients' program its rounds ran, compiled for its last round's inputs
     batches, _, clients, r = mesh_lib.place_round(alg.mesh, batches, None, tm.SAMPLED, ROUND)
-    compiled = alg._clients.lower(state['trainable'], state['frozen'], batches, clients, r,
+    compiled = alg.round.clients.lower(state['trainable'], state['frozen'], batches, clients, r,
                                   state['lr']).compile()
 
 # That program: batches enter split over 'clients', one client per device, and the only
@@ -319,8 +320,9 @@ def test_two_processes_agree_with_one_process(two, eight):
 
 def test_default_config_has_no_mesh_and_a_mesh_has_three_axes():
   from experiments.configs import demo  # pylint: disable=g-import-not-at-top
-  assert mesh_lib.from_config(demo.get_config('fedmezo')) is None      # 1 x 1 x 1: today's path
-  assert mesh_lib.from_config(tz.config('fedmezo')) is None            # a config without mesh
+  for c in (demo.get_config('fedmezo'), tz.config('fedmezo')):   # 1 x 1 x 1; a config without mesh
+    cfg = parse(c)
+    assert mesh_lib.for_run(cfg.mesh, cfg.clients_per_round) is None
   assert dict(make_mesh().shape) == {'clients': 1, 'data': len(jax.devices()), 'model': 1}
   with pytest.raises(ConfigError, match='not both'):
     make_mesh(data=-1, clients=-1)

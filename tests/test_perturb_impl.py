@@ -14,14 +14,14 @@ import pytest
 from cooperllm_jax import zoo
 from cooperllm_jax.cloud import pool as pool_lib
 from cooperllm_jax.errors import ConfigError
-from cooperllm_jax.federated import zo as fzo
+from cooperllm_jax.federated import clients as fzo
 from cooperllm_jax.memory import compiled_memory
 from cooperllm_jax.models import Decoder, DecoderConfig, Encoder, EncoderConfig
 from cooperllm_jax.models.common import make_loss
 from cooperllm_jax.models.spec import is_spec
 from cooperllm_jax.zoo import guided, quantized
 from cooperllm_jax.zoo.perturb import Perturbation
-from kernels.fused_perturb import Quantized
+from cooperllm_jax.zoo.quantized import Quantized
 
 ENCODER = Encoder(EncoderConfig(vocab_size=97, hidden_size=32, num_layers=2, num_heads=2,
                                 intermediate_size=64, max_positions=16, num_labels=3,

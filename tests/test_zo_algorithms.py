@@ -16,7 +16,7 @@ import pytest
 
 from cooperllm_jax import zoo
 from cooperllm_jax.errors import ConfigError
-from cooperllm_jax.federated import fwdllm
+from cooperllm_jax.federated.algorithms import fwdllm
 from cooperllm_jax.federated.algorithms import ALGORITHMS, make_algorithm
 from cooperllm_jax.models import Encoder, EncoderConfig
 from cooperllm_jax.models.common import make_loss
@@ -104,7 +104,7 @@ def history(name, rounds=ROUNDS, chunk=1, backend='map', link_budget=None, **ove
   alg = make_algorithm(config(name, client_chunk=chunk, client_backend=backend, **over), MODEL,
                        PUBLIC)
   if link_budget is not None:
-    alg.link_budget = link_budget
+    alg.guidance.link_budget = link_budget
   params = jax.tree.map(jnp.asarray, PARAMS_NP)
   state = alg.init(params)
   states, results, inputs = [snapshot(state)], [], []
@@ -385,9 +385,9 @@ def _replays_the_edge(h, r):
   (the round's in-jit replay may fuse differently from this standalone one: an ulp or so)."""
   alg, before, after = h['alg'], h['states'][r - 1], h['states'][r]
   up = h['results'][r - 1].uplink
-  coefs = zoo.coefficients(alg.lr, up.scalars, up.weights) * weights()[:, None, None]
+  coefs = zoo.coefficients(alg.zo.lr, up.scalars, up.weights) * weights()[:, None, None]
   replayed = jax.jit(zoo.replay, static_argnames='distribution')(
-      before['trainable'], alg.seed, jnp.asarray(up.addresses).reshape(-1, 4), coefs.reshape(-1),
+      before['trainable'], alg.zo.seed, jnp.asarray(up.addresses).reshape(-1, 4), coefs.reshape(-1),
       guide=after['guidance'])
   jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-8),
                after['trainable'], replayed)
@@ -403,7 +403,7 @@ def test_cooperllm_pool_is_the_cloud_gradient_and_the_edge_replays_under_it():
   for r in (1, 2, 3):
     before, after = h['states'][r - 1], h['states'][r]
     # The newest pool entry is the mean public gradient at the round's starting model.
-    pub = client_data.public_batches(PUBLIC, 2, 16, alg.seed, r)
+    pub = client_data.public_batches(PUBLIC, 2, 16, alg.zo.seed, r)
     grads = [jax.grad(lambda t: loss(overlay(before['frozen'], t), jax.tree.map(lambda x: x[k], pub)))(
         before['trainable']) for k in range(2)]
     want = jax.tree.map(lambda a, b: (a + b) / 2, *grads)
@@ -413,7 +413,7 @@ def test_cooperllm_pool_is_the_cloud_gradient_and_the_edge_replays_under_it():
     basis, valid = pool_lib.orthonormalize(after['pool'])
     np.testing.assert_array_equal(after['guidance'].valid, valid)
     _replays_the_edge(h, r)
-    assert h['results'][r - 1].guidance_bytes == 2 * alg._d * 4 + 4  # pylint: disable=protected-access
+    assert h['results'][r - 1].guidance_bytes == 2 * alg.guidance.d * 4 + 4  # pylint: disable=protected-access
 
 
 def test_cooperllm_runs_are_deterministic():
@@ -466,7 +466,7 @@ def test_cooperllm_quantized_guidance_bytes_and_replay():
     after, result = h['states'][r], h['results'][r - 1]
     sent = after['guidance'].basis
     assert result.guidance_bytes == C.tree_nbytes(sent, C.LeafCodec('int8')) + 4
-    assert result.guidance_bytes < 2 * alg._d * 4 / 3  # pylint: disable=protected-access
+    assert result.guidance_bytes < 2 * alg.guidance.d * 4 / 3  # pylint: disable=protected-access
     # V as sent is the orthonormal basis up to the codec's (reported) rounding error.
     basis, _ = pool_lib.orthonormalize(after['pool'])
     diff = jax.tree.map(lambda x, y: x - y, sent, basis)
@@ -477,8 +477,8 @@ def test_cooperllm_quantized_guidance_bytes_and_replay():
   # A client run on its own with the decoded V sends the scalars the round's client 0 sent.
   before, r = h['states'][0], 1
   b0 = jax.tree.map(lambda x: x[0], h['inputs'][0])
-  _, up, _ = alg._jit_client(before['trainable'], before['frozen'], b0, alg.seed, r,  # pylint: disable=protected-access
-                             CLIENT_IDS[0], alg.lr, guide=h['states'][1]['guidance'])
+  _, up, _ = alg.zo.round.client(before['trainable'], before['frozen'], b0, alg.zo.seed, r,  # pylint: disable=protected-access
+                             CLIENT_IDS[0], alg.zo.lr, guide=h['states'][1]['guidance'])
   np.testing.assert_allclose(up.scalars, h['results'][0].uplink.scalars[0], rtol=1e-3, atol=1e-3)
 
 
@@ -532,7 +532,7 @@ def test_cooperllm_with_alpha_one_ignores_quantized_guidance():
 def test_quantized_base_weights_round():
   """zo.base_weights keeps the frozen body int8 on the clients; the model the edge evaluates is
   the dequantized body with the trained head."""
-  from kernels.fused_perturb import Quantized  # pylint: disable=g-import-not-at-top
+  from cooperllm_jax.zoo.quantized import Quantized  # pylint: disable=g-import-not-at-top
   h = history('fedmezo', rounds=2, zo=(('base_weights', 'int8'),))
   state = h['states'][-1]
   assert isinstance(state['frozen']['layers']['attn']['q']['kernel'], Quantized)

@@ -19,7 +19,7 @@ import pytest
 
 from cooperllm_jax import zoo
 from cooperllm_jax.errors import ConfigError
-from cooperllm_jax.federated import zo as fzo
+from cooperllm_jax.federated import clients as fzo
 from cooperllm_jax.models import Decoder, DecoderConfig, Encoder, EncoderConfig
 from cooperllm_jax.models.common import make_loss
 from cooperllm_jax.models.spec import is_spec, path_str

@@ -26,6 +26,7 @@ over 'data'; the numbers equal the single-device ones up to float reduction orde
 """
 
 import dataclasses
+import math
 from typing import Callable, NamedTuple, Optional
 
 import jax
@@ -36,6 +37,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from cooperllm_jax.cloud.sharding import (LOGICAL_RULES, batch_sharding, spec_shardings,
                                           trainable_shardings)
 from cooperllm_jax.errors import ConfigError
+from cooperllm_jax.tree_math import tree_dot
 from cooperllm_jax.zoo.spsa import loss_at
 from cooperllm_jax.zoo.trainable import Subset
 
@@ -52,19 +54,15 @@ class CloudConfig:
   def __post_init__(self):
     if self.mode not in MODES:
       raise ConfigError(f'unknown cloud mode {self.mode!r}; choose one of {", ".join(MODES)}')
-    if not self.learning_rate > 0:
-      raise ConfigError(f'cloud learning_rate must be > 0, got {self.learning_rate}')
-    if not self.weight_decay >= 0:
+    if not (math.isfinite(self.learning_rate) and self.learning_rate > 0):
+      raise ConfigError(f'cloud learning_rate must be > 0 (and finite), got '
+                        f'{self.learning_rate}')
+    if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
       raise ConfigError(f'cloud weight_decay must be >= 0, got {self.weight_decay}')
 
 
 def _f32(tree):
   return jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), tree)
-
-
-def _dot(a, b) -> jax.Array:
-  return sum((jnp.vdot(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b))),
-             jnp.float32(0))
 
 
 class _Welford(NamedTuple):
@@ -81,7 +79,7 @@ class _Welford(NamedTuple):
     count = self.count + 1
     delta = jax.tree.map(jnp.subtract, g, self.mean)
     mean = jax.tree.map(lambda m, d: m + d / count, self.mean, delta)
-    return _Welford(count, mean, self.m2 + _dot(delta, jax.tree.map(jnp.subtract, g, mean)))
+    return _Welford(count, mean, self.m2 + tree_dot(delta, jax.tree.map(jnp.subtract, g, mean)))
 
   def variance(self, k: int) -> jax.Array:
     """Trace variance of the mean of k samples."""
@@ -140,7 +138,7 @@ class CloudStep:
       direction = jax.tree.map(lambda s, a: (s - a) * scale, start, after)
       start_loss = jax.lax.map(lambda b: loss(start, b), batches).mean()
 
-    stats = {'loss': start_loss, 'grad_sq_norm': _dot(direction, direction),
+    stats = {'loss': start_loss, 'grad_sq_norm': tree_dot(direction, direction),
              'variance': acc.variance(k)}
     return cloud_state, direction, stats
 

@@ -13,15 +13,12 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from cooperllm_jax.tree_math import tree_dot
+
 
 class Pool(NamedTuple):
   directions: dict     # trainable-tree structure, leaves [m, *shape] float32, newest first
   filled: jax.Array    # int32: how many slots hold a direction
-
-
-def tree_dot(a, b) -> jax.Array:
-  return sum(jnp.vdot(x.astype(jnp.float32), y.astype(jnp.float32))
-             for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
 
 
 def empty_pool(trainable, m: int) -> Pool:

@@ -1,6 +1,6 @@
-"""Sharding: the run's ('clients', 'data', 'model') mesh and logical-axis rules for the weights.
+"""Sharding of the cloud's weights: logical-axis rules onto the run's mesh (cooperllm_jax/mesh.py).
 
-One mesh serves both tiers: simulated clients are split over 'clients' (federated/mesh.py; only
+One mesh serves both tiers: simulated clients are split over 'clients' (cooperllm_jax/mesh.py; only
 their scalars cross it), the cloud's weights and public batches over 'data' and 'model' (its
 NamedShardings never name 'clients', so they are replicated along it).
 
@@ -13,7 +13,6 @@ the models are not written with sharding-in-types, so the compiler's propagation
 places the activations from the weights' and the batch's shardings.
 """
 
-import math
 from typing import Optional, Sequence
 
 import jax
@@ -21,9 +20,6 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from cooperllm_jax.errors import ConfigError
 from cooperllm_jax.models.spec import logical_axes
-
-CLIENT_AXIS = 'clients'
-MESH_AXES = (CLIENT_AXIS, 'data', 'model')
 
 LOGICAL_RULES = (
     ('layers', None),         # scanned over; every device needs each layer in turn
@@ -37,30 +33,6 @@ LOGICAL_RULES = (
     ('token_types', None),
     ('classes', None),        # a handful of labels
 )
-
-
-def make_mesh(data: int = -1, model: int = 1, devices: Optional[Sequence] = None,
-              clients: int = 1) -> Mesh:
-  """A ('clients', 'data', 'model') mesh with Auto axes over the first clients * data * model
-  devices; one of data and clients may be -1: all the devices the other axes leave.
-
-  'clients' is the outermost axis, so with jax.devices()' order (process by process) it is the one
-  that spans hosts: the cloud's FSDP/tensor-parallel collectives over 'data'/'model' stay within a
-  host while only the clients' scalars travel between hosts."""
-  devices = list(jax.devices() if devices is None else devices)
-  n = len(devices)
-  sizes = [clients, data, model]
-  shape = ' x '.join(map(str, sizes))
-  if model < 1 or any(s == 0 or s < -1 for s in sizes) or sizes.count(-1) > 1:
-    raise ConfigError(f'mesh clients x data x model = {shape}: sizes must be >= 1 (data or '
-                      'clients may be -1, not both)')
-  fixed = math.prod(s for s in sizes if s != -1)
-  if n % fixed:
-    raise ConfigError(f'mesh clients x data x model = {shape} does not divide the {n} devices')
-  sizes = [n // fixed if s == -1 else s for s in sizes]
-  return jax.make_mesh(tuple(sizes), MESH_AXES,
-                       axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES),
-                       devices=devices[:math.prod(sizes)])
 
 
 def logical_spec(axes: Sequence[Optional[str]], shape: Sequence[int], mesh: Mesh,

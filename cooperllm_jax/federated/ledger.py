@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from cooperllm_jax.errors import CheckpointError
-from cooperllm_jax.federated.zo import Uplink
+from cooperllm_jax.federated.clients import Uplink
 from cooperllm_jax.io import save_npz_atomic
 from cooperllm_jax.zoo.guided import Guidance
 

@@ -15,11 +15,12 @@ reports the worst client's epsilon (the most uploads).
 """
 
 import dataclasses
+from typing import Optional
 
 import numpy as np
 
-from cooperllm_jax.errors import ConfigError
-from cooperllm_jax.federated.zo import Uplink
+from cooperllm_jax import config as config_lib
+from cooperllm_jax.federated.clients import Uplink
 
 _NOISE = 0xD9
 
@@ -31,21 +32,10 @@ class GaussianPrivacy:
   delta: float = 1e-5
   seed: int = 0
 
-  def __post_init__(self):
-    if not self.clip > 0:
-      raise ConfigError(f'dp.clip must be > 0 (0 = DP off), got {self.clip}')
-    if not self.noise > 0:
-      raise ConfigError(f'dp.noise must be > 0 when dp.clip is set, got {self.noise}')
-    if not 0 < self.delta < 1:
-      raise ConfigError(f'dp.delta must be in (0, 1), got {self.delta}')
-
   @classmethod
-  def from_config(cls, config):
-    """The config's dp section (None when absent or dp.clip = 0)."""
-    dp = config.get('dp')
-    if dp is None or dp.clip == 0:
-      return None
-    return cls(dp.clip, dp.noise, dp.delta, config.seed)
+  def of(cls, dp: config_lib.DP, seed: int) -> Optional['GaussianPrivacy']:
+    """The run's DP (config.DP validated its values); None when dp.clip = 0."""
+    return cls(dp.clip, dp.noise, dp.delta, seed) if dp.active else None
 
   def privatize(self, uplink: Uplink, clients, round_index: int) -> Uplink:
     """Every client's scalars clipped to norm `clip` and noised; unused slots (weight 0) stay 0."""

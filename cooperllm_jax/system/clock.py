@@ -66,28 +66,22 @@ class SimulatedClock:
   elapsed: float = 0.0
 
   @classmethod
-  def from_config(cls, config, model, trainable) -> 'SimulatedClock':
-    """trainable: the tree the clients change (ZO's trainable subset, fedavg_bp's params)."""
-    system = config.system
+  def for_run(cls, cfg, costs, model, trainable) -> 'SimulatedClock':
+    """The clock of a run (config.RunConfig) of an algorithm with `costs` (federated.api.Costs);
+    trainable: the tree the clients change (ZO's trainable subset, fedavg_bp's params)."""
+    system = cfg.system
     profiles = profiles_lib.load_profiles(system.profiles or None)
-    cooper = config.algorithm == 'cooperllm'
+    g = costs.guidance
     return cls(
-        stages=wl.model_stages(model, trainable, config.max_length),
-        devices=client_devices(system.clients, profiles, config.num_clients, config.seed),
+        stages=wl.model_stages(model, trainable, cfg.data.max_length),
+        devices=client_devices(system.clients, profiles, cfg.data.num_clients, cfg.seed),
         cloud=profiles_lib.pick(profiles, system.cloud, 'cloud'),
         edge=profiles_lib.pick(profiles, system.edge, 'edge'),
-        batch_size=config.batch_size, steps=config.local_steps, pipelined=bool(system.pipelined),
-        pool_size=config.zgr.pool_size if cooper else 0,
-        guidance_codec=(codec_lib.LeafCodec(
-            'f32' if config.zgr.guidance_format in codec_lib.ALLOCATIONS
-            else config.zgr.guidance_format, config.zgr.guidance_block, config.zgr.guidance_topk)
-                        if cooper else None),
-        cloud_examples=config.cloud.batches * config.cloud.batch_size if cooper else 0,
-        cloud_adamw=cooper and config.cloud.mode == 'finetune',
-        cloud_lag=config.cloud.lag if cooper else 0, refresh=config.zgr.refresh,
-        bp_clients=config.algorithm == 'fedavg_bp',
-        step_passes=(2 * config.zo.probes if config.zo.scheme == 'central'
-                     else config.zo.probes + 1))
+        batch_size=cfg.batch_size, steps=cfg.local_steps, pipelined=bool(system.pipelined),
+        pool_size=g.pool_size if g else 0, guidance_codec=g.codec if g else None,
+        cloud_examples=g.cloud_examples if g else 0, cloud_adamw=bool(g and g.cloud_adamw),
+        cloud_lag=g.cloud_lag if g else 0, refresh=g.refresh if g else 1,
+        bp_clients=costs.client_backprop, step_passes=costs.step_passes)
 
   @property
   def trainable(self) -> int:

@@ -8,13 +8,13 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 
+from cooperllm_jax.kernels.fused_perturb import fused_perturb
 from cooperllm_jax.models.spec import path_str
 from cooperllm_jax.zoo import guided
 from cooperllm_jax.zoo import keys as keys_lib
 from cooperllm_jax.zoo.guided import Guidance, direction
-from cooperllm_jax.zoo.quantized import is_quantized, take_rows
+from cooperllm_jax.zoo.quantized import dequantize, is_quantized, take_rows
 from cooperllm_jax.zoo.trainable import merge_lora
-from kernels.fused_perturb import dequantize, fused_perturb
 
 IMPLS = ('xla', 'pallas')
 # The fused kernel's blocks in the client: powers of two (GPU), rows up to 512 columns wide.

@@ -60,7 +60,12 @@ class Estimator:
 
   @property
   def forwards_per_step(self) -> int:
-    return 2 * self.probes if self.scheme == 'central' else self.probes + 1
+    return self.forwards(self.probes, 1)
+
+  def forwards(self, probes, steps):
+    """Forward passes of `probes` probes over `steps` local steps (one-sided: + L(theta) a step);
+    works on integers and integer arrays alike."""
+    return 2 * probes if self.scheme == 'central' else probes + steps
 
 
 def loss_at(loss_fn: LossFn, trainable, frozen, batch, key, scale, distribution='gaussian',

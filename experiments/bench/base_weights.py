@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from cooperllm_jax import zoo
-from cooperllm_jax.federated import zo as fzo
+from cooperllm_jax.federated import clients as fzo
 from cooperllm_jax.memory import compiled_memory
 from cooperllm_jax.models.common import make_loss
 from cooperllm_jax.zoo import quantized

@@ -11,8 +11,9 @@ allocated or run. Everything is float32 (weights, compute, guidance). Methods:
                     says): --steps train steps (params, AdamW state, batch) -> (params, AdamW
                     state), both donated: weights, gradients, the two moments and the activations
                     saved for the backward pass;
-  zo_plain          the ZO client (federated/zo.py: make_client_update, one central SPSA probe) with
-                    guide=None, i.e. FedMeZO; trainable weights donated, as ZOAlgorithm does;
+  zo_plain          the ZO client (federated/clients.py: make_client_update, one central SPSA
+                    probe) with guide=None, i.e. FedMeZO; trainable weights donated, as
+                    ScalarProtocol does;
   zo_full_guidance  the same client holding CooperLLM's whole guidance basis V, [m, *leaf] float32
                     for every trainable leaf (m = --pool), built as CooperLLM.init builds it;
   zo_layerwise      the paper's SPC client, which holds only the guidance of the stage it is
@@ -45,7 +46,7 @@ import optax
 from cooperllm_jax import zoo
 from cooperllm_jax.cloud import pool as pool_lib
 from cooperllm_jax.errors import ConfigError
-from cooperllm_jax.federated import zo as fzo
+from cooperllm_jax.federated import clients as fzo
 from cooperllm_jax.memory import compiled_memory
 from cooperllm_jax.models import abstract_params, count_params
 from cooperllm_jax.models.common import make_loss

@@ -1,4 +1,4 @@
-"""Simulated clients across devices and hosts: the 'clients' axis of the run's mesh.
+"""The run's device mesh ('clients', 'data', 'model'), shared by the cloud and the clients.
 
 Clients are data (DESIGN.md, principle 4). A round's batches [C, S, B, ...] and client ids [C] are
 split over the mesh's 'clients' axis and each device trains its C / n clients (`over_clients`, a
@@ -6,20 +6,21 @@ shard_map); the global trainable weights, the frozen ones, the round's guidance 
 replicated. What leaves a device is what leaves a real client: its uplink scalars (and losses),
 gathered so the edge's replay runs replicated on every device. No weights cross devices.
 
-The mesh is cloud/sharding.make_mesh's ('clients', 'data', 'model'): the cloud's shardings name
-only 'data' and 'model', the clients' only 'clients'. Inside `over_clients` every mesh axis is
-manual, so with data x model > 1 each (data, model) position trains the same clients (redundant
-but correct: the client tier is meant to scale over 'clients'). Arrays made here are global
+The cloud's shardings (cloud/sharding.py) name only 'data' and 'model', the clients' only
+'clients'. Inside `over_clients` every mesh axis is manual, so with data x model > 1 each
+(data, model) position trains the same clients (redundant but correct: the client tier is meant
+to scale over 'clients'). Arrays made here are global
 jax.Arrays (replicated, or split over 'clients'), valid across processes and savable by orbax.
 """
 
-from typing import Callable, Optional
+import math
+from typing import Callable, Optional, Sequence
 
 import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from cooperllm_jax.cloud.sharding import CLIENT_AXIS, make_mesh
+from cooperllm_jax import config as config_lib
 from cooperllm_jax.errors import ConfigError
 
 # The clients' code (models, lax loops carrying the weights) is not written with shard_map's
@@ -32,7 +33,33 @@ except ImportError:  # pragma: no cover - depends on the installed jax
   from jax.experimental.shard_map import shard_map
   _UNCHECKED = {'check_rep': False}
 
+CLIENT_AXIS = 'clients'
+MESH_AXES = (CLIENT_AXIS, 'data', 'model')
 CLIENT_SPEC = PartitionSpec(CLIENT_AXIS)
+
+
+def make_mesh(data: int = -1, model: int = 1, devices: Optional[Sequence] = None,
+              clients: int = 1) -> Mesh:
+  """A ('clients', 'data', 'model') mesh with Auto axes over the first clients * data * model
+  devices; one of data and clients may be -1: all the devices the other axes leave.
+
+  'clients' is the outermost axis, so with jax.devices()' order (process by process) it is the one
+  that spans hosts: the cloud's FSDP/tensor-parallel collectives over 'data'/'model' stay within a
+  host while only the clients' scalars travel between hosts."""
+  devices = list(jax.devices() if devices is None else devices)
+  n = len(devices)
+  sizes = [clients, data, model]
+  shape = ' x '.join(map(str, sizes))
+  if model < 1 or any(s == 0 or s < -1 for s in sizes) or sizes.count(-1) > 1:
+    raise ConfigError(f'mesh clients x data x model = {shape}: sizes must be >= 1 (data or '
+                      'clients may be -1, not both)')
+  fixed = math.prod(s for s in sizes if s != -1)
+  if n % fixed:
+    raise ConfigError(f'mesh clients x data x model = {shape} does not divide the {n} devices')
+  sizes = [n // fixed if s == -1 else s for s in sizes]
+  return jax.make_mesh(tuple(sizes), MESH_AXES,
+                       axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES),
+                       devices=devices[:math.prod(sizes)])
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
@@ -118,19 +145,16 @@ def host_local_batches(mesh: Optional[Mesh], sampled: np.ndarray, load: Callable
           jax.device_put(global_array(lambda p: p[1], counts), replicated(mesh)))
 
 
-def from_config(config) -> Optional[Mesh]:
-  """The run's mesh from config.mesh (clients, data, model), None for 1 x 1 x 1 on one process
-  (today's single-device path). A multi-process run must span every device, and the clients axis
-  must divide config.clients_per_round (checked here, before anything is written)."""
-  m = config.get('mesh')
-  sizes = (1, 1, 1) if m is None else (m.clients, m.data, m.model)
-  if sizes == (1, 1, 1) and jax.process_count() == 1:
+def for_run(spec: config_lib.Mesh, clients_per_round: int) -> Optional[Mesh]:
+  """The run's mesh from config.Mesh (clients, data, model), None for 1 x 1 x 1 on one process
+  (the single-device path). A multi-process run must span every device, and the clients axis
+  must divide clients_per_round (checked here, before anything is written)."""
+  if spec.sizes == (1, 1, 1) and jax.process_count() == 1:
     return None
-  mesh = make_mesh(data=sizes[1], model=sizes[2], clients=sizes[0])
+  mesh = make_mesh(data=spec.data, model=spec.model, clients=spec.clients)
   if mesh.size != jax.device_count() and jax.process_count() > 1:
     raise ConfigError(f'a run over {jax.process_count()} processes needs a mesh over all '
                       f'{jax.device_count()} devices, got clients x data x model = '
                       f'{" x ".join(map(str, mesh.devices.shape))} (e.g. --config.mesh.clients=-1)')
-  if config.get('clients_per_round') is not None:
-    check_clients(config.clients_per_round, mesh)
+  check_clients(clients_per_round, mesh)
   return mesh

@@ -14,8 +14,9 @@ Per round r (the FedMeZO protocol plus the cloud tier):
   3. clients sample guided directions z = beta (sqrt(alpha) v + sqrt((1-alpha) d/m) V u) from their
              probe keys (zoo/guided.py), run local ZO steps and upload only the scalars;
   4. edge    replays every client's (address, scalar) entries under the same V.
-The client, replay and accounting are FedMeZO's (ZOAlgorithm); this class adds the cloud, the pool
-and the mixing. Adaptive mixing sets alpha each round from the paper's optimal weight on the cloud,
+The client, replay and accounting are FedMeZO's: `CooperLLM` composes that protocol with a
+`CloudGuidance` component (the cloud, the pool, the downlink codec and the mixing), which prepares
+each round's guidance before the clients run and learns from their scalars afterwards. Adaptive mixing sets alpha each round from the paper's optimal weight on the cloud,
 
     lambda* = d sigma^2 / (d sigma^2 + |b|^2 + tau^2),     alpha = 1 - lambda* (clipped),
 
@@ -31,27 +32,31 @@ every client's QR rounded exactly like the edge's.
 """
 
 import dataclasses
-from typing import Callable, Optional
+from typing import Any, Callable, ClassVar, Optional
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from cooperllm_jax import config as config_lib
 from cooperllm_jax.cloud import bp as cloud_bp
 from cooperllm_jax.cloud import pool as pool_lib
 from cooperllm_jax.errors import ConfigError
 from cooperllm_jax.federated import client_data
-from cooperllm_jax.federated.algorithms import SCALAR_BYTES, RoundResult, ZOAlgorithm
-from cooperllm_jax.federated.zo import SHARED, Uplink
+from cooperllm_jax.federated.algorithms.fedmezo import FedMeZO
+from cooperllm_jax.federated.api import SCALAR_BYTES, Costs, GuidanceCosts, RoundResult
+from cooperllm_jax.federated.clients import SHARED, Uplink
+from cooperllm_jax.federated.registry import register
+from cooperllm_jax.mesh import make_mesh
 from cooperllm_jax.models.common import make_loss
 from cooperllm_jax.models.spec import path_str
 from cooperllm_jax.system import codec as codec_lib
+from cooperllm_jax.tree_math import tree_dot, tree_size
 from cooperllm_jax.zoo import guided
 from cooperllm_jax.zoo import keys as keys_lib
 from cooperllm_jax.zoo.quantized import dequantize_tree
 
 CODEC_PATH = ('__guidance__', 'codec')  # the downlink's rounding stream: a path no model has
-GUIDANCE_FORMATS = codec_lib.FORMATS + codec_lib.ALLOCATIONS
 
 
 def probe_moments(uplinks: Uplink, counts, guide: guided.Guidance, seed, distribution: str):
@@ -90,106 +95,78 @@ def optimal_alpha(grad_sq, proj_sq, tau_sq, d: int, probes_per_step: int, lo: fl
 
 
 @dataclasses.dataclass
-class CooperLLM(ZOAlgorithm):
-  """ZGR on the scalar protocol: see the module docstring. `public` holds the cloud's tokenized
-  public examples {input_ids, attention_mask, labels} (client_data.public_set)."""
-  public: Optional[dict] = None
-  cloud: cloud_bp.CloudConfig = dataclasses.field(default_factory=cloud_bp.CloudConfig)
-  cloud_batches: int = 2
-  cloud_batch_size: int = 32
-  cloud_lag: int = 0
-  cloud_devices: int = 0
-  pool_size: int = 1
-  refresh: int = 1
-  alpha: float = 0.5
-  adaptive: bool = False
-  alpha_min: float = 0.05
-  alpha_max: float = 0.95
-  beta: float = 1.0
-  ema: float = 0.8
-  guidance_format: str = 'f32'
-  guidance_block: int = 256
-  guidance_budget_bytes: int = 0     # adaptive: bytes of V per client and round
-  # 'link': sampled clients -> the round's byte budget (train_and_evaluate sets
-  # system.clock.SimulatedClock.guidance_budget: what SPC hides behind the slowest client's compute)
+class CloudGuidance:
+  """ZGR's cloud tier for a scalar protocol `zo`: see the module docstring. `public` holds the
+  cloud's tokenized public examples {input_ids, attention_mask, labels} (client_data.public_set).
+  link_budget (zgr.guidance_format='link'): sampled clients -> the round's byte budget for V,
+  from the run's simulated links (attach_clock)."""
+  zo: Any
+  zgr: config_lib.ZGR
+  cloud: config_lib.Cloud
+  public: dict
   link_budget: Optional[Callable] = None
-  guidance_topk: Optional[float] = None
 
   def __post_init__(self):
-    checks = [(self.public is not None and len(self.public.get('labels', ())) > 0,
-               'cooperllm needs public examples for the cloud (public_fraction > 0)'),
-              (self.cloud_batches >= 1, f'cloud.batches must be >= 1, got {self.cloud_batches}'),
-              (self.cloud_batch_size >= 1,
-               f'cloud.batch_size must be >= 1, got {self.cloud_batch_size}'),
-              (self.cloud_lag in (0, 1), f'cloud.lag must be 0 or 1, got {self.cloud_lag}'),
-              (self.cloud_devices >= 0, f'cloud.devices must be >= 0, got {self.cloud_devices}'),
-              (not self.cloud_devices or self.mesh is None,
-               f'cloud.devices={self.cloud_devices} gives the cloud devices of its own, but the run '
-               'has a mesh (mesh.*), whose data/model axes the cloud uses: set one of the two'),
-              (self.pool_size >= 1, f'zgr.pool_size must be >= 1, got {self.pool_size}'),
-              (self.refresh >= 1, f'zgr.refresh must be >= 1, got {self.refresh}'),
-              (0.0 <= self.alpha <= 1.0, f'zgr.alpha must be in [0, 1], got {self.alpha}'),
-              (0.0 < self.alpha_min <= self.alpha_max < 1.0,
-               f'zgr.alpha_min/alpha_max must satisfy 0 < min <= max < 1 (both parts must stay '
-               f'estimable), got {self.alpha_min}, {self.alpha_max}'),
-              (self.beta > 0, f'zgr.beta must be > 0, got {self.beta}'),
-              (0.0 <= self.ema < 1.0, f'zgr.ema must be in [0, 1), got {self.ema}'),
-              (self.guidance_format in GUIDANCE_FORMATS,
-               f'zgr.guidance_format must be one of {", ".join(GUIDANCE_FORMATS)}, got '
-               f'{self.guidance_format!r}'),
-              (self.guidance_format != 'adaptive' or self.guidance_budget_bytes > 0,
-               'zgr.guidance_format=adaptive needs zgr.guidance_budget_bytes > 0')]
-    for ok, message in checks:
-      if not ok:
-        raise ConfigError(message)
-    self._codec('f32')  # checks guidance_block and guidance_topk now rather than in round 1
-    super().__post_init__()
+    if self.public is None or not len(self.public.get('labels', ())):
+      raise ConfigError('cooperllm needs public examples for the cloud (public_fraction > 0)')
+    if self.cloud.devices and self.zo.mesh is not None:
+      raise ConfigError(f'cloud.devices={self.cloud.devices} gives the cloud devices of its own, '
+                        'but the run has a mesh (mesh.*), whose data/model axes the cloud uses: '
+                        'set one of the two')
     self._client_device = self._place()
-    self._cloud = cloud_bp.make_cloud_step(make_loss(self.model), self.subset, self.cloud,
-                                           mesh=self.cloud_mesh, model=self.model)
+    self._cloud = cloud_bp.make_cloud_step(make_loss(self.zo.model), self.zo.subset,
+                                           self.cloud.step, mesh=self.cloud_mesh,
+                                           model=self.zo.model)
     self._orthonormalize = jax.jit(pool_lib.orthonormalize)
     self._push = jax.jit(pool_lib.push)
     self._moments = jax.jit(probe_moments, static_argnames='distribution')
 
   def _place(self):
     """The clients' device (None: the default one, or the run's mesh) and the cloud's mesh
-    (`cloud_mesh`: the run's mesh, or None). With cloud_devices=n the cloud gets the last n devices
+    (`cloud_mesh`: the run's mesh, or None). With cloud.devices=n the cloud gets the last n devices
     as its own mesh and the clients device 0, so the two tiers overlap for real."""
-    self.cloud_mesh = self.mesh
-    if not self.cloud_devices:
+    self.cloud_mesh = self.zo.mesh
+    n = self.cloud.devices
+    if not n:
       return None
     devices = jax.devices()
-    if self.cloud_devices >= len(devices):
-      raise ConfigError(f'cloud.devices={self.cloud_devices} leaves no device for the clients '
+    if n >= len(devices):
+      raise ConfigError(f'cloud.devices={n} leaves no device for the clients '
                         f'({len(devices)} devices)')
-    from cooperllm_jax.cloud import sharding  # pylint: disable=g-import-not-at-top
-    self.cloud_mesh = sharding.make_mesh(data=self.cloud_devices, model=1,
-                                         devices=devices[-self.cloud_devices:])
+    self.cloud_mesh = make_mesh(data=n, model=1, devices=devices[-n:])
     return devices[0]
 
+  @property
+  def costs(self) -> GuidanceCosts:
+    fmt = 'f32' if self.zgr.allocates else self.zgr.guidance_format
+    return GuidanceCosts(pool_size=self.zgr.pool_size, codec=self.zgr.codec(fmt),
+                         cloud_examples=self.cloud.batches * self.cloud.batch_size,
+                         cloud_adamw=self.cloud.mode == 'finetune', cloud_lag=self.cloud.lag,
+                         refresh=self.zgr.refresh)
+
   # -- state ---------------------------------------------------------------------------------
-  def init(self, params):
-    state = super().init(params)
-    trainable = state['trainable']
-    self._d = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(trainable))  # d of the estimator
-    state['pool'] = pool_lib.empty_pool(trainable, self.pool_size)
+  def init(self, state: dict) -> dict:
+    """The guidance entries of the run state (pool, cloud, guidance, downlink, mixing)."""
+    trainable, m = state['trainable'], self.zgr.pool_size
+    self.d = tree_size(trainable)   # d of the estimator
+    state['pool'] = pool_lib.empty_pool(trainable, m)
     state['cloud'] = self._cloud.init(trainable)
     # An empty basis (plain ZO directions) until the cloud's first direction arrives; present from
     # the start so the state's structure (checkpoints, memory analysis) never changes.
-    state['guidance'] = guided.make_guidance(state['pool'].directions,
-                                             jnp.zeros(self.pool_size), self.alpha, self.beta)
+    state['guidance'] = guided.make_guidance(state['pool'].directions, jnp.zeros(m),
+                                             self.zgr.alpha, self.zgr.beta)
     _, state['downlink'] = self._downlink(state['pool'].directions, 0)
     state['mixing'] = {'grad_sq': jnp.float32(0), 'proj_sq': jnp.float32(0),
                        'tau_sq': jnp.float32(0), 'seen': jnp.int32(0)}
-    if self.cloud_lag:
+    if self.cloud.lag:
       state['pending'] = {'direction': jax.tree.map(jnp.zeros_like, trainable),
                           'tau_sq': jnp.float32(0), 'ready': jnp.bool_(False)}
-    return self._on_mesh(state)
+    return state
 
   def _cloud_direction(self, state, round_index):
     """Runs the cloud on this round's public batches at the current global model (async)."""
-    batches = client_data.public_batches(self.public, self.cloud_batches, self.cloud_batch_size,
-                                         self.seed, round_index)
+    batches = client_data.public_batches(self.public, self.cloud.batches, self.cloud.batch_size,
+                                         self.zo.seed, round_index)
     trainable, frozen = state['trainable'], dequantize_tree(state['frozen'])
     # The round donates the global weights: on the devices it shares with the clients (one device
     # or the run's mesh) the cloud reads its own copy; on its own, placing copies them there.
@@ -202,20 +179,22 @@ class CooperLLM(ZOAlgorithm):
     return cloud_state, direction, stats
 
   def _alpha(self, state, clients: int):
-    if not self.adaptive:
-      return jnp.float32(self.alpha)
+    z = self.zgr
+    if not z.adaptive:
+      return jnp.float32(z.alpha)
     mix = state['mixing']
-    alpha, _ = optimal_alpha(mix['grad_sq'], mix['proj_sq'], mix['tau_sq'], self._d,
-                             self.est.probes * clients, self.alpha_min, self.alpha_max)
+    alpha, _ = optimal_alpha(mix['grad_sq'], mix['proj_sq'], mix['tau_sq'], self.d,
+                             self.zo.est.probes * clients, z.alpha_min, z.alpha_max)
     # Before any estimate exists, start from the middle of the allowed range.
-    return jnp.where(mix['seen'] > 0, alpha, 0.5 * (self.alpha_min + self.alpha_max))
+    return jnp.where(mix['seen'] > 0, alpha, 0.5 * (z.alpha_min + z.alpha_max))
 
-  def run_round(self, state, batches, counts, clients, round_index):
+  def before_round(self, state, clients, round_index) -> dict:
+    """The state with this round's guidance: a new cloud direction every `refresh` rounds."""
     state = dict(state)
-    refresh = (round_index - 1) % self.refresh == 0
+    refresh = (round_index - 1) % self.zgr.refresh == 0
     tau_sq = None
     if refresh:
-      if self.cloud_lag:
+      if self.cloud.lag:
         pending = state['pending']
         state['cloud'], direction, stats = self._cloud_direction(state, round_index)
         if bool(pending['ready']):
@@ -234,59 +213,59 @@ class CooperLLM(ZOAlgorithm):
     if tau_sq is not None:
       state['mixing'] = dict(state['mixing'], tau_sq=jnp.float32(tau_sq))
     state['guidance'] = guided.make_guidance(basis, valid, self._alpha(state, len(clients)),
-                                             self.beta)
-    state, result = super().run_round(state, batches, counts, clients, round_index)
+                                             self.zgr.beta)
+    return state
+
+  def after_round(self, state, result: RoundResult) -> None:
     self._update_mixing(state, result, result.client_weights)
     self._account_guidance(state, result)
-    return self._on_mesh(state), result
 
   # -- the guidance downlink -----------------------------------------------------------------
-  def _codec(self, fmt: str) -> codec_lib.LeafCodec:
-    return codec_lib.LeafCodec(fmt, self.guidance_block, self.guidance_topk)
-
   def _budget(self, basis, clients) -> int:
     """The round's byte budget for V: given ('adaptive') or from the sampled clients' links
     ('link'; before any round, room for all of V in float32)."""
-    if self.guidance_format == 'adaptive':
-      return self.guidance_budget_bytes
+    z = self.zgr
+    if z.guidance_format == 'adaptive':
+      return z.guidance_budget_bytes
     if clients is None:
-      return codec_lib.tree_nbytes(basis, self._codec('f32'))
+      return codec_lib.tree_nbytes(basis, z.codec('f32'))
     if self.link_budget is None:
       raise ConfigError("zgr.guidance_format='link' takes its byte budget from the run's "
-                        'simulated links: set CooperLLM.link_budget (train_and_evaluate does)')
+                        'simulated links: attach a clock first (train_and_evaluate does)')
     # Below the coarsest codes the link cannot hide V at all: send those (the round waits).
-    floor = sum(min(codec_lib.LeafCodec(f, self.guidance_block, self.guidance_topk).nbytes(x.shape)
-                    for f in codec_lib.FORMATS) for x in jax.tree.leaves(basis))
+    floor = sum(min(z.codec(f).nbytes(x.shape) for f in codec_lib.FORMATS)
+                for x in jax.tree.leaves(basis))
     return max(int(self.link_budget(clients)), floor)
 
   def _downlink(self, basis, round_index, clients=None):
     """(V as the clients receive it, record): V coded and decoded leaf by leaf; the record holds
     each leaf's format (index into codec.FORMATS) and |V' - V|^2 / |V|^2."""
-    if self.guidance_format in codec_lib.ALLOCATIONS:
-      codecs = codec_lib.allocate(basis, self._budget(basis, clients), block=self.guidance_block,
-                                  topk=self.guidance_topk).codecs
+    z = self.zgr
+    if z.allocates:
+      codecs = codec_lib.allocate(basis, self._budget(basis, clients), block=z.guidance_block,
+                                  topk=z.guidance_topk).codecs
     else:
-      codecs = self._codec(self.guidance_format)
-    key = keys_lib.leaf_key(keys_lib.address_key(self.seed, (round_index, SHARED, SHARED, SHARED)),
+      codecs = z.codec(z.guidance_format)
+    key = keys_lib.leaf_key(keys_lib.address_key(self.zo.seed,
+                                                 (round_index, SHARED, SHARED, SHARED)),
                             CODEC_PATH)
     sent = codec_lib.roundtrip_tree(basis, codecs, key)
     diff = jax.tree.map(jnp.subtract, sent, basis)
-    norm = pool_lib.tree_dot(basis, basis)
+    norm = tree_dot(basis, basis)
     formats = jax.tree_util.tree_map_with_path(
         lambda p, _: jnp.int32(codec_lib.FORMATS.index(codec_lib.codec_of(codecs, p).fmt)), basis)
-    rel_error = jnp.where(norm > 0, pool_lib.tree_dot(diff, diff) / jnp.where(norm > 0, norm, 1.0),
-                          0.0)
+    rel_error = jnp.where(norm > 0, tree_dot(diff, diff) / jnp.where(norm > 0, norm, 1.0), 0.0)
     return sent, {'formats': formats, 'rel_error': rel_error}
 
   def _account_guidance(self, state, result: RoundResult):
     """Every sampled client receives the round's guidance (and one catching up on this round
-    needs it too): the codec's exact wire bytes of V, alpha, and with 'adaptive' one format byte
-    per leaf."""
+    needs it too): the codec's exact wire bytes of V, alpha, and with an allocating format one
+    format byte per leaf."""
     formats = {path_str(p): codec_lib.FORMATS[int(i)]
                for p, i in jax.tree_util.tree_flatten_with_path(state['downlink']['formats'])[0]}
-    codecs = {name: self._codec(fmt) for name, fmt in formats.items()}
+    codecs = {name: self.zgr.codec(fmt) for name, fmt in formats.items()}
     guidance = codec_lib.tree_nbytes(state['guidance'].basis, codecs) + SCALAR_BYTES
-    if self.guidance_format in codec_lib.ALLOCATIONS:
+    if self.zgr.allocates:
       guidance += len(codecs)
       result.metrics['guidance_formats'] = formats
     result.guidance_bytes = guidance
@@ -301,18 +280,74 @@ class CooperLLM(ZOAlgorithm):
       result.metrics.update(alpha=float(guide.alpha), basis_rank=int(guide.valid.sum()))
       return
     uplinks = jax.tree.map(jnp.asarray, result.uplink)
-    g2, gu = self._moments(uplinks, jnp.asarray(counts, jnp.float32), guide, self.seed,
-                           distribution=self.est.distribution)
+    g2, gu = self._moments(uplinks, jnp.asarray(counts, jnp.float32), guide, self.zo.seed,
+                           distribution=self.zo.est.distribution)
     grad_sq, proj_sq = mixing_estimates(g2, gu, guide)
     mix = state['mixing']
     first = mix['seen'] == 0
-    decay = jnp.where(first, 0.0, self.ema)
+    decay = jnp.where(first, 0.0, self.zgr.ema)
     mix = dict(mix, grad_sq=decay * mix['grad_sq'] + (1 - decay) * grad_sq,
                proj_sq=decay * mix['proj_sq'] + (1 - decay) * proj_sq, seen=mix['seen'] + 1)
     state['mixing'] = mix
-    _, lam = optimal_alpha(mix['grad_sq'], mix['proj_sq'], mix['tau_sq'], self._d,
-                           self.est.probes * len(counts), self.alpha_min, self.alpha_max)
+    _, lam = optimal_alpha(mix['grad_sq'], mix['proj_sq'], mix['tau_sq'], self.d,
+                           self.zo.est.probes * len(counts), self.zgr.alpha_min,
+                           self.zgr.alpha_max)
     result.metrics.update(
         alpha=float(guide.alpha), basis_rank=int(guide.valid.sum()),
         grad_sq=float(grad_sq), cloud_share=float(proj_sq / max(float(grad_sq), 1e-30)),
         cloud_tau_sq=float(mix['tau_sq']), lambda_star=float(lam))
+
+
+@register('cooperllm')
+@dataclasses.dataclass
+class CooperLLM:
+  """FedMeZO's scalar protocol whose probes the cloud's guidance steers (ZGR)."""
+  zo: FedMeZO
+  guidance: CloudGuidance
+
+  name: ClassVar[str] = ''
+  replayable: ClassVar[bool] = True
+  needs_public: ClassVar[bool] = True
+  sync_bytes: ClassVar[Optional[int]] = None
+
+  @classmethod
+  def from_config(cls, cfg: config_lib.RunConfig, model, public=None):
+    zo = FedMeZO(**FedMeZO.options(cfg, model))
+    return cls(zo, CloudGuidance(zo, cfg.zgr, cfg.cloud, public))
+
+  @property
+  def mesh(self):
+    return self.zo.mesh
+
+  @property
+  def costs(self) -> Costs:
+    return dataclasses.replace(self.zo.costs, guidance=self.guidance.costs)
+
+  def attach_clock(self, clock) -> None:
+    """DTC from the simulated links (zgr.guidance_format='link') needs the clock's budget."""
+    if self.guidance.zgr.guidance_format == 'link':
+      self.guidance.link_budget = clock.guidance_budget
+
+  def init(self, params):
+    return self.zo.on_mesh(self.guidance.init(self.zo.init(params)))
+
+  def run_round(self, state, batches, counts, clients, round_index):
+    state = self.guidance.before_round(state, clients, round_index)
+    state, result = self.zo.run_round(state, batches, counts, clients, round_index)
+    self.guidance.after_round(state, result)
+    return self.zo.on_mesh(state), result
+
+  def edge_update(self, trainable, uplinks, client_weights, lr, guide=None):
+    return self.zo.edge_update(trainable, uplinks, client_weights, lr, guide)
+
+  def trainable(self, state):
+    return self.zo.trainable(state)
+
+  def model_params(self, state):
+    return self.zo.model_params(state)
+
+  def dense_bytes(self, state) -> int:
+    return self.zo.dense_bytes(state)
+
+  def client_memory(self, state, batch_shapes) -> dict:
+    return self.zo.client_memory(state, batch_shapes)

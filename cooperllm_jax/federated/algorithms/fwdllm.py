@@ -1,4 +1,4 @@
-"""FwdLLM's client: perturbations chosen by cosine similarity to the previous global update, and
+"""fwdllm: perturbations chosen by cosine similarity to the previous global update, and
 extra probes while the estimate is noisy (our reading of Xu et al., 2024, on the scalar protocol).
 
 Each probe slot p draws `candidates` directions at addresses (round, client, step, p * candidates + j)
@@ -9,19 +9,20 @@ standard error of the mean projected gradient, sqrt(var(g) / n), falls below `va
 the uplink exactly like FedMeZO's. The choice is deliberately biased towards the last update.
 """
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 
-from cooperllm_jax.federated.zo import Uplink
+from cooperllm_jax.errors import ConfigError
+from cooperllm_jax.federated.algorithms.scalar import ScalarProtocol
+from cooperllm_jax.federated.clients import Uplink, scan_local_steps
+from cooperllm_jax.federated.registry import register
+from cooperllm_jax.tree_math import tree_dot
 from cooperllm_jax.zoo import keys as keys_lib
 from cooperllm_jax.zoo.perturb import apply_directions, coefficients
 from cooperllm_jax.zoo.spsa import Estimator, loss_at, make_projected_gradient
 from cooperllm_jax.zoo.trainable import Subset
-
-
-def tree_dot(a, b):
-  return sum(jnp.vdot(x.astype(jnp.float32), y.astype(jnp.float32))
-             for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
 
 
 def cosine_to(prev_update, key, distribution):
@@ -48,8 +49,7 @@ def make_client_update(loss_fn, est: Estimator, subset: Subset = Subset(), candi
     return addrs[jnp.argmax(jnp.abs(cos))]
 
   def client_update(trainable, frozen, batches, seed, round_index, client, lr, prev_update):
-    def step(t, inputs):
-      batch, s = inputs
+    def step(t, batch, s):
       base = jnp.float32(0)
       if est.scheme == 'one_sided':
         base = loss_at(loss_fn, t, frozen, batch, None, 0.0, est.distribution, subset)
@@ -73,11 +73,50 @@ def make_client_update(loss_fn, est: Estimator, subset: Subset = Subset(), candi
       weights = jnp.where(jnp.arange(max_probes) < n, 1.0 / n, 0.0).astype(jnp.float32)
       t = apply_directions(t, keys_lib.address_keys(seed, addrs), coefficients(lr, g, weights),
                            est.distribution)
-      return t, (Uplink(addrs, g, weights), losses.sum() / n)
+      return t, Uplink(addrs, g, weights), losses.sum() / n
 
-    num_steps = jax.tree.leaves(batches)[0].shape[0]
-    trainable, (uplink, losses) = jax.lax.scan(
-        step, trainable, (batches, jnp.arange(num_steps, dtype=jnp.int32)))
-    return trainable, uplink, losses
+    return scan_local_steps(step, trainable, batches)
 
   return client_update
+
+
+@register('fwdllm')
+@dataclasses.dataclass
+class FwdLLM(ScalarProtocol):
+  """The scalar protocol with FwdLLM's client; the state keeps the previous global update, so the
+  edge cannot update the weights in place (the update needs the old ones)."""
+  fwdllm_candidates: int = 4
+  fwdllm_min_probes: int = 1
+  fwdllm_var_threshold: float = 0.5
+
+  address_bytes = 1           # the chosen candidate
+  donates_edge = False
+
+  @classmethod
+  def from_config(cls, cfg, model, public=None):
+    del public
+    z = cfg.zo
+    if not 1 <= z.fwdllm_min_probes <= z.probes:
+      raise ConfigError(f'fwdllm_min_probes={z.fwdllm_min_probes} must be in [1, probes='
+                        f'{z.probes}] (probes is the maximum)')
+    return cls(**cls.options(cfg, model), fwdllm_candidates=z.fwdllm_candidates,
+               fwdllm_min_probes=z.fwdllm_min_probes, fwdllm_var_threshold=z.fwdllm_var_threshold)
+
+  def make_client_update(self, loss_fn):
+    return make_client_update(loss_fn, self.est, self.subset, self.fwdllm_candidates,
+                              self.fwdllm_min_probes, self.fwdllm_var_threshold)
+
+  def extra_state(self, trainable) -> dict:
+    return {'prev_update': jax.tree.map(lambda x: jnp.zeros(x.shape, jnp.float32), trainable)}
+
+  def client_extra(self, state) -> tuple:
+    return (state['prev_update'],)
+
+  def after_edge(self, state, old_trainable):
+    state['prev_update'] = jax.tree.map(
+        lambda a, b: a.astype(jnp.float32) - b.astype(jnp.float32), state['trainable'],
+        old_trainable)
+    return state
+
+  def uplink_bytes(self, used, steps):
+    return super().uplink_bytes(used, steps) + steps     # + the probe count of each step

@@ -1,0 +1,22 @@
+"""The federated algorithms, one module each; importing this package registers them all.
+
+  fedmezo    ZO local steps (MeZO), uplink scalars, edge replays every client's ledger.
+  fedkseed   K candidate seeds fixed for the run; one (seed index, scalar) per step.
+  decomfl    server-issued directions shared by all clients; scalars both ways.
+  fwdllm     directions chosen by cosine similarity to the previous global update, extra probes
+             while the estimate is noisy.
+  fedavg_bp  clients backprop with optax; FedAvg of dense deltas (the first-order upper bound).
+  cooperllm  FedMeZO's protocol with cloud-guided perturbations (ZGR).
+
+Each is a class with the federated.api.Algorithm protocol, registered by name
+(federated/registry.py); `make_algorithm(config, model, public)` builds one.
+"""
+
+from cooperllm_jax.federated.algorithms import (cooperllm, decomfl, fedavg_bp, fedkseed, fedmezo,
+                                                fwdllm)
+from cooperllm_jax.federated.registry import make_algorithm, names
+
+ALGORITHMS = names()
+
+__all__ = ['ALGORITHMS', 'make_algorithm', 'cooperllm', 'decomfl', 'fedavg_bp', 'fedkseed',
+           'fedmezo', 'fwdllm']

@@ -1,0 +1,181 @@
+"""The scalar protocols' common machinery: ZO clients upload (address, scalar) entries, the edge
+replays them (federated/round.py). fedmezo, fedkseed, decomfl and fwdllm are small subclasses that
+choose the directions' addresses, the client update and what goes over the links; CooperLLM wraps
+one (federated/algorithms/cooperllm.py).
+"""
+
+import dataclasses
+from typing import Any, ClassVar, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from cooperllm_jax import config as config_lib
+from cooperllm_jax import mesh as mesh_lib
+from cooperllm_jax.errors import ConfigError
+from cooperllm_jax.federated import clients as clients_lib
+from cooperllm_jax.federated.api import COUNT_BYTES, SCALAR_BYTES, Costs, RoundResult
+from cooperllm_jax.federated.channel import Channel, Received
+from cooperllm_jax.federated.faults import FaultModel
+from cooperllm_jax.federated.privacy import GaussianPrivacy
+from cooperllm_jax.federated.round import Round
+from cooperllm_jax.memory import compiled_memory
+from cooperllm_jax.models.common import make_loss
+from cooperllm_jax.tree_math import tree_bytes
+from cooperllm_jax.zoo import quantized
+from cooperllm_jax.zoo.spsa import Estimator
+from cooperllm_jax.zoo.trainable import Subset
+
+
+def channel_for(cfg: config_lib.RunConfig) -> Channel:
+  """The run's channel: its DP and simulated faults (each None when off)."""
+  return Channel(FaultModel.of(cfg.faults, cfg.data.num_clients, cfg.seed),
+                 GaussianPrivacy.of(cfg.dp, cfg.seed))
+
+
+@dataclasses.dataclass
+class ScalarProtocol:
+  """A ZO protocol on the scalar uplink; see the module docstring. Subclasses override the class
+  attributes and the small methods below, nothing else."""
+  model: Any
+  est: Estimator
+  subset: Subset
+  lr: float
+  seed: int
+  chunk: int = 1
+  backend: str = 'map'
+  base_weights: str = 'f32'     # frozen weights on the client: 'f32', 'int8', 'int4'
+  base_group: int = 32          # columns per quantization scale
+  mesh: Any = None              # clients split over its 'clients' axis (cooperllm_jax/mesh.py)
+  aggregation: config_lib.Aggregation = config_lib.Aggregation()
+  channel: Channel = Channel()
+
+  name: ClassVar[str] = ''
+  shared_directions: ClassVar[bool] = False   # every client probes the same directions (DeComFL)
+  address_bytes: ClassVar[int] = 0            # bytes per probe naming its direction
+  replayable: ClassVar[bool] = True
+  needs_public: ClassVar[bool] = False
+  sync_bytes: ClassVar[Optional[int]] = None  # None: a client catches up by replaying rounds
+
+  @classmethod
+  def options(cls, cfg: config_lib.RunConfig, model) -> dict:
+    """The constructor arguments every scalar protocol takes from a run config."""
+    mesh = mesh_lib.for_run(cfg.mesh, cfg.clients_per_round)
+    if mesh is not None and cfg.client_backend != 'map':
+      raise ConfigError("client_backend='loop' runs the clients one by one on one device; it "
+                        'takes no mesh (set mesh.clients/data/model to 1)')
+    return dict(model=model, est=cfg.zo.estimator, subset=cfg.zo.subset, lr=cfg.learning_rate,
+                seed=cfg.seed, chunk=cfg.client_chunk, backend=cfg.client_backend,
+                base_weights=cfg.zo.base_weights, base_group=cfg.zo.base_group, mesh=mesh,
+                aggregation=cfg.aggregation, channel=channel_for(cfg))
+
+  @classmethod
+  def from_config(cls, cfg: config_lib.RunConfig, model, public=None):
+    del public
+    return cls(**cls.options(cfg, model))
+
+  def __post_init__(self):
+    self.client_update = self.make_client_update(make_loss(self.model))
+    # Only what the clients read enters their jit (the cloud's state may live on other devices).
+    self.round = Round(self.client_update, seed=self.seed, chunk=self.chunk, mesh=self.mesh,
+                       backend=self.backend, distribution=self.est.distribution,
+                       shared=self.shared_directions, aggregation=self.aggregation,
+                       channel=self.channel, donate=self.donates_edge)
+
+  # -- what a subclass chooses -----------------------------------------------------------------
+  donates_edge: ClassVar[bool] = True   # the edge updates the global weights in place
+
+  def addresses(self) -> clients_lib.AddressFn:
+    return clients_lib.own_addresses
+
+  def make_client_update(self, loss_fn):
+    return clients_lib.make_client_update(loss_fn, self.est, self.subset, self.addresses())
+
+  def extra_state(self, trainable) -> dict:
+    """State entries beyond trainable/frozen/lr (FwdLLM's previous update)."""
+    del trainable
+    return {}
+
+  def client_extra(self, state) -> tuple:
+    """Further positional client_update arguments read from the state."""
+    del state
+    return ()
+
+  def after_edge(self, state: dict, old_trainable) -> dict:
+    del old_trainable
+    return state
+
+  def uplink_bytes(self, used: np.ndarray, steps: int) -> np.ndarray:
+    """[C] bytes each client sends for `used` probes over `steps` local steps."""
+    del steps
+    return used * (SCALAR_BYTES + self.address_bytes) + COUNT_BYTES
+
+  def broadcast_bytes(self, up: np.ndarray, arrived: np.ndarray, steps: int) -> int:
+    """What the edge broadcasts for the round: every arrived client's entries and its id."""
+    del steps
+    return int(up[arrived].sum()) + int(arrived.sum()) * 4
+
+  # -- state -------------------------------------------------------------------------------------
+  def init(self, params):
+    trainable, frozen = self.subset.split(params, jax.random.key(self.seed))
+    # Our own copy: rounds donate (update in place) the trainable weights, never the caller's.
+    # Clients keep frozen weights quantized if asked: zoo/quantized.py.
+    state = {'trainable': jax.tree.map(jnp.copy, trainable),
+             'frozen': quantized.quantize_frozen(frozen, self.base_weights, self.base_group),
+             'lr': jnp.float32(self.lr), **self.extra_state(trainable)}
+    return self.on_mesh(state)
+
+  def on_mesh(self, tree):
+    """tree as global arrays on the run's mesh (replicated, or as already placed there), so every
+    process holds the same state and orbax can save it; unchanged without a mesh."""
+    return tree if self.mesh is None else mesh_lib.replicate(tree, self.mesh)
+
+  def trainable(self, state):
+    return state['trainable']
+
+  def model_params(self, state):
+    return self.subset.materialize(quantized.dequantize_tree(state['frozen']), state['trainable'])
+
+  def dense_bytes(self, state) -> int:
+    return tree_bytes(state['trainable'])
+
+  @property
+  def costs(self) -> Costs:
+    return Costs(step_passes=self.est.forwards_per_step)
+
+  def attach_clock(self, clock) -> None:
+    del clock
+
+  # -- one round ---------------------------------------------------------------------------------
+  def edge_update(self, trainable, uplinks: clients_lib.Uplink, client_weights, lr, guide=None):
+    """The edge's update from one round's received uplinks (see Round.edge)."""
+    return self.round.edge(trainable, uplinks, client_weights, lr, guide)
+
+  def run_round(self, state, batches, counts, clients, round_index):
+    out = self.round(state['trainable'], state['frozen'], batches, counts, clients, round_index,
+                     state['lr'], *self.client_extra(state), guide=state.get('guidance'))
+    new = self.after_edge(dict(state, trainable=out.trainable), state['trainable'])
+    return new, self.account(out.uplinks, out.losses, out.received)
+
+  def account(self, uplinks: clients_lib.Uplink, losses, received: Received) -> RoundResult:
+    """Bytes and passes of the clients that ran and sent (a dropped client: none)."""
+    used = (uplinks.weights > 0).sum(axis=(1, 2)) * received.sent      # [C] probes run and sent
+    steps = uplinks.scalars.shape[1]
+    up = self.uplink_bytes(used, steps) * received.sent
+    forwards = self.est.forwards(used, steps) * received.sent
+    arrived = received.client_weights > 0
+    return RoundResult(losses=losses, uplink_bytes=up.astype(np.int64),
+                       broadcast_bytes=self.broadcast_bytes(up, arrived, steps),
+                       forwards=forwards.astype(np.int64),
+                       backwards=np.zeros_like(forwards, np.int64), uplink=received.uplink,
+                       client_weights=received.client_weights, sent=received.sent,
+                       metrics=dict(received.metrics))
+
+  def client_memory(self, state, batch_shapes) -> dict:
+    """XLA's memory estimate of one client's jitted local training (S steps), abstract shapes."""
+    extra = self.client_extra(state)
+    if state.get('guidance') is not None:
+      extra = extra + (state['guidance'],)
+    return compiled_memory(self.client_update, state['trainable'], state['frozen'], batch_shapes,
+                           self.seed, 1, 0, self.lr, *extra, donate_argnums=0)

@@ -1,0 +1,70 @@
+"""The divergence guard: rolls the model back when a round's training loss spikes."""
+
+import dataclasses
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from cooperllm_jax import config as config_lib
+from cooperllm_jax.errors import TrainingError
+
+
+def copy_state(state):
+  """A copy of an algorithm state that survives the next round's donation; the frozen weights are
+  never donated or changed, so they are shared, not copied."""
+  return {k: v if k == 'frozen' else jax.tree.map(jnp.copy, v) for k, v in state.items()}
+
+
+@dataclasses.dataclass
+class DivergenceGuard:
+  """Rolls back when a round's train loss spikes: loss > spike x the median of the last `window`
+  accepted losses (checked once `window` are in), or a non-finite loss.
+
+  Round r's loss is measured by the clients at the model that entered round r, so a spike means
+  that model is bad: the guard returns the model that entered the last accepted round (the newest
+  one a loss vouched for) with the learning rate halved, and round r's update is dropped. Costs two
+  copies of the (non-frozen) state: `good` and the round's entering state.
+  """
+  spike: float
+  window: int = 5
+  max_rollbacks: int = 5
+  good: Optional[dict] = None
+  losses: list = dataclasses.field(default_factory=list)
+  rollbacks: int = 0
+
+  @classmethod
+  def of(cls, spec: config_lib.Guard) -> Optional['DivergenceGuard']:
+    """The run's guard (config.Guard validated its values); None when guard.spike = 0."""
+    return cls(spec.spike, spec.window, spec.max_rollbacks) if spec.active else None
+
+  def is_spike(self, loss: float) -> bool:
+    if not np.isfinite(loss):
+      return True
+    recent = self.losses[-self.window:]
+    return len(recent) == self.window and loss > self.spike * float(np.median(recent))
+
+  def after_round(self, entering, state, loss: Optional[float], round_index: int):
+    """(state to continue from, rolled back?). entering: a copy_state of the state that entered
+    the round; loss: the round's mean train loss over the clients that reported (None: nobody did,
+    so nothing is judged)."""
+    if self.good is None:
+      self.good = entering
+    if loss is None:
+      return state, False
+    if not self.is_spike(loss):
+      self.good = entering
+      self.losses.append(float(loss))
+      return state, False
+    self.rollbacks += 1
+    if self.rollbacks > self.max_rollbacks:
+      raise TrainingError(f'training loss spiked to {loss} in round {round_index} after '
+                          f'{self.max_rollbacks} rollbacks; lower learning_rate')
+    return dict(copy_state(self.good), lr=state['lr'] * 0.5), True
+
+  def to_json(self) -> dict:
+    return {'losses': self.losses, 'rollbacks': self.rollbacks}
+
+  def load(self, good, saved: dict) -> None:
+    self.good, self.losses, self.rollbacks = good, list(saved['losses']), saved['rollbacks']

@@ -1,0 +1,216 @@
+"""`train_and_evaluate(config, workdir)`: one federated run, importable; flags live in experiments/.
+
+Loads the model and data named by the config, partitions the data over simulated clients, runs the
+rounds of the configured algorithm and writes to `workdir`: config.json, partition.npz,
+metrics.jsonl (one line per round: accuracy, loss, bytes up/down, passes, client memory, wall time,
+and the simulated wall clock of the configured devices, sim_round_s / sim_time_s: system/clock.py),
+TensorBoard events (tb/), accuracy.png and summary.json. Returns the summary dict.
+
+The loop itself is short: everything around a round is a hook (run/hooks.py) over one RunState
+(run/state.py). Checkpoints (orbax, every `checkpoint_every` rounds; `resume=True` goes on from the
+newest good one, bit for bit as if never interrupted), the ledger (experiments/replay.py rebuilds
+the model from it), the channel's faults and DP, and the divergence guard: see those modules.
+"""
+
+import json
+import pathlib
+import shutil
+import time
+from typing import Callable, Optional
+
+import jax
+import numpy as np
+
+from cooperllm_jax import checkpoint as checkpoint_lib
+from cooperllm_jax import config as config_lib
+from cooperllm_jax.errors import CheckpointError, ConfigError
+from cooperllm_jax.evaluation import evaluate
+from cooperllm_jax.federated import client_data
+from cooperllm_jax.federated import registry
+from cooperllm_jax.federated.accounting import DownlinkTracker
+from cooperllm_jax.federated.privacy import GaussianPrivacy
+from cooperllm_jax.models import count_params
+from cooperllm_jax.reporting import MetricWriter, NullWriter, truncate_metrics
+from cooperllm_jax.run import hooks as hooks_lib
+from cooperllm_jax.run.guard import DivergenceGuard
+from cooperllm_jax.run.state import RunState
+from cooperllm_jax.run.task import Task, load_task
+from cooperllm_jax.system.clock import SimulatedClock
+
+import cooperllm_jax.federated.algorithms  # pylint: disable=unused-import  # registers them
+
+
+def check_workdir(workdir, overwrite: bool) -> pathlib.Path:
+  """An existing non-empty workdir is an error unless `overwrite`; nothing is touched here."""
+  path = pathlib.Path(workdir)
+  if path.exists() and not path.is_dir():
+    raise ConfigError(f'workdir {path} exists and is not a directory')
+  if path.exists() and any(path.iterdir()):
+    if not overwrite:
+      raise ConfigError(f'workdir {path} is not empty; pass --overwrite to replace it')
+    if not (path / 'config.json').exists():
+      raise ConfigError(f'workdir {path} holds no config.json, so it is not a run of ours; '
+                        'refusing to delete it even with --overwrite')
+  return path
+
+
+def prepare_workdir(path: pathlib.Path) -> pathlib.Path:
+  """Clears (after check_workdir allowed it) and creates the workdir."""
+  if path.exists():
+    shutil.rmtree(path)
+  path.mkdir(parents=True)
+  return path
+
+
+def check_resumable(workdir, config) -> pathlib.Path:
+  """A workdir holding a run of this config (fast: before any model or data is loaded)."""
+  path = pathlib.Path(workdir)
+  try:
+    saved = json.loads((path / 'config.json').read_text())
+  except (OSError, ValueError):
+    raise CheckpointError(f'cannot resume: {path} holds no run (no readable config.json)') from None
+  diffs = checkpoint_lib.config_differences(
+      {k: v for k, v in saved.items() if k not in checkpoint_lib.NOT_TRAINING},
+      checkpoint_lib.training_config(config))
+  if diffs:
+    raise CheckpointError('cannot resume: the config differs from the run in the workdir in '
+                          + '; '.join(diffs[:4]) + (' ...' if len(diffs) > 4 else ''))
+  return path
+
+
+def prepare(cfg: config_lib.RunConfig):
+  """(task, algorithm) of a parsed config: user errors in the model, data or algorithm settings
+  surface here, before anything is written."""
+  cls = registry.lookup(cfg.algorithm)
+  task = load_task(cfg, needs_public=cls.needs_public)
+  return task, cls.from_config(cfg, task.model, task.public)
+
+
+def start_state(cfg, task: Task, algorithm) -> RunState:
+  """The RunState before round 1, its clock sized by the algorithm's costs."""
+  state = algorithm.init(task.pre.params)
+  clock = SimulatedClock.for_run(cfg, algorithm.costs, task.model, algorithm.trainable(state))
+  algorithm.attach_clock(clock)
+  return RunState(state, DownlinkTracker(task.partition.num_clients,
+                                         algorithm.dense_bytes(state), algorithm.sync_bytes),
+                  clock, np.zeros(task.partition.num_clients, np.int64),
+                  DivergenceGuard.of(cfg.guard))
+
+
+def train_and_evaluate(config, workdir, overwrite: bool = False, log=print,
+                       progress: Optional[Callable] = None, resume: bool = False) -> dict:
+  """Runs config (a ConfigDict) in workdir; `progress(iterable)` may wrap the rounds (e.g. tqdm).
+  resume=True continues the run in workdir from its newest good checkpoint (same training config
+  required)."""
+  cfg = config_lib.parse(config)
+  primary = jax.process_index() == 0  # a multi-process run: all compute, process 0 writes
+  workdir = open_workdir(config, workdir, overwrite, resume, primary)
+  task, algorithm = prepare(cfg)
+  if primary and not resume:
+    prepare_workdir(workdir)
+    (workdir / 'config.json').write_text(config.to_json(indent=2))
+    task.partition.save(workdir / 'partition.npz')
+  run = start_state(cfg, task, algorithm)
+  store = checkpoint_lib.RunStore(workdir, cfg.checkpoint, {
+      'config': checkpoint_lib.training_config(config), 'seed': cfg.seed,
+      'base_sha256': checkpoint_lib.tree_sha256(task.pre.params),
+      'data_sha256': task.fingerprint()}, log)
+  log(describe(cfg, task, algorithm, run))
+  shapes = client_data.round_shapes(task.arrays, cfg.local_steps, cfg.batch_size)
+  client_memory = algorithm.client_memory(run.state, shapes)['peak_bytes']
+  warn_memory(client_memory, run.clock, log)
+  evaluation = hooks_lib.Evaluation(
+      lambda params: evaluate(task.model, params, task.arrays, task.labels, task.partition.test,
+                              cfg.eval_batch_size), algorithm.model_params, cfg.eval_every,
+      cfg.rounds)
+  before = (resumed(run, store, workdir, primary, log, len(task.partition.test)) if resume
+            else first_evaluation(run, evaluation, store, algorithm, cfg, primary, log))
+  title = f'{cfg.algorithm} on {task.dataset.name} with {cfg.model.name}'
+  with (MetricWriter(workdir, title=title, tensorboard=cfg.tensorboard) if primary
+        else NullWriter()) as writer:
+    if not resume:
+      writer.write({'round': 0, 'test_accuracy': before['accuracy'], 'test_loss': before['loss'],
+                    'sim_time_s': 0.0})
+    hooks = round_hooks(cfg, writer, store, primary, client_memory, evaluation, log)
+    started, ran = time.perf_counter(), None
+    rounds = range(run.round + 1, cfg.rounds + 1)
+    for r in (progress(rounds) if progress else rounds):
+      ran = ctx = hooks_lib.RoundContext(r, None, float(run.state['lr']), {'round': r})
+      ctx.sampled, batches, counts = task.round_inputs(cfg, r, algorithm.mesh)
+      for hook in hooks:
+        hook.before_round(run, ctx)
+      run.state, ctx.result = algorithm.run_round(run.state, batches, counts, ctx.sampled, r)
+      ctx.guide, run.round = run.state.get('guidance'), r
+      for hook in hooks:
+        hook.after_round(run, ctx)
+  summary = {'algorithm': cfg.algorithm, 'model': cfg.model.name, 'dataset': task.dataset.name,
+             'rounds': cfg.rounds, 'accuracy_before': before['accuracy'],
+             'accuracy_after': ran.row['test_accuracy'] if ran else evaluation(run)['accuracy'],
+             'test_examples': before['examples'],
+             'train_seconds': run.seconds_before + time.perf_counter() - started,
+             'client_memory_bytes': client_memory, 'sim_time_s': run.clock.elapsed,
+             'system': {'clients': cfg.system.clients, 'edge': cfg.system.edge,
+                        'cloud': cfg.system.cloud, 'pipelined': bool(cfg.system.pipelined)},
+             'backend': jax.default_backend()}
+  if primary:
+    (workdir / 'summary.json').write_text(json.dumps(summary, indent=2))
+  return summary
+
+
+def open_workdir(config, workdir, overwrite: bool, resume: bool, primary: bool) -> pathlib.Path:
+  """The run's workdir after the checks of a new run or a resume; nothing is written yet."""
+  if resume and overwrite:
+    raise ConfigError('--resume continues the run in the workdir and --overwrite replaces it: '
+                      'pass one of them')
+  if resume:
+    return check_resumable(workdir, config)
+  return check_workdir(workdir, overwrite) if primary else pathlib.Path(workdir)
+
+
+def describe(cfg, task: Task, algorithm, run: RunState) -> str:
+  p = task.partition
+  return (f'{cfg.algorithm}: model {cfg.model.name} ({count_params(task.pre.params) / 1e6:.1f}M '
+          f'params, {algorithm.dense_bytes(run.state) / 4 / 1e6:.3g}M trainable); dataset '
+          f'{task.dataset.name}: {len(task.dataset)} examples, {task.dataset.num_classes} '
+          f'classes; {p.num_clients} clients, {len(p.public)} public, {len(p.test)} test')
+
+
+def round_hooks(cfg, writer, store, primary: bool, client_memory: int, evaluation, log) -> list:
+  """The hooks around every round, in order. Only process 0 writes the ledger; every process
+  takes part in saving a checkpoint (orbax's multi-process save)."""
+  hooks = [hooks_lib.Comms(client_memory), hooks_lib.Clock(), hooks_lib.Guard(log),
+           hooks_lib.Privacy(GaussianPrivacy.of(cfg.dp, cfg.seed)), evaluation,
+           hooks_lib.Metrics(writer, log)]
+  if primary and store.ledger is not None:
+    hooks.append(hooks_lib.Ledger(store.ledger))
+  return hooks + [hooks_lib.Checkpoints(store, cfg.rounds)]
+
+
+def warn_memory(client_memory: int, clock: SimulatedClock, log) -> None:
+  small = min(clock.devices, key=lambda d: d.memory_bytes)
+  if client_memory > small.memory_bytes:
+    log(f'warning: a client step needs {client_memory / 2**20:.0f} MiB, more than the '
+        f'{small.memory_gib:g} GiB of device profile {small.name!r}')
+
+
+def first_evaluation(run, evaluation, store, algorithm, cfg, primary, log) -> dict:
+  """Round 0: the pretrained model's test accuracy, and the ledger's start."""
+  before = evaluation(run)
+  log(f'round 0: test accuracy {before["accuracy"]:.4f} loss {before["loss"]:.4f}')
+  if store.ledger is not None and primary:
+    store.ledger.start({'algorithm': cfg.algorithm, 'seed': cfg.seed,
+                        'replayable': algorithm.replayable,
+                        'base_trainable_sha256': checkpoint_lib.tree_sha256(
+                            algorithm.trainable(run.state))})
+  return before
+
+
+def resumed(run, store, workdir, primary, log, test_examples) -> dict:
+  """Restores the RunState and cuts metrics.jsonl back to it (before the writer reopens it);
+  round 0's accuracy from the metrics the run wrote."""
+  run.restore(store)
+  rows = truncate_metrics(workdir / 'metrics.jsonl', run.round) if primary else []
+  first = rows[0] if rows else {'test_accuracy': float('nan'), 'test_loss': float('nan')}
+  log(f'resuming after round {run.round} (checkpoint in {workdir / "checkpoints"})')
+  return {'accuracy': first['test_accuracy'], 'loss': first['test_loss'],
+          'examples': test_examples}
