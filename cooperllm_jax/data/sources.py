@@ -5,6 +5,7 @@ rows as written), so that a partition seed names the same split on every machine
 """
 
 import dataclasses
+import inspect
 import os
 import pathlib
 import tempfile
@@ -25,7 +26,6 @@ LOCAL_FORMATS = {
     '.jsonl': 'json',
     '.parquet': 'parquet',
 }
-KNOWN_DATASETS = ('bbcnews',)
 
 # Before any `datasets` import: it reads the flag once, and local files need no network.
 os.environ.setdefault('HF_DATASETS_OFFLINE', '1')
@@ -142,13 +142,23 @@ def load_local(path: PathLike, text_column: str = 'text', label_column: str = 'l
   return TextDataset(path.stem, tuple(texts), labels, names)
 
 
+def named_datasets() -> dict:
+  """Name -> loader. Imported here, not at the top: corpora imports TextDataset from this module."""
+  from cooperllm_jax.data import corpora  # pylint: disable=g-import-not-at-top
+  return {'bbcnews': load_bbc_news, **corpora.LOADERS}
+
+
 def load_dataset(name_or_path: str, **kw) -> TextDataset:
-  """Loads a named dataset ('bbcnews') or a local file (keyword arguments go to `load_local`)."""
-  if name_or_path == 'bbcnews':
-    if kw:
-      raise ConfigError(f'bbcnews takes no options, got {sorted(kw)}')
-    return load_bbc_news()
+  """Loads a named dataset (`named_datasets`; keyword arguments are its loader's options, e.g.
+  split='test' for '20news') or a local file (keyword arguments go to `load_local`)."""
+  named = named_datasets()
+  if name_or_path in named:
+    options = inspect.signature(named[name_or_path]).parameters
+    if set(kw) - set(options):
+      allowed = f'options {", ".join(options)}' if options else 'no options'
+      raise ConfigError(f'{name_or_path} takes {allowed}, got {sorted(kw)}')
+    return named[name_or_path](**kw)
   if not pathlib.Path(name_or_path).exists():
-    raise DataError(f'{name_or_path!r} is neither a known dataset ({", ".join(KNOWN_DATASETS)}) '
+    raise DataError(f'{name_or_path!r} is neither a known dataset ({", ".join(named)}) '
                     'nor an existing file')
   return load_local(name_or_path, **kw)
