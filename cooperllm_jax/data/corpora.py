@@ -24,7 +24,7 @@ from typing import Sequence
 import numpy as np
 
 from cooperllm_jax import assets
-from cooperllm_jax.data.sources import TextDataset
+from cooperllm_jax.data.dataset import TextDataset
 from cooperllm_jax.errors import ConfigError, DataError
 
 SPLITS = ('train', 'test', 'all')

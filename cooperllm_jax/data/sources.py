@@ -1,10 +1,9 @@
-"""Text classification datasets: the bundled BBC News corpus and local files.
+"""Text classification datasets by name (BBC News here, the corpora of corpora.py) or local file.
 
 Every loader returns a `TextDataset` in a deterministic order (sorted classes, sorted files, file
 rows as written), so that a partition seed names the same split on every machine.
 """
 
-import dataclasses
 import inspect
 import os
 import pathlib
@@ -14,6 +13,8 @@ from typing import Optional, Sequence, Union
 import numpy as np
 
 from cooperllm_jax import assets
+from cooperllm_jax.data import corpora
+from cooperllm_jax.data.dataset import TextDataset
 from cooperllm_jax.errors import ConfigError, DataError
 
 PathLike = Union[str, os.PathLike]
@@ -29,22 +30,6 @@ LOCAL_FORMATS = {
 
 # Before any `datasets` import: it reads the flag once, and local files need no network.
 os.environ.setdefault('HF_DATASETS_OFFLINE', '1')
-
-
-@dataclasses.dataclass(frozen=True, eq=False)  # eq=False: numpy fields make `==` ambiguous.
-class TextDataset:
-  """Texts with integer labels indexing `label_names`."""
-  name: str
-  texts: tuple[str, ...]
-  labels: np.ndarray  # int32 [N]
-  label_names: tuple[str, ...]
-
-  def __len__(self) -> int:
-    return len(self.texts)
-
-  @property
-  def num_classes(self) -> int:
-    return len(self.label_names)
 
 
 def load_bbc_news() -> TextDataset:
@@ -142,16 +127,11 @@ def load_local(path: PathLike, text_column: str = 'text', label_column: str = 'l
   return TextDataset(path.stem, tuple(texts), labels, names)
 
 
-def named_datasets() -> dict:
-  """Name -> loader. Imported here, not at the top: corpora imports TextDataset from this module."""
-  from cooperllm_jax.data import corpora  # pylint: disable=g-import-not-at-top
-  return {'bbcnews': load_bbc_news, **corpora.LOADERS}
-
-
 def load_dataset(name_or_path: str, **kw) -> TextDataset:
-  """Loads a named dataset (`named_datasets`; keyword arguments are its loader's options, e.g.
-  split='test' for '20news') or a local file (keyword arguments go to `load_local`)."""
-  named = named_datasets()
+  """Loads a named dataset ('bbcnews' or corpora.LOADERS; keyword arguments are its loader's
+  options, e.g. split='test' for '20news') or a local file (keyword arguments go to
+  `load_local`)."""
+  named = {'bbcnews': load_bbc_news, **corpora.LOADERS}
   if name_or_path in named:
     options = inspect.signature(named[name_or_path]).parameters
     if set(kw) - set(options):
