@@ -2,7 +2,7 @@
 --config.* flags, experiments/configs/demo.py) into frozen sections, fills defaults, validates every
 value once and rejects unknown keys with a one-line ConfigError (with a close-match suggestion).
 
-Library code receives sections (`ZO`, `ZGR`, `Cloud`, `Aggregation`, `Faults`, `DP`, `Guard`,
+Library code receives sections (`ZO`, `ZGR`, `Cloud`, `Warm`, `Aggregation`, `Faults`, `DP`, `Guard`,
 `System`, `Mesh`, `Checkpoint`, `Data`, `Model`), never the ConfigDict. The ConfigDict's layout is
 the one its users already write: most sections are nested dicts (config.zo.eps), a few fields sit at
 the top level for brevity (config.dataset, config.checkpoint_every, config.aggregation); `_FLAT`
@@ -195,6 +195,18 @@ class Cloud:
 
 
 @dataclasses.dataclass(frozen=True)
+class Warm:
+  """warm_start: the cloud trains alone (cloud_only, at cloud.learning_rate) for the first
+  `rounds` rounds, then the scalar protocol `then` (at learning_rate) for the rest."""
+  rounds: int = 10
+  then: str = 'fedmezo'
+
+  def __post_init__(self):
+    _check(isinstance(self.rounds, int) and self.rounds >= 0,
+           f'warm.rounds must be >= 0 (an integer), got {self.rounds!r}')
+
+
+@dataclasses.dataclass(frozen=True)
 class Aggregation:
   """How the edge combines the round's uplinks (federated/edge.py has the rules' definitions):
   mean (FedAvg) | clip | trimmed_mean | median."""
@@ -334,6 +346,7 @@ class RunConfig:
   zo: ZO = ZO()
   zgr: ZGR = ZGR()
   cloud: Cloud = Cloud()
+  warm: Warm = Warm()
   aggregation: Aggregation = Aggregation()
   faults: Faults = Faults()
   dp: DP = DP()
@@ -362,7 +375,7 @@ class RunConfig:
     clock_lib.client_devices(self.system.clients, profiles, self.data.num_clients, self.seed)
 
 
-SECTIONS = {'model': Model, 'data': Data, 'zo': ZO, 'zgr': ZGR, 'cloud': Cloud,
+SECTIONS = {'model': Model, 'data': Data, 'zo': ZO, 'zgr': ZGR, 'cloud': Cloud, 'warm': Warm,
             'aggregation': Aggregation, 'faults': Faults, 'dp': DP, 'guard': Guard,
             'system': System, 'mesh': Mesh, 'checkpoint': Checkpoint}
 # Top-level ConfigDict keys that belong to a section: key -> (section, field).
@@ -374,7 +387,7 @@ _FLAT = {'model': ('model', 'name'), 'pooling': ('model', 'pooling'),
          'aggregation_clip': ('aggregation', 'clip'),
          'checkpoint_every': ('checkpoint', 'every'), 'keep_checkpoints': ('checkpoint', 'keep'),
          'ledger': ('checkpoint', 'ledger')}
-_NESTED = ('zo', 'zgr', 'cloud', 'faults', 'dp', 'guard', 'system', 'mesh')
+_NESTED = ('zo', 'zgr', 'cloud', 'warm', 'faults', 'dp', 'guard', 'system', 'mesh')
 _TOP = tuple(f.name for f in dataclasses.fields(RunConfig) if f.name not in SECTIONS)
 
 

@@ -51,8 +51,8 @@ def test_round_with_one_client_equals_its_local_training():
   batches, counts = client_data.round_batches(arrays, labels, [np.arange(64)], np.array([0]),
                                               steps=3, batch_size=8, seed=0, round_index=1)
   batches = jax.tree.map(jnp.asarray, batches)
-  new, _ = fedavg_bp.make_round(update)(params, batches, jnp.asarray(counts))
-  delta, _ = jax.jit(update)(params, jax.tree.map(lambda x: x[0], batches))
+  new, _ = fedavg_bp.make_round(update)(params, {}, batches, jnp.asarray(counts))
+  delta, _ = jax.jit(update)(params, {}, jax.tree.map(lambda x: x[0], batches))
   jax.tree.map(lambda n, p, d: np.testing.assert_allclose(n, p + d, atol=1e-6), new, params, delta)
 
 
@@ -65,9 +65,9 @@ def test_round_weights_deltas_by_example_counts():
   batches, counts = client_data.round_batches(arrays, labels, clients, np.array([0, 1]), 2, 8, 0, 1)
   np.testing.assert_array_equal(counts, [48, 16])
   batches = jax.tree.map(jnp.asarray, batches)
-  new, _ = fedavg_bp.make_round(update, chunk=2)(params, batches, jnp.asarray(counts))
-  d0, _ = update(params, jax.tree.map(lambda x: x[0], batches))
-  d1, _ = update(params, jax.tree.map(lambda x: x[1], batches))
+  new, _ = fedavg_bp.make_round(update, chunk=2)(params, {}, batches, jnp.asarray(counts))
+  d0, _ = update(params, {}, jax.tree.map(lambda x: x[0], batches))
+  d1, _ = update(params, {}, jax.tree.map(lambda x: x[1], batches))
   jax.tree.map(lambda n, p, a, b: np.testing.assert_allclose(n, p + 0.75 * a + 0.25 * b, atol=1e-6),
                new, params, d0, d1)
 
@@ -83,7 +83,7 @@ def test_fedavg_learns_a_separable_task():
   before = float(loss(params, full))
   for r in range(1, 9):
     batches, counts = client_data.round_batches(arrays, labels, clients, np.arange(4), 4, 16, 0, r)
-    params, _ = round_fn(params, jax.tree.map(jnp.asarray, batches), jnp.asarray(counts))
+    params, _ = round_fn(params, {}, jax.tree.map(jnp.asarray, batches), jnp.asarray(counts))
   after = float(loss(params, full))
   accuracy = float((model.logits(params, full).argmax(-1) == full['labels']).mean())
   assert after < 0.5 * before and accuracy > 0.9, (before, after, accuracy)

@@ -75,6 +75,8 @@ def config(name, **over):
             fwdllm_var_threshold=0.5, perturb_impl='xla', base_weights='f32', base_group=32)
   if name == 'fwdllm':
     zo['probes'] = FWD_PROBES
+  if name == 'fedavg_bp':
+    zo['trainable'] = 'full'   # the first-order bound on every weight, as the demo config has it
   zo.update(over.pop('zo', {}))
   zgr = dict(alpha=0.5, adaptive=False, alpha_min=0.05, alpha_max=0.95, ema=0.8, pool_size=2,
              refresh=1, beta=1.0, guidance_format='f32', guidance_block=256,
@@ -132,7 +134,10 @@ def max_rel_diff(a, b):
 # ------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize('name', ALGORITHMS)
+CLIENT_ALGORITHMS = [a for a in ALGORITHMS if a not in ('cloud_only', 'warm_start')]
+
+
+@pytest.mark.parametrize('name', CLIENT_ALGORITHMS)  # the cloud baselines: tests/test_baselines.py
 def test_every_algorithm_runs_rounds_and_lowers_the_training_loss(name):
   h = history(name)
   before, after = full_loss(PARAMS_NP), full_loss(h['final'])
@@ -339,7 +344,8 @@ def test_make_algorithm_rejects_bad_configs():
     make_algorithm(config('fwdllm', zo={'fwdllm_min_probes': FWD_PROBES + 1}), MODEL)
   with pytest.raises(ConfigError, match='client_chunk'):
     make_algorithm(config('fedmezo', client_chunk=0), MODEL)
-  assert set(ALGORITHMS) == {'cooperllm', 'fedmezo', 'fedkseed', 'decomfl', 'fwdllm', 'fedavg_bp'}
+  assert set(ALGORITHMS) == {'cooperllm', 'fedmezo', 'fedkseed', 'decomfl', 'fwdllm', 'fedavg_bp',
+                             'cloud_only', 'warm_start'}
 
 
 def test_unknown_client_backend_is_a_config_error():

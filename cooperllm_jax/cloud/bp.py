@@ -104,15 +104,44 @@ class CloudStep:
     self.mesh, self.model, self.rules = mesh, model, rules
     self.optimizer = optax.adamw(config.learning_rate, weight_decay=config.weight_decay)
     self._plain = jax.jit(self._step, donate_argnums=0)
+    # train(cloud_state, trainable, frozen, batches) -> (cloud_state, trainable); both donated.
+    self.train = jax.jit(self._train, donate_argnums=(0, 1))
     self._on_mesh = {}   # input signature -> (jitted step, input shardings), which depend on shapes
 
   # ---- the pure step -------------------------------------------------------------------------
 
-  def _step(self, cloud_state, trainable, frozen, batches):
+  def _loss(self, trainable, frozen):
+    """loss(master, batch): the public loss at a float32 master copy of `trainable`."""
     def loss(master, batch):
       params = jax.tree.map(lambda m, x: m.astype(x.dtype), master, trainable)
       return loss_at(self.loss_fn, params, frozen, batch, None, 0.0, subset=self.subset)
 
+    return loss
+
+  def _finetune(self, cloud_state, trainable, frozen, batches):
+    """(cloud_state, after, Welford of the K step gradients): K AdamW steps, one per batch, of a
+    float32 master copy that starts at `trainable`."""
+    grad = jax.grad(self._loss(trainable, frozen))
+
+    def body(carry, batch):
+      params, opt_state, acc = carry
+      g = _f32(grad(params, batch))
+      updates, opt_state = self.optimizer.update(g, opt_state, params)
+      return (optax.apply_updates(params, updates), opt_state, acc.push(g)), None
+
+    start = _f32(trainable)
+    (after, cloud_state, acc), _ = jax.lax.scan(
+        body, (start, cloud_state, _Welford.empty(start)), batches)
+    return cloud_state, after, acc
+
+  def _train(self, cloud_state, trainable, frozen, batches):
+    """(cloud_state, trainable after K AdamW steps, in its own dtype): the cloud training a model
+    of its own (the cloud_only and warm_start baselines); finetune mode only."""
+    cloud_state, after, _ = self._finetune(cloud_state, trainable, frozen, batches)
+    return cloud_state, jax.tree.map(lambda a, x: a.astype(x.dtype), after, trainable)
+
+  def _step(self, cloud_state, trainable, frozen, batches):
+    loss = self._loss(trainable, frozen)
     grad = jax.value_and_grad(loss)
     start = _f32(trainable)
     k = jax.tree.leaves(batches)[0].shape[0]
@@ -126,14 +155,7 @@ class CloudStep:
       (acc, total), _ = jax.lax.scan(body, (_Welford.empty(start), jnp.float32(0)), batches)
       direction, start_loss = acc.mean, total / k
     else:
-      def body(carry, batch):
-        params, opt_state, acc = carry
-        g = _f32(grad(params, batch)[1])
-        updates, opt_state = self.optimizer.update(g, opt_state, params)
-        return (optax.apply_updates(params, updates), opt_state, acc.push(g)), None
-
-      (after, cloud_state, acc), _ = jax.lax.scan(
-          body, (start, cloud_state, _Welford.empty(start)), batches)
+      cloud_state, after, acc = self._finetune(cloud_state, trainable, frozen, batches)
       scale = 1.0 / (k * self.config.learning_rate)
       direction = jax.tree.map(lambda s, a: (s - a) * scale, start, after)
       start_loss = jax.lax.map(lambda b: loss(start, b), batches).mean()

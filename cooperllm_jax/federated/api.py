@@ -46,6 +46,7 @@ class RoundResult:
   client_weights: Optional[np.ndarray] = None  # [C] FedAvg weights the edge used (0: not arrived)
   sent: Optional[np.ndarray] = None  # bool [C]: the client uploaded (privacy releases)
   guidance_bytes: int = 0       # what every sampled client receives for this round (ZGR's V)
+  cloud_ran: Optional[bool] = None  # the cloud backpropped this round (None: no cloud tier)
   metrics: dict = dataclasses.field(default_factory=dict)  # algorithm-specific scalars to log
 
 

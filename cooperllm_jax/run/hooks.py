@@ -82,7 +82,7 @@ class Clock(Hook):
     seconds = clock.tick(clock.plan(
         ctx.round, ctx.sampled, result.forwards, result.backwards, result.uplink_bytes,
         ctx.sync_bytes, sent, probes, result.client_weights > 0,
-        result.metrics.get('guidance_formats')))
+        result.metrics.get('guidance_formats'), bool(result.cloud_ran)))
     ctx.row.update(sim_round_s=seconds, sim_time_s=clock.elapsed, **result.metrics)
 
 

@@ -57,7 +57,7 @@ class SimulatedClock:
   pipelined: bool = True
   pool_size: int = 0            # cooperllm's m (0: no guidance)
   guidance_codec: Optional[codec_lib.LeafCodec] = None
-  cloud_examples: int = 0       # public examples the cloud backprops per refresh
+  cloud_examples: int = 0       # public examples the cloud backprops per refresh (0: no cloud)
   cloud_adamw: bool = False     # finetune mode: the cloud takes AdamW steps
   cloud_lag: int = 0
   refresh: int = 1
@@ -115,7 +115,8 @@ class SimulatedClock:
     return passes + (wl.ADAMW_FLOPS * d if self.cloud_adamw else 0) + 8 * m * m * d
 
   def plan(self, round_index: int, clients, forwards, backwards, upload_bytes, sync_bytes,
-           sent, probes, arrived, guidance_formats: Optional[dict] = None) -> tl.RoundPlan:
+           sent, probes, arrived, guidance_formats: Optional[dict] = None,
+           cloud_ran: Optional[bool] = None) -> tl.RoundPlan:
     """The round as a timeline plan, from arrays over the sampled clients: forward and backward
     passes, upload and catch-up bytes, whether it sent, its ZO probes (each regenerated once more
     for the update) and whether the edge used it (it replays those probes)."""
@@ -136,11 +137,12 @@ class SimulatedClock:
     edge = (2 * d * len(works) if self.bp_clients
             else int(np.sum(np.asarray(probes)[np.asarray(arrived, bool)])) * per_entry)
     guided = self.pool_size > 0
-    refresh = guided and (round_index - 1) % self.refresh == 0
+    if cloud_ran is None:   # the refresh schedule, unless the round says whether the cloud ran
+      cloud_ran = self.cloud_examples > 0 and (round_index - 1) % self.refresh == 0
     return tl.RoundPlan(
         stages=self.stages, batch_size=self.batch_size, clients=tuple(works), cloud=self.cloud,
         edge=self.edge, guidance_bytes=self.guidance_bytes(guidance_formats) if guided else (),
-        pool_size=m, cloud_flops=self.cloud_flops() if refresh else 0.0,
+        pool_size=m, cloud_flops=self.cloud_flops() if cloud_ran else 0.0,
         cloud_lag=self.cloud_lag, edge_flops=edge)
 
   def tick(self, plan: tl.RoundPlan) -> float:

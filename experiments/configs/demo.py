@@ -8,8 +8,10 @@ Sized to finish in a few minutes on 2 CPU cores. `get_config('fedavg_bp')` (on t
 import ml_collections
 
 # Learning rates tuned on this task (BBC News, MiniLM): ZO-SGD takes much smaller steps than AdamW.
+# cloud_only's is its AdamW rate; warm_start's the rate of its ZO rounds (its cloud rounds take
+# cloud.learning_rate).
 LEARNING_RATES = {'cooperllm': 1e-2, 'fedmezo': 5e-2, 'fedkseed': 5e-2, 'decomfl': 5e-2, 'fwdllm': 5e-2,
-                  'fedavg_bp': 5e-5}
+                  'fedavg_bp': 5e-5, 'cloud_only': 1e-3, 'warm_start': 5e-2}
 
 
 def get_config(algorithm: str = 'cooperllm') -> ml_collections.ConfigDict:
@@ -53,7 +55,7 @@ def get_config(algorithm: str = 'cooperllm') -> ml_collections.ConfigDict:
   c.zo.scheme = 'central'       # or 'one_sided'
   c.zo.distribution = 'gaussian'  # or 'rademacher'
   c.zo.clip = ml_collections.config_dict.placeholder(float)  # |g| bound; None = off
-  c.zo.trainable = 'head'       # full | bitfit | head | lora (fedavg_bp trains everything)
+  c.zo.trainable = 'head'       # full | bitfit | head | lora: what every algorithm trains
   c.zo.lora_rank = 8
   c.zo.lora_alpha = 16.0
   c.zo.lora_targets = ('attn/q', 'attn/v')
@@ -91,6 +93,10 @@ def get_config(algorithm: str = 'cooperllm') -> ml_collections.ConfigDict:
   c.cloud.public_examples = 0   # cap on the public slice the cloud uses (0 = all of it)
   c.cloud.public_classes = ()   # keep only these labels (domain mismatch); () = all
   c.cloud.shuffle_labels = False  # control: permuted public labels (a cloud without signal)
+  # warm_start: cloud_only for the first warm.rounds rounds, then warm.then on the clients.
+  c.warm = ml_collections.ConfigDict()
+  c.warm.rounds = 10
+  c.warm.then = 'fedmezo'
   # The simulated system (cooperllm_jax/system): device profiles of the tiers and the SPC schedule,
   # which give every round a simulated wall-clock latency (metrics: sim_round_s, sim_time_s).
   c.system = ml_collections.ConfigDict()
@@ -127,4 +133,6 @@ def get_config(algorithm: str = 'cooperllm') -> ml_collections.ConfigDict:
   c.guard.max_rollbacks = 5     # then give up with an error
   if algorithm == 'fwdllm':
     c.zo.probes = 4             # fwdllm's maximum probes per step
+  if algorithm == 'fedavg_bp':
+    c.zo.trainable = 'full'     # the demo's first-order bound fine-tunes every weight
   return c

@@ -188,10 +188,14 @@ class CloudGuidance:
     # Before any estimate exists, start from the middle of the allowed range.
     return jnp.where(mix['seen'] > 0, alpha, 0.5 * (z.alpha_min + z.alpha_max))
 
+  def refreshes(self, round_index: int) -> bool:
+    """Whether the cloud computes a new direction in this round."""
+    return (round_index - 1) % self.zgr.refresh == 0
+
   def before_round(self, state, clients, round_index) -> dict:
     """The state with this round's guidance: a new cloud direction every `refresh` rounds."""
     state = dict(state)
-    refresh = (round_index - 1) % self.zgr.refresh == 0
+    refresh = self.refreshes(round_index)
     tau_sq = None
     if refresh:
       if self.cloud.lag:
@@ -335,6 +339,7 @@ class CooperLLM:
     state = self.guidance.before_round(state, clients, round_index)
     state, result = self.zo.run_round(state, batches, counts, clients, round_index)
     self.guidance.after_round(state, result)
+    result.cloud_ran = self.guidance.refreshes(round_index)
     return self.zo.on_mesh(state), result
 
   def edge_update(self, trainable, uplinks, client_weights, lr, guide=None):

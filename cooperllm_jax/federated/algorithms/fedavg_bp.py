@@ -26,41 +26,49 @@ from cooperllm_jax.federated.registry import register
 from cooperllm_jax.memory import compiled_memory
 from cooperllm_jax.models.common import make_loss
 from cooperllm_jax.tree_math import tree_bytes
+from cooperllm_jax.zoo.spsa import loss_at
+from cooperllm_jax.zoo.trainable import Subset
 
 
-def make_client_update(model, optimizer: optax.GradientTransformation) -> Callable:
-  """client_update(params, batches) -> (delta, losses).
+def make_client_update(model, optimizer: optax.GradientTransformation,
+                       subset: Subset = Subset()) -> Callable:
+  """client_update(trainable, frozen, batches) -> (delta, losses): backprop on the subset's
+  trainable leaves (Subset.split; 'full': all of them, frozen = {}), the frozen ones held fixed.
 
-  batches: {name: [steps, batch, ...]}; delta has params' structure; losses: float32 [steps].
+  batches: {name: [steps, batch, ...]}; delta has trainable's structure; losses: float32 [steps].
   The optimizer state starts fresh every round, as in FedAvg.
   """
-  loss = make_loss(model)
+  loss_fn = make_loss(model)
 
-  def client_update(params, batches):
+  def loss(trainable, frozen, batch):
+    return loss_at(loss_fn, trainable, frozen, batch, None, 0.0, subset=subset)
+
+  def client_update(trainable, frozen, batches):
     def step(carry, batch):
       p, state = carry
-      value, grads = jax.value_and_grad(loss)(p, batch)
+      value, grads = jax.value_and_grad(loss)(p, frozen, batch)
       updates, state = optimizer.update(grads, state, p)
       return (optax.apply_updates(p, updates), state), value
 
-    (trained, _), losses = jax.lax.scan(step, (params, optimizer.init(params)), batches)
-    return jax.tree.map(jnp.subtract, trained, params), losses
+    (trained, _), losses = jax.lax.scan(step, (trainable, optimizer.init(trainable)), batches)
+    return jax.tree.map(jnp.subtract, trained, trainable), losses
 
   return client_update
 
 
 def make_round(client_update: Callable, chunk: int = 1) -> Callable:
-  """round(params, batches, counts) -> (new_params, losses [C, steps]), jitted.
+  """round(trainable, frozen, batches, counts) -> (new trainable, losses [C, steps]), jitted.
 
   batches: {name: [C, steps, batch, ...]}; counts: float32 [C] example counts (FedAvg weights).
   """
 
   @jax.jit
-  def round_fn(params, batches, counts):
-    deltas, losses = jax.lax.map(lambda b: client_update(params, b), batches, batch_size=chunk)
+  def round_fn(trainable, frozen, batches, counts):
+    deltas, losses = jax.lax.map(lambda b: client_update(trainable, frozen, b), batches,
+                                 batch_size=chunk)
     weights = fedavg_weights(counts)
     mean = jax.tree.map(lambda d: jnp.tensordot(weights, d.astype(jnp.float32), axes=1), deltas)
-    return jax.tree.map(lambda p, d: (p + d).astype(p.dtype), params, mean), losses
+    return jax.tree.map(lambda p, d: (p + d).astype(p.dtype), trainable, mean), losses
 
   return round_fn
 
@@ -68,9 +76,12 @@ def make_round(client_update: Callable, chunk: int = 1) -> Callable:
 @register('fedavg_bp')
 @dataclasses.dataclass
 class FedAvgBP:
-  """Dense deltas up and down; the divergence guard's rate changes recompile the round."""
+  """Dense deltas of the run's trainable subset (zo.trainable: the same weights the ZO clients
+  train) up and down; the divergence guard's rate changes recompile the round."""
   model: Any
   lr: float
+  subset: Subset = Subset()
+  seed: int = 0
   weight_decay: float = 0.0
   chunk: int = 1
   channel: Channel = Channel()
@@ -89,26 +100,29 @@ class FedAvgBP:
     if cfg.aggregation.rule != 'mean' or cfg.dp.active or cfg.faults.corrupts:
       raise ConfigError('fedavg_bp uploads dense deltas: aggregation, dp and the Byzantine/'
                         'nonfinite faults apply to the scalar protocols only')
-    return cls(model, cfg.learning_rate, cfg.weight_decay, cfg.client_chunk, channel_for(cfg))
+    return cls(model, cfg.learning_rate, cfg.zo.subset, cfg.seed, cfg.weight_decay,
+               cfg.client_chunk, channel_for(cfg))
 
   def __post_init__(self):
     self._client_update = self._make_client_update(self.lr)
     self._rounds = {}   # learning rate -> jitted round
 
   def _make_client_update(self, lr):
-    return make_client_update(self.model, optax.adamw(lr, weight_decay=self.weight_decay))
+    return make_client_update(self.model, optax.adamw(lr, weight_decay=self.weight_decay),
+                              self.subset)
 
   def init(self, params):
-    return {'params': params, 'lr': jnp.float32(self.lr)}
+    trainable, frozen = self.subset.split(params, jax.random.key(self.seed))
+    return {'trainable': trainable, 'frozen': frozen, 'lr': jnp.float32(self.lr)}
 
   def trainable(self, state):
-    return state['params']
+    return state['trainable']
 
   def model_params(self, state):
-    return state['params']
+    return self.subset.materialize(state['frozen'], state['trainable'])
 
   def dense_bytes(self, state) -> int:
-    return tree_bytes(state['params'])
+    return tree_bytes(state['trainable'])
 
   @property
   def costs(self) -> Costs:
@@ -119,20 +133,21 @@ class FedAvgBP:
 
   def client_memory(self, state, batch_shapes) -> dict:
     """XLA's memory estimate of one client's jitted local training (S steps), abstract shapes."""
-    return compiled_memory(self._client_update, state['params'], batch_shapes, donate_argnums=())
+    return compiled_memory(self._client_update, state['trainable'], state['frozen'], batch_shapes,
+                           donate_argnums=())
 
   def run_round(self, state, batches, counts, clients, round_index):
     received = self.channel(None, counts, clients, round_index)
     lr = float(state['lr'])
     if lr not in self._rounds:
       self._rounds[lr] = make_round(self._make_client_update(lr), chunk=self.chunk)
-    params, losses = self._rounds[lr](state['params'], batches,
-                                      jnp.asarray(received.client_weights))
+    trainable, losses = self._rounds[lr](state['trainable'], state['frozen'], batches,
+                                         jnp.asarray(received.client_weights))
     losses = np.asarray(losses)
     c, s = losses.shape
     dense = self.dense_bytes(state)
     steps = np.full(c, s, np.int64) * received.sent
-    return dict(state, params=params), RoundResult(
+    return dict(state, trainable=trainable), RoundResult(
         losses=losses, uplink_bytes=(dense + COUNT_BYTES) * received.sent.astype(np.int64),
         broadcast_bytes=dense, forwards=steps, backwards=steps,
         client_weights=received.client_weights, sent=received.sent, metrics=received.metrics)

@@ -1,0 +1,75 @@
+"""warm_start: the control a reviewer runs next to cloud_only. The cloud trains alone on its public
+set for the first warm.rounds rounds (cloud_only at cloud.learning_rate), then the ZO protocol
+warm.then (FedMeZO by default, at learning_rate) fine-tunes that model on the clients for the
+remaining rounds. Whatever CooperLLM gains must exceed what this sequence gets."""
+
+import dataclasses
+from typing import ClassVar, Optional
+
+from cooperllm_jax import config as config_lib
+from cooperllm_jax.errors import ConfigError
+from cooperllm_jax.federated import registry
+from cooperllm_jax.federated.algorithms.cloud_only import PublicTrainer, cloud_round_result
+from cooperllm_jax.federated.algorithms.scalar import ScalarProtocol
+from cooperllm_jax.federated.api import Costs
+from cooperllm_jax.zoo.quantized import dequantize_tree
+
+
+@registry.register('warm_start')
+@dataclasses.dataclass
+class WarmStart:
+  trainer: PublicTrainer
+  zo: ScalarProtocol
+  warm_rounds: int
+  local_steps: int = 1
+
+  name: ClassVar[str] = ''
+  replayable: ClassVar[bool] = False   # the warm rounds' dense updates are not in the ledger
+  needs_public: ClassVar[bool] = True
+  sync_bytes: ClassVar[Optional[int]] = None
+
+  @classmethod
+  def from_config(cls, cfg: config_lib.RunConfig, model, public=None):
+    then = registry.lookup(cfg.warm.then)
+    if not issubclass(then, ScalarProtocol):
+      raise ConfigError(f'warm.then={cfg.warm.then!r} must be a zeroth-order scalar protocol '
+                        '(fedmezo, fedkseed, decomfl, fwdllm)')
+    trainer = PublicTrainer(model, cfg.zo.subset, cfg.cloud, public, cfg.seed,
+                            cfg.cloud.learning_rate, cfg.cloud.weight_decay)
+    return cls(trainer, then.from_config(cfg, model, public), cfg.warm.rounds, cfg.local_steps)
+
+  @property
+  def mesh(self):
+    return self.zo.mesh
+
+  @property
+  def costs(self) -> Costs:
+    return dataclasses.replace(self.zo.costs, guidance=self.trainer.costs)
+
+  def attach_clock(self, clock) -> None:
+    del clock
+
+  def init(self, params):
+    state = self.zo.init(params)
+    state['cloud'] = self.trainer.init(state['trainable'])
+    return state
+
+  def run_round(self, state, batches, counts, clients, round_index):
+    if round_index > self.warm_rounds:
+      return self.zo.run_round(state, batches, counts, clients, round_index)
+    cloud, trainable = self.trainer.run(state['cloud'], state['trainable'],
+                                        dequantize_tree(state['frozen']), round_index)
+    return (self.zo.on_mesh(dict(state, cloud=cloud, trainable=trainable)),
+            cloud_round_result(len(clients), self.local_steps))
+
+  def trainable(self, state):
+    return self.zo.trainable(state)
+
+  def model_params(self, state):
+    return self.zo.model_params(state)
+
+  def dense_bytes(self, state) -> int:
+    return self.zo.dense_bytes(state)
+
+  def client_memory(self, state, batch_shapes) -> dict:
+    return self.zo.client_memory(state, batch_shapes)
