@@ -107,3 +107,22 @@ def test_bench_configs_have_the_published_sizes():
   h = 384
   assert sizes == {'minilm': 22_713_216 - (h * h + h) + (h * 5 + 5),
                    'smollm2': 134_515_008, 'llama1b': 1_235_814_400}
+
+
+def test_bp_on_the_same_subset_holds_that_subsets_state_only():
+  """BP + AdamW on the head alone (the same job as head-only ZO): AdamW's state is three copies of
+  the head (+ the step count), and the frozen body is an argument it never updates."""
+  embed, layer, head = encoder_counts(ENC)
+  report = device_memory.measure(Encoder(ENC), ['head'], BATCH, SEQ, pool=POOL)
+  r = report['subsets']['head']
+  same, plain = r['memory']['bp_adamw_same_subset'], r['memory']['zo_plain']
+  body = (embed + ENC.num_layers * layer) * F32
+  state = 3 * head * F32 + F32
+  batch = BATCH * SEQ * 2 * F32 + BATCH * F32
+  assert same['argument_bytes'] == state + body + batch
+  assert same['alias_bytes'] == state
+  assert same['peak_bytes'] < r['memory']['bp_adamw']['peak_bytes']
+  assert r['reduction_plain_vs_bp_same_subset'] == pytest.approx(
+      1 - plain['peak_bytes'] / same['peak_bytes'])
+  assert r['reduction_layerwise_vs_bp_same_subset'] == pytest.approx(
+      1 - r['memory']['zo_layerwise']['peak_bytes'] / same['peak_bytes'])

@@ -11,9 +11,12 @@ os.environ.setdefault('TRANSFORMERS_VERBOSITY', 'error')
 
 import jax  # pylint: disable=g-import-not-at-top
 import numpy as np  # pylint: disable=g-import-not-at-top
+import optax  # pylint: disable=g-import-not-at-top
 
 # pylint: disable-next=g-import-not-at-top
 from cooperllm_jax.models import Decoder, DecoderConfig, Encoder, EncoderConfig
+from cooperllm_jax.models.common import make_loss  # pylint: disable=g-import-not-at-top
+from cooperllm_jax.zoo.spsa import loss_at  # pylint: disable=g-import-not-at-top
 
 NUM_LABELS = 5
 LABEL_WORDS = ('business', 'entertainment', 'politics', 'sport', 'tech')  # BBC News topics
@@ -31,6 +34,27 @@ MODEL_SHAPES = {
         head_dim=64, intermediate_size=8192, rope_theta=500000.0, tie_embeddings=True,
         label_token_ids=LABEL_TOKENS)),
 }
+
+
+def adamw_steps(model, optimizer, subset):
+  """The backprop baseline on a device: train(trainable, opt_state, frozen, batches [S, ...]) ->
+  (trainable, opt_state, losses [S]), S optimizer steps on the subset's trainable leaves (its
+  split; 'full' trains every weight, frozen = {}), the optimizer state kept as a local fine-tuner
+  keeps it. Holds weights, gradients, both AdamW moments and the saved activations."""
+  loss_fn = make_loss(model)
+
+  def train(trainable, opt_state, frozen, batches):
+    def step(carry, batch):
+      t, state = carry
+      value, grads = jax.value_and_grad(
+          lambda t: loss_at(loss_fn, t, frozen, batch, None, 0.0, subset=subset))(t)
+      updates, state = optimizer.update(grads, state, t)
+      return (optax.apply_updates(t, updates), state), value
+
+    (trainable, opt_state), losses = jax.lax.scan(step, (trainable, opt_state), batches)
+    return trainable, opt_state, losses
+
+  return train
 
 
 def log(msg: str):
