@@ -57,6 +57,7 @@ class ScalarProtocol:
   replayable: ClassVar[bool] = True
   needs_public: ClassVar[bool] = False
   sync_bytes: ClassVar[Optional[int]] = None  # None: a client catches up by replaying rounds
+  donates_edge: ClassVar[bool] = True   # the edge updates the global weights in place
 
   @classmethod
   def options(cls, cfg: config_lib.RunConfig, model) -> dict:
@@ -84,8 +85,6 @@ class ScalarProtocol:
                        channel=self.channel, donate=self.donates_edge)
 
   # -- what a subclass chooses -----------------------------------------------------------------
-  donates_edge: ClassVar[bool] = True   # the edge updates the global weights in place
-
   def addresses(self) -> clients_lib.AddressFn:
     return clients_lib.own_addresses
 
