@@ -11,8 +11,9 @@ Per round r (the FedMeZO protocol plus the cloud tier):
              one format per leaf under `guidance_budget_bytes`, or 'link': the same under the
              budget the simulated links allow, `link_budget`); stochastic rounding is keyed by
              (seed, round) through the key schedule;
-  3. clients sample guided directions z = beta (sqrt(alpha) v + sqrt((1-alpha) d/m) V u) from their
-             probe keys (zoo/guided.py), run local ZO steps and upload only the scalars;
+  3. clients probe along z = beta (sqrt(alpha) v + probe_v sqrt(1-alpha) V u) from their probe keys
+             and step along the plain part at lr and along V at the first-order rate lr_v
+             (zoo/guided.py: both scales free of d), run local ZO steps and upload only scalars;
   4. edge    replays every client's (address, scalar) entries under the same V.
 The client, replay and accounting are FedMeZO's (ZOAlgorithm); this class adds the cloud, the pool
 and the mixing. Adaptive mixing sets alpha each round from the paper's optimal weight on the cloud,
@@ -106,6 +107,10 @@ class CooperLLM(ZOAlgorithm):
   alpha_min: float = 0.05
   alpha_max: float = 0.95
   beta: float = 1.0
+  # ZGR's d-free scales (zoo/guided.py): the probe's radius along V relative to the plain part's,
+  # and the first-order rate of the step along V (the guidance carries step_v = lr_v / lr).
+  probe_v: float = guided.DEFAULT_PROBE_V
+  lr_v: float = guided.DEFAULT_LR_V
   ema: float = 0.8
   guidance_format: str = 'f32'
   guidance_block: int = 256
@@ -133,6 +138,8 @@ class CooperLLM(ZOAlgorithm):
                f'zgr.alpha_min/alpha_max must satisfy 0 < min <= max < 1 (both parts must stay '
                f'estimable), got {self.alpha_min}, {self.alpha_max}'),
               (self.beta > 0, f'zgr.beta must be > 0, got {self.beta}'),
+              (self.probe_v > 0, f'zgr.probe_v must be > 0, got {self.probe_v}'),
+              (self.lr_v >= 0, f'zgr.lr_v must be >= 0, got {self.lr_v}'),
               (0.0 <= self.ema < 1.0, f'zgr.ema must be in [0, 1), got {self.ema}'),
               (self.guidance_format in GUIDANCE_FORMATS,
                f'zgr.guidance_format must be one of {", ".join(GUIDANCE_FORMATS)}, got '
@@ -176,8 +183,8 @@ class CooperLLM(ZOAlgorithm):
     state['cloud'] = self._cloud.init(trainable)
     # An empty basis (plain ZO directions) until the cloud's first direction arrives; present from
     # the start so the state's structure (checkpoints, memory analysis) never changes.
-    state['guidance'] = guided.make_guidance(state['pool'].directions,
-                                             jnp.zeros(self.pool_size), self.alpha, self.beta)
+    state['guidance'] = self._guidance(state['pool'].directions, jnp.zeros(self.pool_size),
+                                       self.alpha)
     _, state['downlink'] = self._downlink(state['pool'].directions, 0)
     state['mixing'] = {'grad_sq': jnp.float32(0), 'proj_sq': jnp.float32(0),
                        'tau_sq': jnp.float32(0), 'seen': jnp.int32(0)}
@@ -200,6 +207,10 @@ class CooperLLM(ZOAlgorithm):
     if self._client_device is not None:
       direction = jax.device_put(direction, self._client_device)
     return cloud_state, direction, stats
+
+  def _guidance(self, basis, valid, alpha):
+    return guided.make_guidance(basis, valid, alpha, self.beta, self.probe_v,
+                                guided.step_ratio(self.lr_v, self.lr))
 
   def _alpha(self, state, clients: int):
     if not self.adaptive:
@@ -233,8 +244,7 @@ class CooperLLM(ZOAlgorithm):
       basis, valid = state['guidance'].basis, state['guidance'].valid
     if tau_sq is not None:
       state['mixing'] = dict(state['mixing'], tau_sq=jnp.float32(tau_sq))
-    state['guidance'] = guided.make_guidance(basis, valid, self._alpha(state, len(clients)),
-                                             self.beta)
+    state['guidance'] = self._guidance(basis, valid, self._alpha(state, len(clients)))
     state, result = super().run_round(state, batches, counts, clients, round_index)
     self._update_mixing(state, result, result.client_weights)
     self._account_guidance(state, result)

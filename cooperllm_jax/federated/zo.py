@@ -20,7 +20,7 @@ import jax.numpy as jnp
 from cooperllm_jax.errors import ConfigError
 from cooperllm_jax.federated import mesh as mesh_lib
 from cooperllm_jax.zoo import keys as keys_lib
-from cooperllm_jax.zoo.perturb import coefficients, replay
+from cooperllm_jax.zoo.perturb import coefficients, master, replay
 from cooperllm_jax.zoo.spsa import Estimator, make_zo_step
 from cooperllm_jax.zoo.trainable import Subset
 
@@ -82,8 +82,9 @@ def make_client_update(loss_fn, est: Estimator, subset: Subset = Subset(),
       return t, (Uplink(addresses, g, jnp.full_like(g, 1.0 / est.probes)), loss)
 
     num_steps = jax.tree.leaves(batches)[0].shape[0]
+    # Local steps accumulate in a float32 master copy (bfloat16 would drop sub-ulp updates).
     trainable, (uplink, losses) = jax.lax.scan(
-        step, trainable, (batches, jnp.arange(num_steps, dtype=jnp.int32)))
+        step, master(trainable), (batches, jnp.arange(num_steps, dtype=jnp.int32)))
     return trainable, uplink, losses
 
   return client_update
