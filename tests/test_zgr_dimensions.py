@@ -1,5 +1,6 @@
-"""ZGR at real dimensions (issue 15), on synthetic problems with a known gradient (tests/zgr_problems.py:
-a quadratic and an L2-regularized logistic regression) at d = 1e3, 1e5 and 1e7:
+"""ZGR at real dimensions (issue 15), on synthetic problems with a known gradient
+(experiments/bench/zgr_problems.py: a quadratic and an L2-regularized logistic regression) at
+d = 1e3, 1e5 and 1e7:
 
 - the edge's regression estimates (zoo/mixing.py) of |V^T grad|^2 and |grad|^2, from the scalars the
   guided SPSA probes produce (zoo.make_estimate), are within 10% of the truth and within 4 of their
@@ -27,7 +28,7 @@ from cooperllm_jax import zoo
 from cooperllm_jax.federated import zo as fzo
 from cooperllm_jax.models.common import hook
 from cooperllm_jax.zoo import guided, mixing
-from zgr_problems import PROBLEMS, cloud_basis, guidance
+from experiments.bench.zgr_problems import PROBLEMS, cloud_basis, guidance
 
 EPS = 1e-2
 ALPHA = 0.5          # the default guided mixing

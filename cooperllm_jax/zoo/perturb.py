@@ -1,5 +1,6 @@
 """Applying directions: the forward-pass hook (theta + scale * z, one layer at a time) and the update
-(theta - coef * z, leaf by leaf), both drawing z from the key schedule."""
+(theta - coef * z_step, leaf by leaf; z_step = z for plain ZO, ZGR's step direction with guidance),
+both drawing from the key schedule; `master` keeps low-precision trainable weights in float32."""
 
 import dataclasses
 import math
@@ -119,8 +120,8 @@ def master(tree):
 
 
 def _update_leaf(path, x, key, coef, distribution, guide):
-  """x - coef * z_step for one leaf (z_step = z without guidance, zoo/guided.py with it); rank >= 2 leaves in place, UPDATE_BLOCK elements (at least one
-  leading-axis slice) at a time. slice_direction gives each slice the bits of the whole-leaf draw,
+  """x - coef * z_step for one leaf (z_step: z without guidance, zoo/guided.py's with it); rank >= 2
+  leaves in place, UPDATE_BLOCK elements (at least one leading-axis slice) at a time. slice_direction gives each slice the bits of the whole-leaf draw,
   so blocking does not change the result."""
   if x.ndim < 2:
     z = direction(key, path, x.shape, None, distribution, guide, step=True)
