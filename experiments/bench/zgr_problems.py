@@ -2,9 +2,10 @@
 (tests/test_zgr_dimensions.py, experiments/bench/zgr_dimensions.py): a separable quadratic and an
 L2-regularized logistic regression with a block-diagonal design, both over one trainable leaf
 {'q': {'w': [d]}}, so any d up to 1e7 fits in a few float32 vectors. The data travel as the
-estimators' `batch` (traced, not baked into the compiled code), and sums over d run in two stages (blocks of 1000, then the block
-sums), as a model's mean over tokens would: a one-pass float32 sum of 1e7 terms would round the
-loss, and so the finite differences, far more coarsely than any real forward pass does."""
+estimators' `batch` (traced, not baked into the compiled code), and sums over d run in two stages
+(blocks of 1000, then the block sums), as a model's mean over tokens would: a one-pass float32 sum
+of 1e7 terms would round the loss, and so the finite differences, far more coarsely than any real
+forward pass does."""
 
 import dataclasses
 from typing import Callable
