@@ -122,6 +122,22 @@ def test_standard_errors_are_honest(name):
     assert abs(est.mean() - true) < 4 * est.std() / math.sqrt(reps)
 
 
+def test_estimates_from_a_rounds_uplinks_with_fedavg_weights():
+  """mixing.from_uplinks over three clients' uplinks (federated.zo's client update, lr = 0 so the
+  gradient stays the truth's; unequal FedAvg weights): the weighted regression stays unbiased and
+  within 4 SE of the truth."""
+  pb, guide, h, grad_sq = _setup('quadratic', 10 ** 3)
+  steps, probes = 64, 4
+  client = jax.jit(fzo.make_client_update(pb.loss, zoo.Estimator(eps=EPS, probes=probes)))
+  batches = jax.tree.map(lambda x: jnp.broadcast_to(x, (steps,) + x.shape), pb.data)
+  ups = [client({'q': {'w': pb.w0}}, {}, batches, 0, 1, c, 0.0, guide)[1] for c in range(3)]
+  uplinks = jax.tree.map(lambda *xs: jnp.stack(xs), *ups)
+  e = mixing.from_uplinks(uplinks, jnp.array([1.0, 2.0, 5.0]), guide, 0)
+  assert float(e.probes) < 3 * steps * probes                    # unequal weights: fewer effective
+  for est, se, true in ((e.proj_sq, e.proj_sq_se, h @ h), (e.grad_sq, e.grad_sq_se, grad_sq)):
+    assert abs(float(est) - true) < 4 * float(se) and float(se) < 0.1 * true
+
+
 def test_adaptive_mixing_weighs_out_a_cloud_that_misses_the_gradient():
   """From the probes' estimates alone: a cloud holding ~64% of the private gradient gets a small
   alpha and a large weight on the step along V; one orthogonal to it gets alpha_max and ~0."""
