@@ -83,7 +83,7 @@ def config(name, **over):
   cloud = dict(mode='gradient', learning_rate=1e-2, weight_decay=0.0, batches=2, batch_size=16,
                lag=0, devices=0)
   cloud.update(over.pop('cloud', {}))
-  lr = {'fedavg_bp': 3e-3, 'cooperllm': 0.05}.get(name, 0.1)  # ZGR's subspace steps are d/m larger
+  lr = {'fedavg_bp': 3e-3}.get(name, 0.1)  # cooperllm's step along V has its own rate (zgr lr_v)
   c = dict(algorithm=name, learning_rate=lr, weight_decay=0.0,
            client_chunk=1, client_backend='map', seed=0, zo=zo, zgr=zgr, cloud=cloud)
   c.update(over)
