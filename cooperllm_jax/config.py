@@ -21,7 +21,7 @@ from cooperllm_jax.errors import ConfigError
 from cooperllm_jax.system import clock as clock_lib
 from cooperllm_jax.system import codec as codec_lib
 from cooperllm_jax.system import profiles as profiles_lib
-from cooperllm_jax.zoo import quantized
+from cooperllm_jax.zoo import guided, quantized
 from cooperllm_jax.zoo.spsa import Estimator
 from cooperllm_jax.zoo.trainable import Subset
 
@@ -129,7 +129,8 @@ class ZO:
 
 @dataclasses.dataclass(frozen=True)
 class ZGR:
-  """Guided perturbations z = beta (sqrt(alpha) v + sqrt((1-alpha) d/m) V u) (zoo/guided.py)."""
+  """Guided probes z = beta (sqrt(alpha) v + probe_v sqrt(1-alpha) V u), steps along V at the
+  first-order rate lr_v (zoo/guided.py: both free of d)."""
   alpha: float = 0.5            # share of the random part; 1 = plain ZO (FedMeZO)
   adaptive: bool = False        # set alpha each round from lambda* (estimated online)
   alpha_min: float = 0.05       # adaptive alpha's range (both parts must stay estimable)
@@ -137,7 +138,9 @@ class ZGR:
   ema: float = 0.8              # smoothing of the adaptive estimates across rounds
   pool_size: int = 1            # m: the last m cloud directions span V
   refresh: int = 1              # the cloud computes a new direction every `refresh` rounds
-  beta: float = 1.0             # overall scale of z (1: E|z|^2 = d, as plain ZO)
+  beta: float = 1.0             # scale of z's plain part (1 with alpha = 1: plain ZO)
+  probe_v: float = guided.DEFAULT_PROBE_V  # the probe's radius along V / the plain part's
+  lr_v: float = guided.DEFAULT_LR_V  # first-order rate of the step along V (d-free)
   guidance_format: str = 'f32'  # V on the downlink: f32 | int8 | int4 | ternary | adaptive | link
   guidance_block: int = 256     # values per codec scale
   guidance_budget_bytes: int = 0  # adaptive: bytes of V per client and round (> 0)
@@ -150,6 +153,9 @@ class ZGR:
            f'zgr.alpha_min/alpha_max must satisfy 0 < min <= max < 1 (both parts must stay '
            f'estimable), got {self.alpha_min}, {self.alpha_max}')
     _check(_finite(self.beta) and self.beta > 0, f'zgr.beta must be > 0, got {self.beta}')
+    _check(_finite(self.probe_v) and self.probe_v > 0,
+           f'zgr.probe_v must be > 0, got {self.probe_v}')
+    _check(_finite(self.lr_v) and self.lr_v >= 0, f'zgr.lr_v must be >= 0, got {self.lr_v}')
     _check(0.0 <= self.ema < 1.0, f'zgr.ema must be in [0, 1), got {self.ema}')
     _check(self.guidance_format in GUIDANCE_FORMATS,
            f'zgr.guidance_format must be one of {", ".join(GUIDANCE_FORMATS)}, got '

@@ -2,8 +2,10 @@
 
 - alpha = 1 (or an empty basis) is the plain ZO direction bit for bit;
 - the layer/row hooks draw exactly the bits of the whole-leaf guided direction;
-- on a quadratic, the mean guided SPSA estimate is beta^2 (alpha I + (1 - alpha) d/m V V^T) grad,
-  and the same bound rejects the paper's 1/d-scaled form and the unguided mean;
+- on a quadratic, the probe's covariance is beta^2 (alpha I + (1 - alpha) s^2 V V^T) (d-free), the
+  mean of g z is that times grad and the mean of the update direction g z_step is
+  beta^2 alpha grad + rho V V^T grad, and the same bounds reject the old (d/m-scaled) and the
+  paper's (1/d-scaled) forms, the unguided mean and a sign flip;
 - the pool's QR basis is orthonormal, spans the newest directions and drops dependent ones;
 - a guided client's update is replayed bit for bit by the edge.
 """
@@ -21,7 +23,7 @@ from cooperllm_jax.federated import clients as fzo
 from cooperllm_jax.models import Encoder, EncoderConfig
 from cooperllm_jax.models.common import hook, make_loss
 from cooperllm_jax.models.spec import is_spec
-from cooperllm_jax.zoo import guided
+from cooperllm_jax.zoo import guided, mixing
 from helpers import Q_D, flat, quadratic_loss, quadratic_setup, t_test_rejects
 
 N = 8192
@@ -39,15 +41,15 @@ def quadratic():
   return quadratic_setup()[:3]
 
 
-def _guide(trainable, m, alpha, beta=1.0, filled=None, seed=0):
+def _guide(trainable, m, alpha, beta=1.0, filled=None, seed=0, probe_v=1.0, step_v=1.0):
   basis, valid = pool_lib.orthonormalize(_random_pool(trainable, m, m if filled is None else filled,
                                                       seed))
-  return guided.make_guidance(basis, valid, alpha, beta)
+  return guided.make_guidance(basis, valid, alpha, beta, probe_v, step_v)
 
 
-def _tree_z(key, tree, distribution, guide):
+def _tree_z(key, tree, distribution, guide, step=False):
   return jax.tree_util.tree_map_with_path(
-      lambda p, x: guided.direction(key, p, x.shape, None, distribution, guide), tree)
+      lambda p, x: guided.direction(key, p, x.shape, None, distribution, guide, step), tree)
 
 
 @pytest.mark.parametrize('distribution', ['gaussian', 'rademacher'])
@@ -55,10 +57,11 @@ def test_alpha_one_and_empty_basis_are_the_plain_direction_bitwise(quadratic, di
   trainable = quadratic[0]
   key = zoo.address_key(3, (1, 2, 0, 1))
   plain = zoo.tree_direction(key, trainable, distribution)
-  for guide in (_guide(trainable, 2, 1.0), _guide(trainable, 2, 0.3, filled=0)):
-    z = _tree_z(key, trainable, distribution, guide)
-    for x, y in zip(jax.tree.leaves(z), jax.tree.leaves(plain)):
-      np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+  for guide in (_guide(trainable, 2, 1.0, step_v=7.0), _guide(trainable, 2, 0.3, filled=0)):
+    for step in (False, True):   # the probe and the update direction
+      z = _tree_z(key, trainable, distribution, guide, step)
+      for x, y in zip(jax.tree.leaves(z), jax.tree.leaves(plain)):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
   # alpha < 1 does change it.
   z = _tree_z(key, trainable, distribution, _guide(trainable, 2, 0.5))
   assert not np.array_equal(flat(z), flat(plain))
@@ -83,38 +86,59 @@ def _guided_samples(est, trainable, batch, guide, n):
 
   def one(key):
     g, _ = estimate(trainable, {}, batch, key[None], guide)
-    return g[0], flat(_tree_z(key, trainable, est.distribution, guide))
+    return (g[0], flat(_tree_z(key, trainable, est.distribution, guide)),
+            flat(_tree_z(key, trainable, est.distribution, guide, step=True)))
 
   addrs = jnp.stack([jnp.zeros(n, jnp.int32)] * 3 + [jnp.arange(n, dtype=jnp.int32)], -1)
   return jax.jit(jax.vmap(one))(zoo.address_keys(0, addrs))
 
 
-@pytest.mark.parametrize('alpha,m,distribution', [(0.5, 2, 'gaussian'), (0.0, 1, 'gaussian'),
-                                                  (0.25, 3, 'rademacher')])
-def test_guided_estimate_is_unbiased_for_the_documented_scaling(quadratic, alpha, m, distribution):
+@pytest.mark.parametrize('alpha,m,distribution,probe_v', [(0.5, 2, 'gaussian', 1.0),
+                                                          (0.0, 1, 'gaussian', 1.0),
+                                                          (0.25, 3, 'rademacher', 2.0)])
+def test_guided_estimate_is_unbiased_for_the_documented_scaling(quadratic, alpha, m, distribution,
+                                                                probe_v):
   trainable, batch, grad = quadratic
-  beta = 0.8
-  guide = _guide(trainable, m, alpha, beta, seed=m)
+  beta, rho = 0.8, 3.0
+  guide = _guide(trainable, m, alpha, beta, seed=m, probe_v=probe_v, step_v=rho)
   est = zoo.Estimator(eps=0.05, probes=1, distribution=distribution)
-  g, z = (np.asarray(x, np.float64) for x in _guided_samples(est, trainable, batch, guide, N))
+  g, z, zs = (np.asarray(x, np.float64) for x in _guided_samples(est, trainable, batch, guide, N))
   np.testing.assert_allclose(g, z @ grad, rtol=0, atol=2e-4 * np.linalg.norm(grad) * 10)
 
   v = np.stack([np.asarray(flat(jax.tree.map(lambda x, j=j: x[j], guide.basis)))
                 for j in range(m)], 1)                                    # [d, m]
   np.testing.assert_allclose(v.T @ v, np.eye(m), atol=1e-5)
-  cov = beta ** 2 * (alpha * np.eye(Q_D) + (1 - alpha) * Q_D / m * v @ v.T)
+  proj = v @ v.T
+  cov = beta ** 2 * (alpha * np.eye(Q_D) + (1 - alpha) * probe_v ** 2 * proj)
   np.testing.assert_allclose(np.cov(z.T, bias=True) + np.outer(z.mean(0), z.mean(0)), cov,
-                             atol=0.15 * beta ** 2 * max(1, (1 - alpha) * Q_D / m))
+                             atol=0.15 * beta ** 2 * max(1, probe_v ** 2))
+  a2, b2 = (float(x) for x in guided.covariance_diag_and_subspace(guide))
+  np.testing.assert_allclose([a2, b2], [beta ** 2 * alpha, beta ** 2 * (1 - alpha) * probe_v ** 2],
+                             rtol=1e-6)
   expect = cov @ grad
   ghat = g[:, None] * z
   mean, se = ghat.mean(0), ghat.std(0, ddof=1) / math.sqrt(N)
-
   t = (mean - expect) / se
   assert not t_test_rejects(mean, se, expect), (np.abs(t).max(), (t ** 2).sum())
-  # Power: the paper's normalization without beta = sqrt(d) (1/d shrink), the plain gradient and
-  # a sign flip are all rejected by the same bound.
-  paper = beta ** 2 * (alpha / Q_D * np.eye(Q_D) + (1 - alpha) / m * v @ v.T) @ grad
-  for wrong in (paper, beta ** 2 * grad, -expect):
+  # Power: the old d/m-scaled form, the paper's normalization (1/d shrink), the plain gradient and
+  # a sign flip are all rejected by the same bound (where they differ from ours: at alpha = 0,
+  # m = 1, s = 1 the paper's form is ours).
+  old = beta ** 2 * (alpha * np.eye(Q_D) + (1 - alpha) * Q_D / m * proj) @ grad
+  paper = beta ** 2 * (alpha / Q_D * np.eye(Q_D) + (1 - alpha) / m * proj) @ grad
+  for wrong in (old, paper, beta ** 2 * grad, -expect):
+    if np.linalg.norm(wrong - expect) > 0.1 * np.linalg.norm(expect):
+      assert t_test_rejects(mean, se, wrong)
+
+  # The update direction: E[g z_step] = a^2 grad + rho V V^T grad (a first-order step at rate
+  # rho lr = lr_V along the projection), whatever the probe's scales.
+  a2s, rho_s = (float(x) for x in guided.step_expectation(guide))
+  expect_step = a2s * grad + rho_s * proj @ grad
+  np.testing.assert_allclose(a2s, beta ** 2 * alpha, rtol=1e-6)
+  np.testing.assert_allclose(rho_s, rho if alpha < 1 else 0.0, rtol=1e-6)
+  shat = g[:, None] * zs
+  mean, se = shat.mean(0), shat.std(0, ddof=1) / math.sqrt(N)
+  assert not t_test_rejects(mean, se, expect_step)
+  for wrong in (expect, a2s * grad, -expect_step):
     assert t_test_rejects(mean, se, wrong)
 
 
@@ -178,9 +202,12 @@ def test_guided_client_update_is_replayed_bitwise(mode):
 
 def test_guided_steps_descend_far_faster_than_plain_zo_on_a_large_quadratic():
   """The mechanism behind the paper's speed-up: with d = 2000 and a cloud direction that agrees
-  with the private gradient (cos ~ 0.8), 40 guided steps cut the loss many times more than 40 plain
-  ZO steps at the same (plain-stable) rate; a useless direction (orthogonal to every gradient's
-  main part) still descends, without diverging."""
+  with the private gradient (cos ~ 0.8), 40 guided steps (the plain part at the plain-stable rate,
+  the step along V at the default first-order rate DEFAULT_LR_V) cut the loss many times more than
+  40 plain ZO steps. A useless direction (orthogonal to every step's gradient) at those fixed
+  weights is a pure random walk along V (no restoring force: h = 0 at every step) and raises the
+  loss; the adaptive mixing (zoo/mixing.py) given the cloud's share (0 here) moves alpha to its
+  maximum and the step along V to zero, and the loss still descends."""
   d, steps = 2000, 40
   rng = np.random.default_rng(0)
   lam = jnp.asarray(rng.uniform(0.5, 2.0, d), jnp.float32)
@@ -194,12 +221,14 @@ def test_guided_steps_descend_far_faster_than_plain_zo_on_a_large_quadratic():
   step = zoo.make_zo_step(loss, zoo.Estimator(eps=1e-3))
   lr = 0.5 / (d + 2) / 2.0                         # plain ZO-SGD's stable rate: 1 / ((d + 2) L)
 
-  def run(alpha, cloud):
+  step_v = guided.step_ratio(guided.DEFAULT_LR_V, lr)
+
+  def run(alpha, cloud, weight=1.0):
     def body(t, s):
       grad = lam * (t['q']['w'] - target)
       direction = cloud(grad)
       basis = {'q': {'w': (direction / jnp.linalg.norm(direction))[None]}}
-      guide = guided.make_guidance(basis, jnp.ones(1), alpha)
+      guide = guided.make_guidance(basis, jnp.ones(1), alpha, step_v=weight * step_v)
       t, _, l = step(t, {}, None, zoo.address_key(0, (s, 0, 0, 0))[None], lr, guide)
       return t, l
 
@@ -209,8 +238,14 @@ def test_guided_steps_descend_far_faster_than_plain_zo_on_a_large_quadratic():
 
   informed = lambda g: g + 0.75 * jnp.linalg.norm(g) / jnp.sqrt(d) * cloud_noise   # cos ~ 0.8
   plain, guided_ratio = run(1.0, informed), run(0.5, informed)
-  useless = run(0.5, lambda g: cloud_noise - (cloud_noise @ g) / (g @ g) * g)
-  print(f"loss ratio after {steps} steps: plain {plain:.4f}, guided {guided_ratio:.4f}, useless {useless:.4f}")
+  orthogonal = lambda g: cloud_noise - (cloud_noise @ g) / (g @ g) * g
+  useless_fixed = run(0.5, orthogonal)
+  alpha, weight, _ = mixing.adaptive_mixing(1.0, 0.0, 1, 1, step_v)
+  useless = run(alpha, orthogonal, weight)
+  print(f"loss ratio after {steps} steps: plain {plain:.4f}, guided {guided_ratio:.4f}, useless "
+        f"{useless_fixed:.4f} (fixed weights), {useless:.4f} (adaptive: alpha {float(alpha):.2f}, "
+        f"weight {float(weight):.2f})")
   assert plain > 0.95, plain                           # 40 plain steps barely move
   assert guided_ratio < 0.2, guided_ratio              # guided: a large cut
-  assert useless < 1.0, useless                        # a useless direction still descends
+  assert float(weight) == 0.0 and float(alpha) == pytest.approx(0.95)
+  assert useless < 1.0, useless                        # a useless cloud, weighed out: descends

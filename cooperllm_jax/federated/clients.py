@@ -17,6 +17,7 @@ import jax.numpy as jnp
 
 from cooperllm_jax import mesh as mesh_lib
 from cooperllm_jax.zoo import keys as keys_lib
+from cooperllm_jax.zoo.perturb import master
 from cooperllm_jax.zoo.spsa import Estimator, make_zo_step
 from cooperllm_jax.zoo.trainable import Subset
 
@@ -69,8 +70,9 @@ def scan_local_steps(step: Callable, trainable, batches):
     return t, (uplink, loss)
 
   num_steps = jax.tree.leaves(batches)[0].shape[0]
+  # Local steps accumulate in a float32 master copy (bfloat16 would drop sub-ulp updates).
   trainable, (uplink, losses) = jax.lax.scan(
-      body, trainable, (batches, jnp.arange(num_steps, dtype=jnp.int32)))
+      body, master(trainable), (batches, jnp.arange(num_steps, dtype=jnp.int32)))
   return trainable, uplink, losses
 
 

@@ -12,7 +12,7 @@ global model from the pretrained one (experiments/replay.py).
         lr              float32            the round's learning rate
         guard           int8               GUARD_* : the divergence guard's verdict on the round
         guide_*         cooperllm only: the round's guidance (basis leaves in tree order, valid,
-                        alpha, beta), the dense payload its replay needs.
+                        alpha, beta, probe_v, step_v), the dense payload its replay needs.
 Append-only: a round's file is never rewritten; resuming deletes the rounds after the checkpoint.
 fedavg_bp's clients upload dense deltas, which the ledger does not keep: it is not replayable.
 """
@@ -31,7 +31,7 @@ from cooperllm_jax.io import save_npz_atomic
 from cooperllm_jax.zoo.guided import Guidance
 
 GUARD_NONE, GUARD_ACCEPTED, GUARD_ROLLED_BACK = 0, 1, 2
-_GUIDE = ('guide_valid', 'guide_alpha', 'guide_beta')
+_GUIDE = ('guide_valid', 'guide_alpha', 'guide_beta', 'guide_probe_v', 'guide_step_v')
 
 
 class Ledger:
@@ -63,8 +63,7 @@ class Ledger:
     if guide is not None:
       for i, leaf in enumerate(jax.tree.leaves(guide.basis)):
         arrays[f'guide_basis_{i}'] = np.asarray(leaf)
-      arrays.update(zip(_GUIDE, (np.asarray(guide.valid), np.asarray(guide.alpha),
-                                 np.asarray(guide.beta))))
+      arrays.update(zip(_GUIDE, (np.asarray(x) for x in guide[1:])))
     save_npz_atomic(self._path(round_index), arrays)
 
   def rounds(self) -> list:

@@ -2,20 +2,47 @@
 
 The cloud sends an orthonormal basis V = [V_1 .. V_m] of recent BP directions over the trainable
 leaves (d weights in all). A probe with key k draws v ~ N(0, I_d) from the key schedule (exactly the
-plain ZO direction) and u ~ N(0, I_m) (or Rademacher) from the reserved path GUIDE_PATH, and uses
+plain ZO direction) and u ~ N(0, I_m) (or Rademacher) from the reserved path GUIDE_PATH.
 
-    z = beta * ( sqrt(alpha) v + sqrt((1 - alpha) d / m) V u ),     Cov(z) = beta^2 C,
-    C = alpha I + (1 - alpha) (d / m) V V^T.
+Probe (what the forward passes add, theta +- eps z):
 
-This is the paper's form z = beta' (sqrt(alpha/d) v + sqrt((1-alpha)/m) V u) with beta' = beta sqrt(d):
-we scale so that E|z|^2 = beta^2 d for every alpha, and alpha = 1 (or an empty basis) is *exactly*
-the plain ZO direction, bit for bit, with no hidden 1/d shrink of the estimate. The SPSA estimate
-g z then has mean beta^2 C grad: the random part is MeZO's unbiased gradient, the guided part is
-the private gradient's projection onto V, amplified d/m times (a full gradient step within the
-subspace at the learning rate that keeps plain ZO stable; that is where the speed-up comes from).
+    z = a v + b V u,      a = beta sqrt(alpha),   b = beta s sqrt(1 - alpha),     s = probe_v.
+
+Step (what the update subtracts, theta - lr w g z_step, one ledger entry per probe):
+
+    z_step = a v + (rho / b) V u,     rho = step_v = lr_V / lr.
+
+Why these scales (issue 15). Write h = V^T grad (the private gradient's coordinates in the cloud
+subspace). For central differences g = z . grad + O(eps^2) = a v.grad + b u.h + O(eps^2).
+
+* Probe radius. The plain part moves the weights by eps a (v . e) ~ eps a N(0, 1) along any fixed
+  unit direction e, and eps a sqrt(d) in all (spread over d directions). The guided part moves them
+  by eps b u_j along V_j, eps b sqrt(m) in all. With b = O(1) (s = 1), the displacement along the
+  cloud's directions (the steep ones) is the same per-direction radius as the plain part's, so the
+  finite difference stays in the regime eps was tuned for at every d. The old form
+  b = beta sqrt((1 - alpha) d / m) moved the weights by eps beta sqrt((1 - alpha) d) along the
+  steepest directions: 0.03 for a head, ~7 at d = 1e8.
+* Step. E[g v] = a grad and E[g u] = b h (v, u independent, E[uu^T] = I), so
+
+      E[g z_step] = a^2 grad + rho P_V grad,       E[theta' - theta] = -(lr a^2 grad + lr_V V h):
+
+  the plain part is today's (a MeZO step at the plain rate lr, scaled by a^2 = beta^2 alpha), and
+  the subspace part is a first-order step at the rate lr_V along the estimate V (g u / b) of
+  P_V grad, unbiased for any distribution of v and u with identity covariance. lr_V is a gradient
+  descent rate: its stable range is set by the loss's curvature along V (lr_V < 2 / L_V), not by d.
+  The old step lr (1 - alpha)(d / m) P_V grad grew linearly with d at fixed lr.
+* Noise. The per-probe subspace estimate g u / b has covariance (a / b)^2 |grad|^2 I + |h|^2 I +
+  h h^T (Gaussian u): bounded by (alpha / ((1 - alpha) s^2) + 2) |grad|^2 per coordinate, free of d.
+  The plain part's noise is MeZO's, a^2 times: a^2 d (a^2 |grad|^2 + b^2 |h|^2) <= a^2 d |grad|^2
+  (beta = s = 1), never more than plain ZO's at the same lr.
+
+Defaults (make_guidance): beta = 1, probe_v = 1, step_v = 1 (lr_V = lr; the algorithm that knows
+both rates sets step_v = lr_V / lr, see DEFAULT_LR_V). alpha = 1 (or an empty basis) gives
+a = beta, b = 0 and a zero subspace weight in both the probe and the step: with beta = 1 the plain
+ZO direction and update, bit for bit.
 
 Everything is a function of (key, Guidance), so the edge replays clients' updates from
-(addresses, scalars, V).
+(addresses, scalars, V, hyperparameters). The adaptive mixing's estimators are in zoo/mixing.py.
 """
 
 import math
@@ -28,25 +55,41 @@ from cooperllm_jax.zoo import keys as keys_lib
 
 GUIDE_PATH = ('__guidance__', 'u')  # u's stream: a path no model has
 
+# A first-order rate for the step along V (the SGD learning rate within the cloud subspace):
+# d-free by construction; the callers that know the plain lr turn it into step_v = lr_V / lr.
+DEFAULT_LR_V = 0.1
+DEFAULT_PROBE_V = 1.0
+
 
 class Guidance(NamedTuple):
   """What a client needs to sample guided directions (a pytree; every field may be traced).
 
-  basis: the trainable tree's structure, each leaf [m, *leaf.shape] float32, orthonormal over the
-         concatenation of all leaves (unused slots are zero);
-  valid: float32 [m], 1 for a basis vector in use;
-  alpha: float32 scalar in [0, 1], the share of the random part;
-  beta:  float32 scalar, overall scale (1 = E|z|^2 = d).
+  basis:   the trainable tree's structure, each leaf [m, *leaf.shape] float32, orthonormal over the
+           concatenation of all leaves (unused slots are zero);
+  valid:   float32 [m], 1 for a basis vector in use;
+  alpha:   float32 scalar in [0, 1], the random part's share of the probe (a^2 = beta^2 alpha);
+  beta:    float32 scalar, overall scale of the probe's plain part;
+  probe_v: float32 scalar s, the subspace part's radius relative to the plain part's
+           per-direction radius (b = beta s sqrt(1 - alpha));
+  step_v:  float32 scalar rho = lr_V / lr, the rate of the step along V relative to the plain lr.
   """
   basis: dict
   valid: jax.Array
   alpha: jax.Array
   beta: jax.Array
+  probe_v: jax.Array
+  step_v: jax.Array
 
 
-def make_guidance(basis, valid, alpha, beta=1.0) -> Guidance:
-  return Guidance(basis, jnp.asarray(valid, jnp.float32), jnp.asarray(alpha, jnp.float32),
-                  jnp.asarray(beta, jnp.float32))
+def make_guidance(basis, valid, alpha, beta=1.0, probe_v=DEFAULT_PROBE_V, step_v=1.0) -> Guidance:
+  f = lambda x: jnp.asarray(x, jnp.float32)
+  return Guidance(basis, f(valid), f(alpha), f(beta), f(probe_v), f(step_v))
+
+
+def step_ratio(lr_v, lr):
+  """step_v = lr_V / lr (0 where lr is 0: nothing moves then anyway)."""
+  lr = jnp.asarray(lr, jnp.float32)
+  return jnp.where(lr > 0, jnp.asarray(lr_v, jnp.float32) / jnp.where(lr > 0, lr, 1.0), 0.0)
 
 
 def dimension(guide: Guidance) -> int:
@@ -59,14 +102,23 @@ def subspace_draw(key: jax.Array, m: int, distribution: str) -> jax.Array:
   return keys_lib.leaf_direction(key, GUIDE_PATH, (m,), distribution)
 
 
-def mixing(guide: Guidance, key: jax.Array, distribution: str):
-  """(a, w): z = a v + sum_j w_j V_j for the probe with key `key`."""
+def scales(guide: Guidance):
+  """(a, b): the probe is z = a v + b V u (b = 0 for an empty basis)."""
   m_eff = guide.valid.sum()
   alpha = jnp.where(m_eff > 0, guide.alpha, 1.0)
-  u = subspace_draw(key, guide.valid.shape[0], distribution)
   a = guide.beta * jnp.sqrt(alpha)
-  w = guide.beta * jnp.sqrt((1.0 - alpha) * dimension(guide) / jnp.maximum(m_eff, 1.0))
-  return a, w * u * guide.valid
+  b = guide.beta * guide.probe_v * jnp.sqrt(1.0 - alpha)
+  return a, b
+
+
+def mixing(guide: Guidance, key: jax.Array, distribution: str, step: bool = False):
+  """(a, w): z = a v + sum_j w_j V_j for the probe with key `key` (step=True: z_step, the update's
+  direction, whose subspace weights are rho / b u instead of b u)."""
+  a, b = scales(guide)
+  u = subspace_draw(key, guide.valid.shape[0], distribution)
+  if step:
+    b = jnp.where(b > 0, guide.step_v / jnp.where(b > 0, b, 1.0), 0.0)
+  return a, b * u * guide.valid
 
 
 def basis_leaf(guide: Guidance, path) -> jax.Array:
@@ -77,10 +129,12 @@ def basis_leaf(guide: Guidance, path) -> jax.Array:
   return node
 
 
-def terms(guide: Guidance, key: jax.Array, path, index=None, distribution: str = 'gaussian'):
+def terms(guide: Guidance, key: jax.Array, path, index=None, distribution: str = 'gaussian',
+          step: bool = False):
   """(a, w, basis): z = a v + sum_j w_j basis_j for the leaf at `path` (its slices `index`), basis
-  [m, *z.shape]; the pieces `direction` and the fused perturbation kernel both combine."""
-  a, w = mixing(guide, key, distribution)
+  [m, *z.shape]; the pieces `direction` and the fused perturbation kernel both combine (step=True:
+  the update's z_step)."""
+  a, w = mixing(guide, key, distribution, step)
   basis = basis_leaf(guide, path)
   if index is not None:
     basis = jnp.take(basis, jnp.asarray(index, jnp.int32), axis=1)
@@ -88,23 +142,29 @@ def terms(guide: Guidance, key: jax.Array, path, index=None, distribution: str =
 
 
 def direction(key: jax.Array, path, shape, index=None, distribution: str = 'gaussian',
-              guide: Guidance | None = None) -> jax.Array:
+              guide: Guidance | None = None, step: bool = False) -> jax.Array:
   """z of one leaf (index=None, shape = the leaf's) or of leading-axis slices `index` of a rank >= 2
-  leaf (shape = one slice's), float32: the single place plain and guided directions are made."""
+  leaf (shape = one slice's), float32: the single place plain and guided directions are made.
+  step=True gives the update's direction z_step (the same as z without guidance)."""
   if index is None:
     v = keys_lib.leaf_direction(key, path, shape, distribution)
   else:
     v = keys_lib.slice_direction(key, path, index, shape, distribution)
   if guide is None:
     return v
-  a, w, basis = terms(guide, key, path, index, distribution)
+  a, w, basis = terms(guide, key, path, index, distribution, step)
   return a * v + jnp.tensordot(w, basis, axes=1)
 
 
 def covariance_diag_and_subspace(guide: Guidance):
-  """(alpha', c) with E[z z^T] = beta^2 (alpha' I + c V V^T): the estimator's expected scaling of the
-  gradient (tests and the adaptive mixing use it)."""
-  m_eff = guide.valid.sum()
-  alpha = jnp.where(m_eff > 0, guide.alpha, 1.0)
-  c = (1.0 - alpha) * dimension(guide) / jnp.maximum(m_eff, 1.0)
-  return guide.beta ** 2 * alpha, guide.beta ** 2 * c
+  """(a^2, b^2) with E[z z^T] = a^2 I + b^2 V V^T: the probe's covariance (the estimators in
+  zoo/mixing.py and the adaptive mixing use it)."""
+  a, b = scales(guide)
+  return a ** 2, b ** 2
+
+
+def step_expectation(guide: Guidance):
+  """(a^2, rho): E[g z_step] = a^2 grad + rho V V^T grad for g = z . grad, so the expected update of
+  a step at rate lr is -(lr a^2 grad + lr rho P_V grad) = -(lr a^2 grad + lr_V P_V grad)."""
+  a, b = scales(guide)
+  return a ** 2, jnp.where(b > 0, guide.step_v, 0.0)

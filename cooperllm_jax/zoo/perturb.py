@@ -1,5 +1,6 @@
 """Applying directions: the forward-pass hook (theta + scale * z, one layer at a time) and the update
-(theta - coef * z, leaf by leaf), both drawing z from the key schedule."""
+(theta - coef * z_step, leaf by leaf; z_step = z for plain ZO, ZGR's step direction with guidance),
+both drawing from the key schedule; `master` keeps low-precision trainable weights in float32."""
 
 import dataclasses
 import math
@@ -101,18 +102,36 @@ class Perturbation:
 UPDATE_BLOCK = 1 << 16
 
 
+def master(tree):
+  """The float32 master copy of a trainable tree: leaves stored in a floating type narrower than
+  float32 (bfloat16, float16) are upcast, float32 leaves are returned as they are (the same arrays).
+
+  Updates are computed in float32 but stored in the leaf's dtype, so a bfloat16 leaf silently drops
+  every update smaller than half its ulp (2^-8 relative); ZO updates (lr * g * z, ~1e-6) are almost
+  all that small. Whoever keeps trainable weights across steps (a client's local steps, the edge's
+  global model) keeps master(tree) instead, and the forward passes read it as it is (the
+  perturbation hooks already compute theta + eps z in float32)."""
+  def up(x):
+    x = jnp.asarray(x)
+    if jnp.issubdtype(x.dtype, jnp.floating) and jnp.finfo(x.dtype).bits < 32:
+      return x.astype(jnp.float32)
+    return x
+  return jax.tree.map(up, tree)
+
+
 def _update_leaf(path, x, key, coef, distribution, guide):
-  """x - coef * z for one leaf; rank >= 2 leaves in place, UPDATE_BLOCK elements (at least one
-  leading-axis slice) at a time. slice_direction gives each slice the bits of the whole-leaf draw,
+  """x - coef * z_step for one leaf (z_step: z without guidance, zoo/guided.py's with it); rank >= 2
+  leaves in place, UPDATE_BLOCK elements (at least one leading-axis slice) at a time. slice_direction gives each slice the bits of the whole-leaf draw,
   so blocking does not change the result."""
   if x.ndim < 2:
-    z = direction(key, path, x.shape, None, distribution, guide)
+    z = direction(key, path, x.shape, None, distribution, guide, step=True)
     return (x.astype(jnp.float32) - coef * z).astype(x.dtype)
   n, row = x.shape[0], x.shape[1:]
   rows = max(1, min(n, UPDATE_BLOCK // math.prod(row)))
 
   def block(x, start, size):
-    z = direction(key, path, row, start + jnp.arange(size, dtype=jnp.int32), distribution, guide)
+    z = direction(key, path, row, start + jnp.arange(size, dtype=jnp.int32), distribution, guide,
+                  step=True)
     old = jax.lax.dynamic_slice_in_dim(x, start, size)
     new = (old.astype(jnp.float32) - coef * z).astype(x.dtype)
     return jax.lax.dynamic_update_slice_in_dim(x, new, start, 0)

@@ -66,16 +66,19 @@ def get_config(algorithm: str = 'cooperllm') -> ml_collections.ConfigDict:
   c.zo.fwdllm_candidates = 4    # fwdllm: directions drawn per probe slot, best cosine kept
   c.zo.fwdllm_min_probes = 2    # fwdllm: probes per step run between min and zo.probes (max)
   c.zo.fwdllm_var_threshold = 0.5
-  # ZGR (cooperllm): guided perturbations z = beta (sqrt(alpha) v + sqrt((1-alpha) d/m) V u).
+  # ZGR (cooperllm): guided probes z = beta (sqrt(alpha) v + probe_v sqrt(1-alpha) V u), steps
+  # along V at the first-order rate lr_v (zoo/guided.py).
   c.zgr = ml_collections.ConfigDict()
   c.zgr.alpha = 0.5             # share of the random part; 1 = plain ZO (FedMeZO)
-  c.zgr.adaptive = False        # set alpha each round from lambda* (estimated online)
+  c.zgr.adaptive = False        # alpha and the V step's weight from the round's scalars
   c.zgr.alpha_min = 0.05        # adaptive alpha's range (both parts must stay estimable)
   c.zgr.alpha_max = 0.95
   c.zgr.ema = 0.8               # smoothing of the adaptive estimates across rounds
   c.zgr.pool_size = 1           # m: the last m cloud directions span V
   c.zgr.refresh = 1             # the cloud computes a new direction every `refresh` rounds
-  c.zgr.beta = 1.0              # overall scale of z (1: E|z|^2 = d, as plain ZO)
+  c.zgr.beta = 1.0              # scale of z's plain part (1 with alpha = 1: plain ZO)
+  c.zgr.probe_v = 1.0           # the probe's radius along V relative to the plain part's
+  c.zgr.lr_v = 0.1              # first-order rate of the step along V (free of d)
   # V on the downlink: f32 | int8 | int4 | ternary, or per-leaf formats under a byte budget:
   # adaptive (guidance_budget_bytes) | link (what the simulated links hide behind compute: system.*)
   c.zgr.guidance_format = 'f32'

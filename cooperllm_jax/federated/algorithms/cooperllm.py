@@ -11,16 +11,21 @@ Per round r (the FedMeZO protocol plus the cloud tier):
              one format per leaf under `guidance_budget_bytes`, or 'link': the same under the
              budget the simulated links allow, `link_budget`); stochastic rounding is keyed by
              (seed, round) through the key schedule;
-  3. clients sample guided directions z = beta (sqrt(alpha) v + sqrt((1-alpha) d/m) V u) from their
-             probe keys (zoo/guided.py), run local ZO steps and upload only the scalars;
+  3. clients probe along z = beta (sqrt(alpha) v + probe_v sqrt(1-alpha) V u) from their probe keys
+             and step along the plain part at lr and along V at the first-order rate lr_v
+             (zoo/guided.py: both scales free of d), run local ZO steps and upload only scalars;
   4. edge    replays every client's (address, scalar) entries under the same V.
 The client, replay and accounting are FedMeZO's: `CooperLLM` composes that protocol with a
 `CloudGuidance` component (the cloud, the pool, the downlink codec and the mixing), which prepares
-each round's guidance before the clients run and learns from their scalars afterwards. Adaptive mixing sets alpha each round from the paper's optimal weight on the cloud,
+each round's guidance before the clients run and learns from their scalars afterwards.
 
-    lambda* = d sigma^2 / (d sigma^2 + |b|^2 + tau^2),     alpha = 1 - lambda* (clipped),
-
-with every term estimated online from the round's own scalars (see `probe_moments`).
+Adaptive mixing (zgr.adaptive): after each round the edge regresses the scalars on the probes'
+subspace draws u (zoo/mixing.py), which estimates the private gradient's projection |V^T grad|^2
+and its norm |grad|^2 without the old estimator's d/m amplification; EMAs of the two set the next
+round's alpha and the weight on the step along V (mixing.adaptive_mixing), so a cloud whose
+subspace does not hold the private gradient loses its step. Before the first estimate alpha is the
+middle of [alpha_min, alpha_max] and the weight 0: the cloud earns its step from private scalars.
+Everything is a function of what the edge has, so the replay stays exact.
 
 Quantized guidance: the clients and the edge's replay both use the decoded V, so replay stays exact.
 The decoded V is not exactly orthonormal (each entry is off by an unbiased rounding error, about
@@ -45,53 +50,19 @@ from cooperllm_jax.errors import ConfigError
 from cooperllm_jax.federated import client_data
 from cooperllm_jax.federated.algorithms.fedmezo import FedMeZO
 from cooperllm_jax.federated.api import SCALAR_BYTES, Costs, GuidanceCosts, RoundResult
-from cooperllm_jax.federated.clients import SHARED, Uplink
+from cooperllm_jax.federated.clients import SHARED
 from cooperllm_jax.federated.registry import register
 from cooperllm_jax.mesh import make_mesh
 from cooperllm_jax.models.common import make_loss
 from cooperllm_jax.models.spec import path_str
 from cooperllm_jax.system import codec as codec_lib
-from cooperllm_jax.tree_math import tree_dot, tree_size
+from cooperllm_jax.tree_math import tree_dot
 from cooperllm_jax.zoo import guided
 from cooperllm_jax.zoo import keys as keys_lib
+from cooperllm_jax.zoo import mixing
 from cooperllm_jax.zoo.quantized import dequantize_tree
 
 CODEC_PATH = ('__guidance__', 'codec')  # the downlink's rounding stream: a path no model has
-
-
-def probe_moments(uplinks: Uplink, counts, guide: guided.Guidance, seed, distribution: str):
-  """(E[g^2], E[g u] [m]) over the round's used probes, FedAvg-weighted.
-
-  With E[z z^T] = a2 I + c V V^T and z's subspace part sqrt(c) V u, a probe's scalar g = z . grad
-  has E[g u_j] = sqrt(c) V_j . grad and E[g^2] = a2 |grad|^2 + c |V^T grad|^2: the private
-  gradient's projection onto the cloud subspace and its norm come from scalars the edge already has.
-  """
-  m = guide.valid.shape[0]
-  keys = keys_lib.address_keys(seed, uplinks.addresses.reshape(-1, 4))
-  u = jax.vmap(lambda k: guided.subspace_draw(k, m, distribution))(keys)
-  w = (uplinks.weights * (counts / counts.sum())[:, None, None]).reshape(-1)
-  w = w / jnp.maximum(w.sum(), 1e-30)
-  g = uplinks.scalars.reshape(-1).astype(jnp.float32)
-  return jnp.sum(w * g * g), jnp.sum((w * g)[:, None] * u, axis=0)
-
-
-def mixing_estimates(mean_g2, mean_gu, guide: guided.Guidance):
-  """(|grad|^2, |V^T grad|^2) of the private loss from probe_moments (see there)."""
-  a2, c = guided.covariance_diag_and_subspace(guide)
-  proj = jnp.where(c > 0, mean_gu / jnp.sqrt(jnp.where(c > 0, c, 1.0)), 0.0) * guide.valid
-  proj_sq = jnp.sum(proj ** 2)
-  grad_sq = jnp.where(a2 > 0, (mean_g2 - c * proj_sq) / jnp.where(a2 > 0, a2, 1.0), proj_sq)
-  return jnp.maximum(grad_sq, proj_sq), proj_sq
-
-
-def optimal_alpha(grad_sq, proj_sq, tau_sq, d: int, probes_per_step: int, lo: float, hi: float):
-  """alpha = 1 - lambda*: the ZO noise per coordinate of an update averaging N probes is
-  sigma^2 = |grad|^2 / N (SPSA's variance is ~|grad|^2 per coordinate), the cloud direction's bias
-  is what its subspace misses, |b|^2 = |grad|^2 - |V^T grad|^2, and tau^2 is the variance of the
-  cloud's gradient from its public batches."""
-  zo_noise = d * grad_sq / probes_per_step
-  lam = zo_noise / jnp.maximum(zo_noise + jnp.maximum(grad_sq - proj_sq, 0.0) + tau_sq, 1e-30)
-  return jnp.clip(1.0 - lam, lo, hi), lam
 
 
 @dataclasses.dataclass
@@ -119,7 +90,7 @@ class CloudGuidance:
                                            model=self.zo.model)
     self._orthonormalize = jax.jit(pool_lib.orthonormalize)
     self._push = jax.jit(pool_lib.push)
-    self._moments = jax.jit(probe_moments, static_argnames='distribution')
+    self._estimate = jax.jit(mixing.from_uplinks, static_argnames='distribution')
 
   def _place(self):
     """The clients' device (None: the default one, or the run's mesh) and the cloud's mesh
@@ -148,13 +119,11 @@ class CloudGuidance:
   def init(self, state: dict) -> dict:
     """The guidance entries of the run state (pool, cloud, guidance, downlink, mixing)."""
     trainable, m = state['trainable'], self.zgr.pool_size
-    self.d = tree_size(trainable)   # d of the estimator
     state['pool'] = pool_lib.empty_pool(trainable, m)
     state['cloud'] = self._cloud.init(trainable)
     # An empty basis (plain ZO directions) until the cloud's first direction arrives; present from
     # the start so the state's structure (checkpoints, memory analysis) never changes.
-    state['guidance'] = guided.make_guidance(state['pool'].directions, jnp.zeros(m),
-                                             self.zgr.alpha, self.zgr.beta)
+    state['guidance'] = self._guidance(state['pool'].directions, jnp.zeros(m), self.zgr.alpha)
     _, state['downlink'] = self._downlink(state['pool'].directions, 0)
     state['mixing'] = {'grad_sq': jnp.float32(0), 'proj_sq': jnp.float32(0),
                        'tau_sq': jnp.float32(0), 'seen': jnp.int32(0)}
@@ -178,15 +147,26 @@ class CloudGuidance:
       direction = jax.device_put(direction, self._client_device)
     return cloud_state, direction, stats
 
-  def _alpha(self, state, clients: int):
+  def _guidance(self, basis, valid, alpha, weight=1.0) -> guided.Guidance:
+    """The round's Guidance; the step along V runs at weight x zgr.lr_v (step_v is relative to the
+    plain rate, so the divergence guard's halving of lr halves both)."""
+    z = self.zgr
+    return guided.make_guidance(basis, valid, alpha, z.beta, z.probe_v,
+                                guided.step_ratio(weight * z.lr_v, self.zo.lr))
+
+  def _mixing(self, state, valid, clients: int):
+    """(alpha, weight on the step along V) for this round: fixed, or from the EMA'd estimates."""
     z = self.zgr
     if not z.adaptive:
-      return jnp.float32(z.alpha)
+      return jnp.float32(z.alpha), jnp.float32(1.0)
     mix = state['mixing']
-    alpha, _ = optimal_alpha(mix['grad_sq'], mix['proj_sq'], mix['tau_sq'], self.d,
-                             self.zo.est.probes * clients, z.alpha_min, z.alpha_max)
-    # Before any estimate exists, start from the middle of the allowed range.
-    return jnp.where(mix['seen'] > 0, alpha, 0.5 * (z.alpha_min + z.alpha_max))
+    alpha, weight, _ = mixing.adaptive_mixing(
+        mix['grad_sq'], mix['proj_sq'], jnp.maximum(valid.sum(), 1.0),
+        self.zo.est.probes * clients, guided.step_ratio(z.lr_v, self.zo.lr), z.beta, z.probe_v,
+        z.alpha_min, z.alpha_max)
+    seen = mix['seen'] > 0
+    return (jnp.where(seen, alpha, 0.5 * (z.alpha_min + z.alpha_max)),
+            jnp.where(seen, weight, 0.0))
 
   def refreshes(self, round_index: int) -> bool:
     """Whether the cloud computes a new direction in this round."""
@@ -216,8 +196,7 @@ class CloudGuidance:
       basis, valid = state['guidance'].basis, state['guidance'].valid
     if tau_sq is not None:
       state['mixing'] = dict(state['mixing'], tau_sq=jnp.float32(tau_sq))
-    state['guidance'] = guided.make_guidance(basis, valid, self._alpha(state, len(clients)),
-                                             self.zgr.beta)
+    state['guidance'] = self._guidance(basis, valid, *self._mixing(state, valid, len(clients)))
     return state
 
   def after_round(self, state, result: RoundResult) -> None:
@@ -277,29 +256,28 @@ class CloudGuidance:
     result.metrics['guidance_rel_error'] = float(state['downlink']['rel_error'])
 
   def _update_mixing(self, state, result: RoundResult, counts):
-    """EMA of the private gradient's norm and its cloud-subspace share; logged with the round.
-    counts: the weights of the uploads the edge used (a round none arrived in tells nothing)."""
+    """EMA of the private gradient's estimated |grad|^2 and |V^T grad|^2 (zoo/mixing.py), logged
+    with the round. counts: the weights of the uploads the edge used (a round none arrived in
+    tells nothing)."""
     guide = state['guidance']
-    if not np.any(counts > 0):
-      result.metrics.update(alpha=float(guide.alpha), basis_rank=int(guide.valid.sum()))
+    result.metrics.update(alpha=float(guide.alpha), basis_rank=int(guide.valid.sum()),
+                          cloud_step_v=float(guide.step_v))
+    if not np.any(counts > 0) or not float(guide.valid.sum()):
       return
-    uplinks = jax.tree.map(jnp.asarray, result.uplink)
-    g2, gu = self._moments(uplinks, jnp.asarray(counts, jnp.float32), guide, self.zo.seed,
-                           distribution=self.zo.est.distribution)
-    grad_sq, proj_sq = mixing_estimates(g2, gu, guide)
+    est = self._estimate(jax.tree.map(jnp.asarray, result.uplink),
+                         jnp.asarray(counts, jnp.float32), guide, self.zo.seed,
+                         distribution=self.zo.est.distribution)
     mix = state['mixing']
-    first = mix['seen'] == 0
-    decay = jnp.where(first, 0.0, self.zgr.ema)
-    mix = dict(mix, grad_sq=decay * mix['grad_sq'] + (1 - decay) * grad_sq,
-               proj_sq=decay * mix['proj_sq'] + (1 - decay) * proj_sq, seen=mix['seen'] + 1)
-    state['mixing'] = mix
-    _, lam = optimal_alpha(mix['grad_sq'], mix['proj_sq'], mix['tau_sq'], self.d,
-                           self.zo.est.probes * len(counts), self.zgr.alpha_min,
-                           self.zgr.alpha_max)
+    decay = jnp.where(mix['seen'] == 0, 0.0, self.zgr.ema)
+    state['mixing'] = dict(mix, grad_sq=decay * mix['grad_sq'] + (1 - decay) * est.grad_sq,
+                           proj_sq=decay * mix['proj_sq'] + (1 - decay) * est.proj_sq,
+                           seen=mix['seen'] + 1)
+    grad_sq = max(float(est.grad_sq), 1e-30)
     result.metrics.update(
-        alpha=float(guide.alpha), basis_rank=int(guide.valid.sum()),
-        grad_sq=float(grad_sq), cloud_share=float(proj_sq / max(float(grad_sq), 1e-30)),
-        cloud_tau_sq=float(mix['tau_sq']), lambda_star=float(lam))
+        grad_sq=float(est.grad_sq), grad_sq_se=float(est.grad_sq_se),
+        proj_sq=float(est.proj_sq), proj_sq_se=float(est.proj_sq_se),
+        cloud_share=float(np.clip(float(est.proj_sq) / grad_sq, 0.0, 1.0)),
+        cloud_tau_sq=float(mix['tau_sq']))
 
 
 @register('cooperllm')

@@ -24,6 +24,7 @@ from cooperllm_jax.memory import compiled_memory
 from cooperllm_jax.models.common import make_loss
 from cooperllm_jax.tree_math import tree_bytes
 from cooperllm_jax.zoo import quantized
+from cooperllm_jax.zoo.perturb import master
 from cooperllm_jax.zoo.spsa import Estimator
 from cooperllm_jax.zoo.trainable import Subset
 
@@ -118,9 +119,10 @@ class ScalarProtocol:
   # -- state -------------------------------------------------------------------------------------
   def init(self, params):
     trainable, frozen = self.subset.split(params, jax.random.key(self.seed))
-    # Our own copy: rounds donate (update in place) the trainable weights, never the caller's.
+    # Our own copy: rounds donate (update in place) the trainable weights, never the caller's; kept
+    # as a float32 master (zoo.perturb.master) so the edge's replay loses no sub-ulp update.
     # Clients keep frozen weights quantized if asked: zoo/quantized.py.
-    state = {'trainable': jax.tree.map(jnp.copy, trainable),
+    state = {'trainable': jax.tree.map(jnp.copy, master(trainable)),
              'frozen': quantized.quantize_frozen(frozen, self.base_weights, self.base_group),
              'lr': jnp.float32(self.lr), **self.extra_state(trainable)}
     return self.on_mesh(state)
