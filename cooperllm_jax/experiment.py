@@ -16,7 +16,6 @@ import functools
 import hashlib
 import json
 import pathlib
-import shutil
 import time
 
 from typing import Callable, Optional
@@ -26,6 +25,7 @@ import numpy as np
 
 from cooperllm_jax import data as data_lib
 from cooperllm_jax import checkpoint as checkpoint_lib
+from cooperllm_jax import workdir as workdir_lib
 from cooperllm_jax.errors import CheckpointError, ConfigError, DataError, TrainingError
 from cooperllm_jax.evaluation import evaluate
 from cooperllm_jax.federated import client_data
@@ -40,6 +40,8 @@ from cooperllm_jax.system import clock as clock_lib
 from cooperllm_jax.system import profiles as profiles_lib
 
 
+DTYPES = ('float32', 'bfloat16', 'float16')
+
 
 def validate(config) -> None:
   """One-line ConfigErrors for values that would otherwise fail deep inside JAX or silently."""
@@ -48,8 +50,17 @@ def validate(config) -> None:
   for name in positive:
     if int(config[name]) < 1:
       raise ConfigError(f'{name} must be >= 1, got {config[name]}')
-  if not config.learning_rate > 0:
-    raise ConfigError(f'learning_rate must be > 0, got {config.learning_rate}')
+  # Value checks (to move into the typed config): rates finite and > 0, seed >= 0, known dtypes.
+  for name, rate in (('learning_rate', config.learning_rate),
+                     ('cloud.learning_rate', config.cloud.learning_rate)):
+    if not 0 < rate < float('inf'):
+      raise ConfigError(f'{name} must be finite and > 0, got {rate}')
+  if int(config.seed) < 0:
+    raise ConfigError(f'seed must be >= 0, got {config.seed}')
+  for name in ('dtype', 'param_dtype'):
+    if config[name] not in DTYPES:
+      raise ConfigError(f'{name} {config[name]!r} is not supported; choose one of '
+                        f'{", ".join(DTYPES)}')
   if not config.weight_decay >= 0:
     raise ConfigError(f'weight_decay must be >= 0, got {config.weight_decay}')
   if not config.dirichlet_alpha > 0:
@@ -73,28 +84,6 @@ def validate(config) -> None:
   profiles_lib.pick(profiles, system.cloud, 'cloud')
   profiles_lib.pick(profiles, system.edge, 'edge')
   clock_lib.client_devices(system.clients, profiles, config.num_clients, config.seed)
-
-
-def check_workdir(workdir, overwrite: bool) -> pathlib.Path:
-  """An existing non-empty workdir is an error unless `overwrite`; nothing is touched here."""
-  path = pathlib.Path(workdir)
-  if path.exists() and not path.is_dir():
-    raise ConfigError(f'workdir {path} exists and is not a directory')
-  if path.exists() and any(path.iterdir()):
-    if not overwrite:
-      raise ConfigError(f'workdir {path} is not empty; pass --overwrite to replace it')
-    if not (path / 'config.json').exists():
-      raise ConfigError(f'workdir {path} holds no config.json, so it is not a run of ours; '
-                        'refusing to delete it even with --overwrite')
-  return path
-
-
-def prepare_workdir(path: pathlib.Path) -> pathlib.Path:
-  """Clears (after check_workdir allowed it) and creates the workdir."""
-  if path.exists():
-    shutil.rmtree(path)
-  path.mkdir(parents=True)
-  return path
 
 
 def load_task(config):
@@ -170,11 +159,11 @@ def train_and_evaluate(config, workdir, overwrite: bool = False, log=print,
   if resume:
     workdir = check_resumable(workdir, config)
   else:
-    workdir = check_workdir(workdir, overwrite) if primary else pathlib.Path(workdir)
+    workdir = workdir_lib.check(workdir, overwrite) if primary else pathlib.Path(workdir)
   pre, dataset, arrays, partition = load_task(config)  # user errors surface before any write
   algorithm = task_algorithm(config, pre, dataset, arrays, partition)
   if primary and not resume:
-    prepare_workdir(workdir)
+    workdir_lib.prepare(workdir)
     (workdir / 'config.json').write_text(config.to_json(indent=2))
     partition.save(workdir / 'partition.npz')
   model = pre.model
