@@ -26,7 +26,7 @@ import numpy as np
 from cooperllm_jax import data as data_lib
 from cooperllm_jax import checkpoint as checkpoint_lib
 from cooperllm_jax import workdir as workdir_lib
-from cooperllm_jax.errors import CheckpointError, ConfigError, DataError, TrainingError
+from cooperllm_jax.errors import CheckpointError, ConfigError, TrainingError
 from cooperllm_jax.evaluation import evaluate
 from cooperllm_jax.federated import client_data
 from cooperllm_jax.federated import mesh as mesh_lib
@@ -93,16 +93,10 @@ def load_task(config):
                         label_words=list(config.label_words or dataset.label_names),
                         dtype=config.dtype, param_dtype=config.param_dtype, pooling=config.pooling,
                         seed=config.seed)
+  pre.check_max_length(config.max_length)
   suffix = config.prompt_suffix if pre.is_decoder else None
   arrays = data_lib.tokenize_texts(pre.tokenizer, dataset.texts, max_length=config.max_length,
                                    pad_id=pre.pad_id, suffix=suffix)
-  # An embedding lookup past the table is silently clamped by XLA: a tokenizer that does not
-  # belong to the model would train on garbage instead of failing.
-  vocab = pre.model.cfg.vocab_size
-  if arrays['input_ids'].size and int(arrays['input_ids'].max()) >= vocab:
-    raise DataError(f'the tokenizer of {config.model} produces token id '
-                    f'{int(arrays["input_ids"].max())}, but the model\'s embedding has '
-                    f'{vocab} rows: tokenizer and model do not match')
   partition = data_lib.make_partition(
       dataset.labels, num_clients=config.num_clients, scheme=config.partition,
       alpha=config.dirichlet_alpha, test_fraction=config.test_fraction,
