@@ -35,7 +35,7 @@ from cooperllm_jax.federated import ledger as ledger_lib
 from cooperllm_jax.federated.accounting import DownlinkTracker
 from cooperllm_jax.federated.algorithms import ALGORITHMS, make_algorithm, robustness
 from cooperllm_jax.models import count_params, load_pretrained
-from cooperllm_jax.reporting import MetricWriter, NullWriter, truncate_metrics
+from cooperllm_jax.reporting import MetricWriter, NullWriter, to_json, truncate_metrics
 from cooperllm_jax.system import clock as clock_lib
 from cooperllm_jax.system import profiles as profiles_lib
 
@@ -196,15 +196,16 @@ def train_and_evaluate(config, workdir, overwrite: bool = False, log=print,
     releases = np.asarray(meta['releases'], np.int64)
     seconds_before = meta['train_seconds']
     clock.elapsed = meta.get('sim_time_s', 0.0)
-    rows = truncate_metrics(workdir / 'metrics.jsonl', done) if primary else []
-    before = rows[0] if rows else {'test_accuracy': float('nan'), 'test_loss': float('nan')}
-    before = {'accuracy': before['test_accuracy'], 'loss': before['test_loss'],
-              'examples': len(partition.test)}
+    before = meta['before']   # the starting model's, kept with the checkpoint
+    if primary and len(truncate_metrics(workdir / 'metrics.jsonl', done)) < done + 1:
+      log(f'warning: {workdir / "metrics.jsonl"} lacks rows of rounds 0..{done}')
     log(f'resuming after round {done} (checkpoint in {workdir / "checkpoints"})')
   else:
     before = evaluate(model, algorithm.model_params(state), arrays, labels, partition.test,
                       config.eval_batch_size)
     log(f'round 0: test accuracy {before["accuracy"]:.4f} loss {before["loss"]:.4f}')
+  if guard is not None:
+    guard.reference = before['loss']
     if ledger is not None:
       ledger.start({'algorithm': config.algorithm, 'seed': config.seed,
                     'replayable': config.algorithm != 'fedavg_bp',
@@ -282,7 +283,7 @@ def train_and_evaluate(config, workdir, overwrite: bool = False, log=print,
             'downlink': downlink.to_json(), 'releases': releases.tolist(),
             'guard': guard.to_json() if guard is not None else None,
             'train_seconds': seconds_before + time.perf_counter() - start,
-            'sim_time_s': clock.elapsed})
+            'sim_time_s': clock.elapsed, 'before': before})
       log(f'round {r}: train loss {row.get("train_loss", float("nan")):.4f}'
           + (f', test accuracy {row["test_accuracy"]:.4f}' if 'test_accuracy' in row else '')
           + f', {row["bytes_up_per_client"]:.0f} B up / {row["bytes_down_per_client"]:.0f} B down'
@@ -300,5 +301,5 @@ def train_and_evaluate(config, workdir, overwrite: bool = False, log=print,
                         'cloud': config.system.cloud, 'pipelined': bool(config.system.pipelined)},
              'backend': jax.default_backend()}
   if primary:
-    (workdir / 'summary.json').write_text(json.dumps(summary, indent=2))
+    (workdir / 'summary.json').write_text(to_json(summary, indent=2))
   return summary

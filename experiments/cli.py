@@ -3,11 +3,12 @@
 absl prints a usage dump and exits 1 on a flag it cannot parse, and ml_collections raises (at
 import, when it reads the overrides of the default config, or later, when a --config file that
 failed to load is first read) with a traceback. `flag_errors` turns all of these into one line;
-`run` is app.run with that parser, and `main_errors` does the same for CooperErrors and the
-file system's errors inside main.
+`run` is app.run with that parser (and keeps orbax's leftovers of a failed restore from printing
+tracebacks), and `main_errors` does the same for CooperErrors and file-system errors in main.
 """
 
 import contextlib
+import inspect
 import sys
 import traceback
 
@@ -20,6 +21,18 @@ from cooperllm_jax.errors import CooperError
 def fail(message: str):
   print(f'error: {message}', file=sys.stderr)
   sys.exit(2)
+
+
+def _unraisable(unraisable):
+  """A restore of a damaged checkpoint fails on its first bad array while orbax's reads of the
+  others are still in flight: their coroutines raise again when collected, and their completions
+  find orbax's event loop closed ('Event loop is closed'), each printing a traceback at some later
+  moment (under a run that went on from an older checkpoint, or after the error line). Those two
+  are dropped; anything else is reported as usual."""
+  closed = (unraisable.exc_type is RuntimeError
+            and str(unraisable.exc_value) == 'Event loop is closed')
+  if not (closed or inspect.iscoroutine(unraisable.object)):
+    sys.__unraisablehook__(unraisable)
 
 
 def _describe(e: BaseException) -> str:
@@ -68,4 +81,5 @@ def run(main, config_flag=None):
       if len(rest) > 1:
         raise flags.Error(f'unexpected arguments: {rest[1:]}')
     return rest
+  sys.unraisablehook = _unraisable
   app.run(main, flags_parser=parse)

@@ -71,6 +71,7 @@ def replay(workdir, log=print) -> str:
     found = checkpoints.restore(template, upto=step)
     if found is not None and found[0] == step:
       targets[step] = found[1]['state']['trainable']
+  checkpoints.close()   # before any error: an open manager left to the exit prints tracebacks
   if not targets:
     raise CheckpointError(f'no readable checkpoint in {workdir / "checkpoints"} to compare with')
   guide = state.get('guidance')
