@@ -39,7 +39,6 @@ from cooperllm_jax.reporting import MetricWriter, NullWriter, to_json, truncate_
 from cooperllm_jax.system import clock as clock_lib
 from cooperllm_jax.system import profiles as profiles_lib
 
-
 DTYPES = ('float32', 'bfloat16', 'float16')
 
 
@@ -204,13 +203,13 @@ def train_and_evaluate(config, workdir, overwrite: bool = False, log=print,
     before = evaluate(model, algorithm.model_params(state), arrays, labels, partition.test,
                       config.eval_batch_size)
     log(f'round 0: test accuracy {before["accuracy"]:.4f} loss {before["loss"]:.4f}')
-  if guard is not None:
-    guard.reference = before['loss']
     if ledger is not None:
       ledger.start({'algorithm': config.algorithm, 'seed': config.seed,
                     'replayable': config.algorithm != 'fedavg_bp',
                     'base_trainable_sha256': checkpoint_lib.tree_sha256(
                         state.get('trainable', state.get('params')))})
+  if guard is not None:
+    guard.reference = before['loss']
   start = time.perf_counter()
   rounds = range(done + 1, config.rounds + 1)
   title = f'{config.algorithm} on {dataset.name} with {config.model}'
