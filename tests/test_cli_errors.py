@@ -436,3 +436,24 @@ def test_user_error_is_one_line_exit_2_and_changes_no_file(tmp_path, request, na
   assert 'Traceback' not in output and message in errors[0], output[-3000:]
   after = _files(tmp_path)
   assert {k: after.get(k) for k in before} == before
+
+
+def test_resume_repairs_a_damaged_ledger_from_an_older_checkpoint(tmp_path, shared_run):
+  """Ledger record 4 damaged, metrics.jsonl deleted: checkpoint 4 no longer matches its ledger, so
+  the run goes on from checkpoint 3 (whose ledger verifies), rewrites round 4 and ends as the
+  undamaged run did; the summary keeps the starting accuracy; the replay verifies."""
+  wd = tmp_path / 'run'
+  shutil.copytree(shared_run, wd, symlinks=True)
+  _corrupt(wd / 'ledger' / '00000004.npz')
+  (wd / 'metrics.jsonl').unlink()
+  proc = _run('experiments.train', f'--workdir={wd}', *_run_flags(shared_run), '--resume')
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert 'checkpoint 4: the ledger' in proc.stdout and 'resuming after round 3' in proc.stdout
+  summary, original = (json.loads((d / 'summary.json').read_text()) for d in (wd, shared_run))
+  for key in ('accuracy_before', 'accuracy_after'):
+    assert summary[key] == original[key]
+  rows = [json.loads(l, parse_constant=pytest.fail) for l in
+          (wd / 'metrics.jsonl').read_text().splitlines()]
+  assert [r['round'] for r in rows] == [4]
+  replay = _run('experiments.replay', f'--workdir={wd}')
+  assert 'equal bit for bit to checkpoints 2, 3, 4' in replay.stdout, replay.stderr[-3000:]
