@@ -438,6 +438,7 @@ def test_user_error_is_one_line_exit_2_and_changes_no_file(tmp_path, request, na
   assert {k: after.get(k) for k in before} == before
 
 
+@pytest.mark.slow
 def test_resume_repairs_a_damaged_ledger_from_an_older_checkpoint(tmp_path, shared_run):
   """Ledger record 4 damaged, metrics.jsonl deleted: checkpoint 4 no longer matches its ledger, so
   the run goes on from checkpoint 3 (whose ledger verifies), rewrites round 4 and ends as the
