@@ -40,12 +40,14 @@ def _describe(e: BaseException) -> str:
   if isinstance(e, flags.Error):
     return str(e).strip().splitlines()[0]
   if isinstance(e, (AttributeError, KeyError)):    # an override of a field the config lacks
-    return f'the config has no field {str(e.args[0] if e.args else e).strip(chr(34))}'
+    field = str(e.args[0] if e.args else e).strip('"')
+    return f'the config has no field {field}'
   lines = [l.strip() for l in str(e).strip().splitlines() if l.strip()]
   if isinstance(e, OSError) and 'config file' in str(e):   # ml_collections' failed --config
     return f'--config: cannot load the config file: {lines[-1]}'
   frame = traceback.extract_tb(e.__traceback__)[-1] if e.__traceback__ else None
-  where = '' if isinstance(e, SyntaxError) or not frame else f' ({frame.filename}, line {frame.lineno})'
+  where = ('' if isinstance(e, SyntaxError) or not frame   # a SyntaxError names its line
+           else f' ({frame.filename}, line {frame.lineno})')
   return f'--config: {type(e).__name__}: {lines[0] if lines else ""}{where}'
 
 

@@ -26,6 +26,8 @@ RUN = (*FAST, '--config.rounds=4', '--config.checkpoint_every=1', '--config.eval
 def _run_flags(wd):
   """RUN on the shared run's dataset (which lies next to the shared run, outside the copies)."""
   return (*RUN, f'--config.dataset={wd.parent / "tiny.csv"}')
+
+
 CASES = {}  # name -> (build, a fragment the error line must hold)
 
 
@@ -90,7 +92,8 @@ for _name, _flag, _message in [
     ('infinite_cloud_rate', '--config.cloud.learning_rate=inf', 'cloud.learning_rate must be'),
     ('zero_rounds', '--config.rounds=0', 'rounds must be >= 1'),
 ]:
-  case(_name, _message)(lambda tmp, run, cleanup, flag=_flag: _train(f'--workdir={tmp / "wd"}', flag))
+  case(_name, _message)(lambda tmp, run, cleanup, flag=_flag: _train(f'--workdir={tmp / "wd"}',
+                                                                     flag))
 
 
 @case('broken_config_file', 'SyntaxError')
@@ -188,7 +191,8 @@ def _(tmp, run, cleanup):
   return _model(tmp, _model_dir(tmp, tokenizer=False))
 
 
-@case('tokenizer_of_another_vocabulary', 'embedding has 1000 rows: tokenizer and model do not match')
+@case('tokenizer_of_another_vocabulary',
+      'embedding has 1000 rows: tokenizer and model do not match')
 def _(tmp, run, cleanup):
   return _model(tmp, _model_dir(tmp, lambda c: dict(c, vocab_size=1000)))
 

@@ -163,7 +163,8 @@ def check_labels(dataset: TextDataset, source: str) -> TextDataset:
   empty = np.flatnonzero(counts == 0)
   if len(empty):
     top = int(dataset.labels.max())
-    shown = ', '.join(dataset.label_names[i] for i in empty[:3]) + (' ...' if len(empty) > 3 else '')
+    shown = ', '.join(dataset.label_names[i] for i in empty[:3])
+    shown += ' ...' if len(empty) > 3 else ''
     raise DataError(f'{source}: {len(empty)} of {dataset.num_classes} classes have no examples '
                     f'({shown}); labels must be a contiguous set (the largest, '
                     f'{dataset.label_names[top]}, is in row {int(np.argmax(dataset.labels))})')

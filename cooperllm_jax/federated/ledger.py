@@ -83,7 +83,8 @@ class Ledger:
     """None when meta.json and the records up to round `upto` chain to `expected` (appends then
     continue the chain), else why the ledger cannot be continued."""
     digest = ''
-    for path in [self.directory / 'meta.json', *(self._path(r) for r in self.rounds() if r <= upto)]:
+    paths = [self.directory / 'meta.json', *(self._path(r) for r in self.rounds() if r <= upto)]
+    for path in paths:
       try:
         digest = _chain(digest, path)
       except OSError as e:
