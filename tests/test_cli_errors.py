@@ -2,6 +2,7 @@
 exits 2 with exactly one `error:` line, no traceback, and leaves every file that was there before
 unchanged. Most fail before any model is loaded; the resume and replay cases share one tiny run."""
 
+import concurrent.futures
 import hashlib
 import json
 import os
@@ -32,8 +33,8 @@ CASES = {}  # name -> (build, a fragment the error line must hold)
 
 
 def case(name, message):
-  """Registers build(tmp, run, cleanup) -> (module, args): run() is the shared run's directory,
-  cleanup(fn) runs fn after the case."""
+  """Registers build(tmp, run, cleanup) -> (module, args): run is the shared run's directory (to
+  copy, never to change), cleanup(fn) runs fn after the module's cases."""
   def register(build):
     CASES[name] = (build, message)
     return build
@@ -240,7 +241,7 @@ def _(tmp, run, cleanup):
 @case('overwrite_a_run_holding_a_user_file', "holds 'notes.txt', which no run writes")
 def _(tmp, run, cleanup):
   wd = tmp / 'run'
-  shutil.copytree(run(), wd, symlinks=True)
+  shutil.copytree(run, wd, symlinks=True)
   (wd / 'notes.txt').write_text('mine')
   return _train(f'--workdir={wd}', '--overwrite')
 
@@ -310,13 +311,13 @@ def _(tmp, run, cleanup):
 
 def _copy(tmp, run, damage):
   wd = tmp / 'run'
-  shutil.copytree(run(), wd, symlinks=True)
+  shutil.copytree(run, wd, symlinks=True)
   damage(wd)
   return wd
 
 
 def _resume(tmp, run, damage, *extra):
-  return _train(f'--workdir={_copy(tmp, run, damage)}', *_run_flags(run()), *extra, '--resume')
+  return _train(f'--workdir={_copy(tmp, run, damage)}', *_run_flags(run), *extra, '--resume')
 
 
 def _replay(tmp, run, damage, *extra):
@@ -427,18 +428,35 @@ def shared_run(tmp_path_factory):
   return root / 'run'
 
 
+@pytest.fixture(scope='module')
+def outcomes(tmp_path_factory, shared_run):
+  """{name: (process, files before, tmp) or why it was skipped}: every case built in a directory
+  of its own, then their subprocesses run two at a time (most of each is start-up)."""
+  built, out, cleanups = {}, {}, []
+  for name, (build, _) in CASES.items():
+    tmp = tmp_path_factory.mktemp(name)
+    try:
+      built[name] = (*build(tmp, shared_run, cleanups.append), _files(tmp), tmp)
+    except pytest.skip.Exception as e:
+      out[name] = str(e)
+  with concurrent.futures.ThreadPoolExecutor(2) as pool:
+    jobs = {name: pool.submit(_run, module, *args) for name, (module, args, _, _) in built.items()}
+    out.update({name: (job.result(), *built[name][2:]) for name, job in jobs.items()})
+  yield out
+  for fn in cleanups:
+    fn()
+
+
 @pytest.mark.parametrize('name', list(CASES))
-def test_user_error_is_one_line_exit_2_and_changes_no_file(tmp_path, request, name):
-  build, message = CASES[name]
-  module, args = build(tmp_path, lambda: request.getfixturevalue('shared_run'),
-                       request.addfinalizer)
-  before = _files(tmp_path)
-  proc = _run(module, *args)
+def test_user_error_is_one_line_exit_2_and_changes_no_file(outcomes, name):
+  if isinstance(outcomes[name], str):
+    pytest.skip(outcomes[name])
+  proc, before, tmp = outcomes[name]
   output = proc.stdout + proc.stderr
   errors = [l for l in output.splitlines() if l.startswith('error:')]
   assert proc.returncode == 2 and len(errors) == 1, output[-3000:]
-  assert 'Traceback' not in output and message in errors[0], output[-3000:]
-  after = _files(tmp_path)
+  assert 'Traceback' not in output and CASES[name][1] in errors[0], output[-3000:]
+  after = _files(tmp)
   assert {k: after.get(k) for k in before} == before
 
 
