@@ -92,7 +92,8 @@ class Checkpointer:
   def restore(self, template, check: Optional[Callable] = None, upto: Optional[int] = None):
     """(round, tree, meta) of the newest step (at most `upto`) that reads back with its hash;
     `template` gives the tree's structure, shapes and dtypes; check(meta) may raise a
-    CheckpointError for a checkpoint of another run, which is not skipped. None if no step."""
+    CheckpointError for a checkpoint of another run, which is not skipped, or return why this
+    step cannot be used, which is. None if no step."""
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, template)
     for step in reversed(self.steps()):
       if upto is not None and step > upto:
@@ -103,8 +104,10 @@ class Checkpointer:
         self.log(f'checkpoint {step}: unreadable metadata ({type(e).__name__}); '
                  'trying an older one')
         continue
-      if check is not None:
-        check(meta)
+      reason = check(meta) if check is not None else None
+      if reason:
+        self.log(f'checkpoint {step}: {reason}; trying an older one')
+        continue
       try:
         tree = self._manager.restore(step, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(abstract))).state
@@ -156,8 +159,10 @@ class RunStore:
                         else None)
     self.ledger = Ledger(workdir / 'ledger') if spec.ledger else None
 
-  def check(self, meta: dict) -> None:
-    """CheckpointError naming what differs between this run and a checkpoint's."""
+  def check(self, meta: dict) -> Optional[str]:
+    """CheckpointError naming what differs between this run and a checkpoint's; or why this
+    checkpoint cannot be continued from (written by an older version, or the ledger up to it is
+    not the one the run wrote), to try an older one."""
     diffs = config_differences(meta.get('config', {}), self.identity['config'])
     if diffs:
       raise CheckpointError('cannot resume: the config differs from the checkpointed run in '
@@ -166,6 +171,11 @@ class RunStore:
                       ('data_sha256', 'data (texts, tokens or partition)')):
       if meta.get(key) != self.identity[key]:
         raise CheckpointError(f'cannot resume: the {what} differ from the checkpointed run\'s')
+    if 'before' not in meta:
+      return 'written by an older version of cooperllm_jax'
+    if self.ledger is not None:
+      return self.ledger.verify(meta['round'], meta.get('ledger_sha256'))
+    return None
 
   def due(self, round_index: int, last: int) -> bool:
     return bool(self.every) and (round_index % self.every == 0 or round_index == last)
@@ -174,7 +184,8 @@ class RunStore:
     tree = template(state, good is not None)
     if good is not None:
       tree['good'] = without_frozen(good)
-    self.checkpoints.save(round_index, tree, dict(meta, **self.identity))
+    self.checkpoints.save(round_index, tree, dict(
+        meta, **self.identity, ledger_sha256=self.ledger.sha256 if self.ledger else None))
 
   def restore(self, state, good: bool):
     """(round, state, good state or None, meta) from the newest good checkpoint; the frozen
@@ -184,8 +195,9 @@ class RunStore:
       raise CheckpointError('cannot resume: checkpoint_every is 0, so the run saved no checkpoints')
     found = self.checkpoints.restore(template(state, good), check=self.check)
     if found is None:
-      raise CheckpointError(f'no usable checkpoint in {self.checkpoints.directory}; start over '
-                            'with --overwrite')
+      self.checkpoints.close()   # an open manager left to the interpreter's exit prints tracebacks
+      raise CheckpointError(f'cannot resume: no usable checkpoint in {self.checkpoints.directory} '
+                            '(see the lines above); start over with --overwrite')
     round_index, tree, meta = found
     self.checkpoints.delete_after(round_index)
     if self.ledger is not None:

@@ -32,3 +32,7 @@ class TrainingError(CooperError):
 
 class CheckpointError(CooperError):
   """No usable checkpoint to resume from, or one that belongs to another run or config."""
+
+
+class WorkdirError(CooperError):
+  """The workdir cannot be used: not ours to overwrite, not writable, or a directory to protect."""

@@ -5,6 +5,7 @@ is for watching a run live; accuracy.png is the one-glance result.
 """
 
 import json
+import math
 import numbers
 import pathlib
 import time
@@ -13,7 +14,22 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 from matplotlib.ticker import MaxNLocator
-import tensorboardX
+
+
+def _finite(value):
+  """value with every non-finite float (a diverged loss) as None: strict JSON has no NaN."""
+  if isinstance(value, float) and not math.isfinite(value):
+    return None
+  if isinstance(value, dict):
+    return {k: _finite(v) for k, v in value.items()}
+  if isinstance(value, (list, tuple)):
+    return [_finite(v) for v in value]
+  return value
+
+
+def to_json(value, **kwargs) -> str:
+  """json.dumps that writes valid JSON: NaN and Infinity become null."""
+  return json.dumps(_finite(value), allow_nan=False, **kwargs)
 
 
 def read_metrics(path) -> list[dict]:
@@ -35,7 +51,7 @@ def truncate_metrics(path, last_round: int) -> list[dict]:
     if row['round'] <= last_round:
       rows.append(row)
   tmp = path.with_name(f'.{path.name}.tmp')
-  tmp.write_text(''.join(json.dumps(row) + '\n' for row in rows), encoding='utf-8')
+  tmp.write_text(''.join(to_json(row) + '\n' for row in rows), encoding='utf-8')
   tmp.replace(path)
   return rows
 
@@ -61,7 +77,7 @@ def plot_accuracy(runs: dict[str, list[dict]], path, title: str, x: str = 'round
   for ax, (key, label) in zip(axes, [('test_accuracy', 'test accuracy'),
                                      ('train_loss', 'train loss')]):
     for name, rows in runs.items():
-      points = [(row[x], row[key]) for row in rows if key in row and x in row]
+      points = [(row[x], row[key]) for row in rows if row.get(key) is not None and x in row]
       # Markers keep a run with a single eval point visible.
       ax.plot([r for r, _ in points], [v for _, v in points], '.-', markersize=4, label=name)
     ax.set_ylabel(label)
@@ -95,6 +111,8 @@ class MetricWriter:
     self.workdir.mkdir(parents=True, exist_ok=True)
     self.metrics_path = self.workdir / 'metrics.jsonl'
     self._file = open(self.metrics_path, 'a', encoding='utf-8')
+    if tensorboard:  # imported here: it imports torch, seconds of every run's (and error's) start
+      import tensorboardX  # pylint: disable=g-import-not-at-top
     # tensorboardX names event files by the second and opens them with 'wb'; the suffix keeps a
     # writer reopened within the same second (a quick resume) from truncating the previous file.
     self._tb = (tensorboardX.SummaryWriter(str(self.workdir / 'tb'),
@@ -103,7 +121,7 @@ class MetricWriter:
 
   def write(self, row: dict) -> None:
     """Appends `row` (which must have an int 'round') to metrics.jsonl; numeric fields to TB."""
-    self._file.write(json.dumps(row) + '\n')
+    self._file.write(to_json(row) + '\n')
     self._file.flush()
     if self._tb is not None:
       for key, value in row.items():

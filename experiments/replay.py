@@ -14,13 +14,12 @@ and exits 2. fedavg_bp's ledger is not replayable (its clients upload dense delt
 
 import json
 import pathlib
-import sys
 
-from absl import app
 from absl import flags
 from absl import logging
 
-from cooperllm_jax.errors import CheckpointError, CooperError
+from cooperllm_jax.errors import CheckpointError
+from experiments import cli
 
 _WORKDIR = flags.DEFINE_string('workdir', None, 'A run directory written by experiments.train.',
                                required=True)
@@ -71,6 +70,7 @@ def replay(workdir, log=print) -> str:
     found = checkpoints.restore(template, upto=step)
     if found is not None and found[0] == step:
       targets[step] = found[1]['state']['trainable']
+  checkpoints.close()   # before any error: an open manager left to the exit prints tracebacks
   if not targets:
     raise CheckpointError(f'no readable checkpoint in {workdir / "checkpoints"} to compare with')
   guide = state.get('guidance')
@@ -91,15 +91,11 @@ def replay(workdir, log=print) -> str:
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  del argv  # cli.run refuses positional arguments
   logging.set_verbosity(logging.WARNING)  # orbax logs every read at INFO
-  try:
+  with cli.main_errors():
     print(replay(_WORKDIR.value))
-  except CooperError as e:
-    print(f'error: {e}', file=sys.stderr)
-    sys.exit(2)
 
 
 if __name__ == '__main__':
-  app.run(main)
+  cli.run(main)

@@ -17,15 +17,15 @@ one `error:` line and exit 2. --resume continues an interrupted run from its new
 
 import sys
 
-from absl import app
 from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
-from cooperllm_jax.errors import CooperError
+from experiments import cli
 
-_CONFIG = config_flags.DEFINE_config_file('config', 'experiments/configs/demo.py',
-                                          'Path to a config file with get_config().')
+with cli.flag_errors():  # it reads the default config's overrides from sys.argv right here
+  _CONFIG = config_flags.DEFINE_config_file('config', 'experiments/configs/demo.py',
+                                            'Path to a config file with get_config().')
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for metrics, partition and summary.',
                                required=True)
 _OVERWRITE = flags.DEFINE_bool('overwrite', False, 'Replace a non-empty workdir.')
@@ -39,13 +39,12 @@ _PROCESS_ID = flags.DEFINE_integer('process_id', None, 'Multi-process: this proc
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  del argv  # cli.run refuses positional arguments
   logging.set_verbosity(logging.WARNING)  # orbax logs every checkpoint step at INFO
   import jax  # pylint: disable=g-import-not-at-top
   from cooperllm_jax import distributed  # pylint: disable=g-import-not-at-top
   from cooperllm_jax.run import train_and_evaluate  # pylint: disable=g-import-not-at-top
-  try:
+  with cli.main_errors():
     # Before anything touches a JAX backend.
     distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
     primary = jax.process_index() == 0
@@ -58,9 +57,6 @@ def main(argv):
       log = tqdm.tqdm.write  # log lines above the bar, not through it
     summary = train_and_evaluate(_CONFIG.value, _WORKDIR.value, overwrite=_OVERWRITE.value,
                                  log=log, progress=progress, resume=_RESUME.value)
-  except CooperError as e:
-    print(f'error: {e}', file=sys.stderr)
-    sys.exit(2)
   if not primary:
     return
   print(f'summary: {summary["algorithm"]} on {summary["dataset"]} with {summary["model"]}: '
@@ -71,4 +67,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  cli.run(main, _CONFIG)

@@ -90,7 +90,7 @@ def test_flags_files_name_registered_configs():
 
 @pytest.mark.parametrize('flag, message', [
     ('--config.clients_per_round=20', 'clients_per_round=20 exceeds num_clients=10'),
-    ('--config.learning_rate=-1', 'learning_rate must be > 0'),
+    ('--config.learning_rate=-1', 'learning_rate must be finite and > 0'),
     ('--config.algorithm=nope', "unknown algorithm 'nope'"),
     ('--config.rounds=0', 'rounds must be >= 1'),
     ('--config.zo.eps=0', 'eps must be > 0'),

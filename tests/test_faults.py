@@ -182,6 +182,18 @@ def test_guard_rolls_back_to_the_last_vouched_model_and_halves_the_rate():
     config_lib.Guard(spike=0.5)
 
 
+def test_guard_catches_a_blow_up_before_it_has_a_median():
+  """lr 1e9: loss 3e9 in round 2 while the window is still filling; 10x the starting test loss
+  (at least 1) is a blow-up, and the guard gives up after max_rollbacks."""
+  guard = guard_lib.DivergenceGuard(spike=4.0, window=5, max_rollbacks=1, reference=0.69)
+  state, rolled = guard.after_round(guard_lib.copy_state(_state(0)), _state(1), 0.7, 1)
+  assert not rolled and not guard.is_spike(9.9)
+  state, rolled = guard.after_round(guard_lib.copy_state(state), _state(2), 3e9, 2)
+  assert rolled and float(state['trainable']['w'][0]) == 0   # the model round 1's loss vouched for
+  with pytest.raises(TrainingError, match='after 1 rollbacks'):
+    guard.after_round(guard_lib.copy_state(state), _state(3), 11.0, 3)
+
+
 # -- DP -------------------------------------------------------------------------------------------
 
 def test_dp_clips_each_client_and_adds_seeded_noise():

@@ -1,5 +1,6 @@
 """MetricWriter: JSONL round trip, TensorBoard scalars, PNG plot, and append-on-reopen for resumes."""
 
+import json
 import struct
 
 import pytest
@@ -60,6 +61,15 @@ def test_rows_round_trip_and_plot(tmp_path):
     assert read_metrics(tmp_path / 'metrics.jsonl') == ROWS
   assert read_metrics(tmp_path / 'metrics.jsonl') == ROWS
   assert_png(tmp_path / 'accuracy.png')
+
+
+def test_non_finite_values_are_written_as_null(tmp_path):
+  """metrics.jsonl stays strict JSON (no NaN or Infinity literals) when a loss diverges."""
+  with MetricWriter(tmp_path, title='diverged', tensorboard=False) as writer:
+    writer.write({'round': 1, 'train_loss': float('nan'), 'extra': [float('inf'), 1.0]})
+  line = (tmp_path / 'metrics.jsonl').read_text()
+  assert json.loads(line, parse_constant=pytest.fail) == {'round': 1, 'train_loss': None,
+                                                          'extra': [None, 1.0]}
 
 
 def test_tensorboard_gets_numeric_scalars_only(tmp_path):

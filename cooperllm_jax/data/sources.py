@@ -7,6 +7,7 @@ rows as written), so that a partition seed names the same split on every machine
 import inspect
 import os
 import pathlib
+import re
 import tempfile
 from typing import Optional, Sequence, Union
 
@@ -64,6 +65,12 @@ def _read_columns(path: pathlib.Path, builder: str, cache_dir: Optional[PathLike
     return list(ds[text_column]), list(ds[label_column])
 
 
+def _label_kind(value) -> str:
+  """'an integer' or 'text': a CSV column mixing the two arrives as strings ('1', 'sport')."""
+  integer = isinstance(value, int) or re.fullmatch(r'\s*[+-]?\d+\s*', value) is not None
+  return 'an integer' if integer else 'text'
+
+
 def _label_ids(path: pathlib.Path, raw: list,
                label_names: Optional[Sequence[str]]) -> tuple[np.ndarray, tuple[str, ...]]:
   """Maps string or integer labels to ids, naming the first bad row in errors."""
@@ -76,6 +83,11 @@ def _label_ids(path: pathlib.Path, raw: list,
     if isinstance(value, bool) or not isinstance(value, (int, str)):
       raise DataError(f'{path}: row {row}: label {value!r} is neither a string nor an integer')
     values.append(value)
+  kinds = [_label_kind(v) for v in values]
+  mixed = next((row for row, k in enumerate(kinds) if k != kinds[0]), None)
+  if mixed is not None:
+    raise DataError(f'{path}: row {mixed}: label {values[mixed]!r} is {kinds[mixed]} but row 0\'s '
+                    f'({values[0]!r}) is {kinds[0]}; use one label type')
   is_str = bool(values) and isinstance(values[0], str)
   if label_names is not None:
     names = tuple(label_names)
@@ -115,6 +127,8 @@ def load_local(path: PathLike, text_column: str = 'text', label_column: str = 'l
                     f'supported: {", ".join(LOCAL_FORMATS)}')
   if not path.is_file():
     raise DataError(f'{path}: no such file')
+  if path.stat().st_size == 0:   # `datasets` fails on it with a bare StopIteration
+    raise DataError(f'{path}: the file is empty')
   raw_texts, raw_labels = _read_columns(path, builder, cache_dir, text_column, label_column)
   texts = []
   for row, text in enumerate(raw_texts):
@@ -127,18 +141,36 @@ def load_local(path: PathLike, text_column: str = 'text', label_column: str = 'l
   return TextDataset(path.stem, tuple(texts), labels, names)
 
 
+def check_labels(dataset: TextDataset, source: str) -> TextDataset:
+  """A classification task: at least 2 classes and examples of every class (so integer labels
+  are 0..K-1 without gaps: one stray id far above the rest would otherwise make a huge head)."""
+  counts = np.bincount(dataset.labels, minlength=dataset.num_classes)
+  empty = np.flatnonzero(counts == 0)
+  if len(empty):
+    top = int(dataset.labels.max())
+    shown = ', '.join(dataset.label_names[i] for i in empty[:3])
+    shown += ' ...' if len(empty) > 3 else ''
+    raise DataError(f'{source}: {len(empty)} of {dataset.num_classes} classes have no examples '
+                    f'({shown}); labels must be a contiguous set (the largest, '
+                    f'{dataset.label_names[top]}, is in row {int(np.argmax(dataset.labels))})')
+  if dataset.num_classes < 2:
+    raise DataError(f'{source}: every row has the label {dataset.label_names[0]!r}; a classifier '
+                    'needs at least 2 classes')
+  return dataset
+
+
 def load_dataset(name_or_path: str, **kw) -> TextDataset:
   """Loads a named dataset ('bbcnews' or corpora.LOADERS; keyword arguments are its loader's
   options, e.g. split='test' for '20news') or a local file (keyword arguments go to
-  `load_local`)."""
+  `load_local`), checked by check_labels."""
   named = {'bbcnews': load_bbc_news, **corpora.LOADERS}
   if name_or_path in named:
     options = inspect.signature(named[name_or_path]).parameters
     if set(kw) - set(options):
       allowed = f'options {", ".join(options)}' if options else 'no options'
       raise ConfigError(f'{name_or_path} takes {allowed}, got {sorted(kw)}')
-    return named[name_or_path](**kw)
+    return check_labels(named[name_or_path](**kw), name_or_path)
   if not pathlib.Path(name_or_path).exists():
     raise DataError(f'{name_or_path!r} is neither a known dataset ({", ".join(named)}) '
                     'nor an existing file')
-  return load_local(name_or_path, **kw)
+  return check_labels(load_local(name_or_path, **kw), name_or_path)

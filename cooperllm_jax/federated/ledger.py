@@ -17,8 +17,10 @@ Append-only: a round's file is never rewritten; resuming deletes the rounds afte
 fedavg_bp's clients upload dense deltas, which the ledger does not keep: it is not replayable.
 """
 
+import hashlib
 import json
 import pathlib
+from typing import Optional
 import zipfile
 
 import jax
@@ -34,10 +36,18 @@ GUARD_NONE, GUARD_ACCEPTED, GUARD_ROLLED_BACK = 0, 1, 2
 _GUIDE = ('guide_valid', 'guide_alpha', 'guide_beta', 'guide_probe_v', 'guide_step_v')
 
 
+def _chain(digest: str, path: pathlib.Path) -> str:
+  """The running sha256 after one more file (its name and bytes)."""
+  return hashlib.sha256(f'{digest}|{path.name}|'.encode() + path.read_bytes()).hexdigest()
+
+
 class Ledger:
+  """`sha256` chains meta.json and every record written so far; checkpoints keep it, so a resume
+  can tell whether the ledger up to its checkpoint is still the one the run wrote (`verify`)."""
 
   def __init__(self, directory):
     self.directory = pathlib.Path(directory)
+    self.sha256 = None
 
   def _path(self, round_index: int) -> pathlib.Path:
     return self.directory / f'{round_index:08d}.npz'
@@ -47,6 +57,7 @@ class Ledger:
     tmp = self.directory / '.meta.json.tmp'
     tmp.write_text(json.dumps(meta, indent=2))
     tmp.replace(self.directory / 'meta.json')
+    self.sha256 = _chain('', self.directory / 'meta.json')
 
   def meta(self) -> dict:
     try:
@@ -65,6 +76,23 @@ class Ledger:
         arrays[f'guide_basis_{i}'] = np.asarray(leaf)
       arrays.update(zip(_GUIDE, (np.asarray(x) for x in guide[1:])))
     save_npz_atomic(self._path(round_index), arrays)
+    self.sha256 = _chain(self.sha256, self._path(round_index))
+
+  def verify(self, upto: int, expected: Optional[str]) -> Optional[str]:
+    """None when meta.json and the records up to round `upto` chain to `expected` (appends then
+    continue the chain), else why the ledger cannot be continued."""
+    digest = ''
+    paths = [self.directory / 'meta.json', *(self._path(r) for r in self.rounds() if r <= upto)]
+    for path in paths:
+      try:
+        digest = _chain(digest, path)
+      except OSError as e:
+        return f'ledger {path} is unreadable ({e.strerror or e})'
+    if digest != expected:
+      return (f'the ledger in {self.directory} up to round {upto} is not the one the run wrote '
+              '(a record is damaged, missing or replaced)')
+    self.sha256 = digest
+    return None
 
   def rounds(self) -> list:
     return sorted(int(p.stem) for p in self.directory.glob('[0-9]' * 8 + '.npz'))

@@ -21,6 +21,9 @@ from cooperllm_jax.models.spec import build_params, init_params
 
 Model = Union[Encoder, Decoder]
 EMBEDDED = {'minilm': assets.MINILM, 'smollm2': assets.SMOLLM2}
+# The files a Hugging Face tokenizer is built from; without any, AutoTokenizer still "succeeds".
+TOKENIZER_FILES = ('tokenizer.json', 'vocab.txt', 'vocab.json', 'tokenizer.model', 'spiece.model',
+                   'sentencepiece.bpe.model')
 
 
 @dataclasses.dataclass
@@ -35,6 +38,16 @@ class Pretrained:
   def is_decoder(self) -> bool:
     return isinstance(self.model, Decoder)
 
+  def check_max_length(self, max_length: int) -> None:
+    """Positions past the model's table are clamped by XLA's gather (an encoder) or were never
+    trained (a decoder's context length): a longer max_length would run on garbage."""
+    cfg = self.model.cfg
+    usable = cfg.max_positions
+    if not self.is_decoder and cfg.family == 'roberta':  # its positions start at pad + 1
+      usable -= cfg.pad_token_id + 1
+    if max_length > usable:
+      raise ConfigError(f'max_length={max_length} exceeds the {usable} positions of {self.source}')
+
 
 def resolve(name_or_path: str) -> pathlib.Path:
   if name_or_path in EMBEDDED:
@@ -44,6 +57,27 @@ def resolve(name_or_path: str) -> pathlib.Path:
     raise LoaderError(f'model {name_or_path!r} is neither an embedded name '
                       f'({", ".join(EMBEDDED)}) nor an existing path')
   return path
+
+
+def check_tokenizer(tok, vocab_size: int, source: str) -> None:
+  """A tokenizer that does not belong to the model: ids past the embedding would be clamped
+  silently by the lookup, and a far smaller vocabulary (e.g. the special tokens only, which
+  transformers builds for a directory without tokenizer files) maps every word to [UNK]."""
+  size = max(tok.get_vocab(with_added_tokens=True).values()) + 1
+  if size > vocab_size or size < vocab_size // 2:
+    raise LoaderError(f'{source}: the tokenizer has {size} token ids, but the model\'s embedding '
+                      f'has {vocab_size} rows: tokenizer and model do not match')
+
+
+def _hf_config(path: pathlib.Path, build, hf_cfg: dict, **kw):
+  """build(hf_cfg, **kw) (hf.encoder_config or decoder_config), with a missing or inconsistent
+  field of config.json as a LoaderError."""
+  try:
+    return build(hf_cfg, **kw)
+  except KeyError as e:
+    raise LoaderError(f'{path / "config.json"}: no field {e.args[0]!r}') from None
+  except (TypeError, ValueError) as e:
+    raise LoaderError(f'{path / "config.json"}: {e}') from None
 
 
 def label_token_ids(tokenizer, words: Sequence[str]) -> tuple[int, ...]:
@@ -72,6 +106,7 @@ def load_pretrained(name_or_path: str, *, num_labels: int = 2,
     tok = gguf_lib.tokenizer(f)
     if label_words:
       cfg = dataclasses.replace(cfg, label_token_ids=label_token_ids(tok, tuple(label_words)))
+    check_tokenizer(tok, cfg.vocab_size, str(path))
     model = Decoder(cfg)
     params = build_params(model.specs(), gguf_lib.make_fetch(f, cfg), str(path), pdtype)
     return Pretrained(model, params, tok, cfg.pad_token_id, str(path))
@@ -82,15 +117,17 @@ def load_pretrained(name_or_path: str, *, num_labels: int = 2,
   tok, pad_id = hf_tokenizer(path)
   if kind in hf.DECODER_TYPES:
     words = tuple(label_words or ())
-    cfg = hf.decoder_config(hf_cfg, dtype=dtype, param_dtype=param_dtype,
-                            label_token_ids=label_token_ids(tok, words) if words else ())
+    cfg = _hf_config(path, hf.decoder_config, hf_cfg, dtype=dtype, param_dtype=param_dtype,
+                     label_token_ids=label_token_ids(tok, words) if words else ())
+    check_tokenizer(tok, cfg.vocab_size, str(path))
     model = Decoder(cfg)
     store, table = hf.decoder_checkpoint(path)
     params = build_params(model.specs(), hf.make_fetch(table, store.get, cfg.num_layers, str(path)),
                           str(path), pdtype)
     return Pretrained(model, params, tok, pad_id, str(path))
-  cfg = hf.encoder_config(hf_cfg, num_labels=num_labels, pooling=pooling, dtype=dtype,
-                          param_dtype=param_dtype)
+  cfg = _hf_config(path, hf.encoder_config, hf_cfg, num_labels=num_labels, pooling=pooling,
+                   dtype=dtype, param_dtype=param_dtype)
+  check_tokenizer(tok, cfg.vocab_size, str(path))
   model = Encoder(cfg)
   specs = model.specs()
   store, table = hf.encoder_checkpoint(path, cfg.family)
@@ -111,6 +148,9 @@ def hf_tokenizer(path: pathlib.Path):
   import os  # pylint: disable=g-import-not-at-top
   os.environ.setdefault('HF_HUB_OFFLINE', '1')
   from transformers import AutoTokenizer  # pylint: disable=g-import-not-at-top
+  if not any((path / name).is_file() for name in TOKENIZER_FILES):
+    raise LoaderError(f'{path}: no tokenizer files (none of {", ".join(TOKENIZER_FILES)}); '
+                      'copy the model\'s tokenizer next to its weights')
   try:
     tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
   except (OSError, ValueError) as e:

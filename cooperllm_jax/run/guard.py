@@ -20,16 +20,21 @@ def copy_state(state):
 @dataclasses.dataclass
 class DivergenceGuard:
   """Rolls back when a round's train loss spikes: loss > spike x the median of the last `window`
-  accepted losses (checked once `window` are in), or a non-finite loss.
+  accepted losses (checked once `window` are in), a blow-up (loss > BLOWUP x the test loss of the
+  model the run started from, at least 1: checked from the first round, when there is no median
+  yet), or a non-finite loss. After `max_rollbacks` it gives up with a TrainingError.
 
   Round r's loss is measured by the clients at the model that entered round r, so a spike means
   that model is bad: the guard returns the model that entered the last accepted round (the newest
   one a loss vouched for) with the learning rate halved, and round r's update is dropped. Costs two
   copies of the (non-frozen) state: `good` and the round's entering state.
   """
+  BLOWUP = 10.0
+
   spike: float
   window: int = 5
   max_rollbacks: int = 5
+  reference: Optional[float] = None   # the starting model's test loss (the run sets it)
   good: Optional[dict] = None
   losses: list = dataclasses.field(default_factory=list)
   rollbacks: int = 0
@@ -41,6 +46,8 @@ class DivergenceGuard:
 
   def is_spike(self, loss: float) -> bool:
     if not np.isfinite(loss):
+      return True
+    if self.reference is not None and loss > self.BLOWUP * max(self.reference, 1.0):
       return True
     recent = self.losses[-self.window:]
     return len(recent) == self.window and loss > self.spike * float(np.median(recent))

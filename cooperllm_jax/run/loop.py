@@ -14,7 +14,6 @@ the model from it), the channel's faults and DP, and the divergence guard: see t
 
 import json
 import pathlib
-import shutil
 import time
 from typing import Callable, Optional
 
@@ -30,36 +29,15 @@ from cooperllm_jax.federated import registry
 from cooperllm_jax.federated.accounting import DownlinkTracker
 from cooperllm_jax.federated.privacy import GaussianPrivacy
 from cooperllm_jax.models import count_params
-from cooperllm_jax.reporting import MetricWriter, NullWriter, truncate_metrics
+from cooperllm_jax.reporting import MetricWriter, NullWriter, to_json, truncate_metrics
 from cooperllm_jax.run import hooks as hooks_lib
+from cooperllm_jax.run import workdir as workdir_lib
 from cooperllm_jax.run.guard import DivergenceGuard
 from cooperllm_jax.run.state import RunState
 from cooperllm_jax.run.task import Task, load_task
 from cooperllm_jax.system.clock import SimulatedClock
 
 import cooperllm_jax.federated.algorithms  # pylint: disable=unused-import  # registers them
-
-
-def check_workdir(workdir, overwrite: bool) -> pathlib.Path:
-  """An existing non-empty workdir is an error unless `overwrite`; nothing is touched here."""
-  path = pathlib.Path(workdir)
-  if path.exists() and not path.is_dir():
-    raise ConfigError(f'workdir {path} exists and is not a directory')
-  if path.exists() and any(path.iterdir()):
-    if not overwrite:
-      raise ConfigError(f'workdir {path} is not empty; pass --overwrite to replace it')
-    if not (path / 'config.json').exists():
-      raise ConfigError(f'workdir {path} holds no config.json, so it is not a run of ours; '
-                        'refusing to delete it even with --overwrite')
-  return path
-
-
-def prepare_workdir(path: pathlib.Path) -> pathlib.Path:
-  """Clears (after check_workdir allowed it) and creates the workdir."""
-  if path.exists():
-    shutil.rmtree(path)
-  path.mkdir(parents=True)
-  return path
 
 
 def check_resumable(workdir, config) -> pathlib.Path:
@@ -107,7 +85,7 @@ def train_and_evaluate(config, workdir, overwrite: bool = False, log=print,
   workdir = open_workdir(config, workdir, overwrite, resume, primary)
   task, algorithm = prepare(cfg)
   if primary and not resume:
-    prepare_workdir(workdir)
+    workdir_lib.prepare(workdir)
     (workdir / 'config.json').write_text(config.to_json(indent=2))
     task.partition.save(workdir / 'partition.npz')
   run = start_state(cfg, task, algorithm)
@@ -123,8 +101,10 @@ def train_and_evaluate(config, workdir, overwrite: bool = False, log=print,
       lambda params: evaluate(task.model, params, task.arrays, task.labels, task.partition.test,
                               cfg.eval_batch_size), algorithm.model_params, cfg.eval_every,
       cfg.rounds)
-  before = (resumed(run, store, workdir, primary, log, len(task.partition.test)) if resume
+  before = (resumed(run, store, workdir, primary, log) if resume
             else first_evaluation(run, evaluation, store, algorithm, cfg, primary, log))
+  if run.guard is not None:
+    run.guard.reference = before['loss']   # a blow-up is judged against the starting model
   title = f'{cfg.algorithm} on {task.dataset.name} with {cfg.model.name}'
   with (MetricWriter(workdir, title=title, tensorboard=cfg.tensorboard) if primary
         else NullWriter()) as writer:
@@ -153,7 +133,7 @@ def train_and_evaluate(config, workdir, overwrite: bool = False, log=print,
                         'cloud': cfg.system.cloud, 'pipelined': bool(cfg.system.pipelined)},
              'backend': jax.default_backend()}
   if primary:
-    (workdir / 'summary.json').write_text(json.dumps(summary, indent=2))
+    (workdir / 'summary.json').write_text(to_json(summary, indent=2))
   return summary
 
 
@@ -164,7 +144,7 @@ def open_workdir(config, workdir, overwrite: bool, resume: bool, primary: bool) 
                       'pass one of them')
   if resume:
     return check_resumable(workdir, config)
-  return check_workdir(workdir, overwrite) if primary else pathlib.Path(workdir)
+  return workdir_lib.check(workdir, overwrite) if primary else pathlib.Path(workdir)
 
 
 def describe(cfg, task: Task, algorithm, run: RunState) -> str:
@@ -194,23 +174,23 @@ def warn_memory(client_memory: int, clock: SimulatedClock, log) -> None:
 
 
 def first_evaluation(run, evaluation, store, algorithm, cfg, primary, log) -> dict:
-  """Round 0: the pretrained model's test accuracy, and the ledger's start."""
-  before = evaluation(run)
-  log(f'round 0: test accuracy {before["accuracy"]:.4f} loss {before["loss"]:.4f}')
+  """Round 0: the pretrained model's test accuracy (kept with every checkpoint), and the ledger's
+  start."""
+  run.before = evaluation(run)
+  log(f'round 0: test accuracy {run.before["accuracy"]:.4f} loss {run.before["loss"]:.4f}')
   if store.ledger is not None and primary:
     store.ledger.start({'algorithm': cfg.algorithm, 'seed': cfg.seed,
                         'replayable': algorithm.replayable,
                         'base_trainable_sha256': checkpoint_lib.tree_sha256(
                             algorithm.trainable(run.state))})
-  return before
+  return run.before
 
 
-def resumed(run, store, workdir, primary, log, test_examples) -> dict:
-  """Restores the RunState and cuts metrics.jsonl back to it (before the writer reopens it);
-  round 0's accuracy from the metrics the run wrote."""
+def resumed(run, store, workdir, primary, log) -> dict:
+  """Restores the RunState (the starting model's accuracy with it) and cuts metrics.jsonl back to
+  its round, before the writer reopens the file."""
   run.restore(store)
-  rows = truncate_metrics(workdir / 'metrics.jsonl', run.round) if primary else []
-  first = rows[0] if rows else {'test_accuracy': float('nan'), 'test_loss': float('nan')}
+  if primary and len(truncate_metrics(workdir / 'metrics.jsonl', run.round)) < run.round + 1:
+    log(f'warning: {workdir / "metrics.jsonl"} lacks rows of rounds 0..{run.round}')
   log(f'resuming after round {run.round} (checkpoint in {workdir / "checkpoints"})')
-  return {'accuracy': first['test_accuracy'], 'loss': first['test_loss'],
-          'examples': test_examples}
+  return run.before

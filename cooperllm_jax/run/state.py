@@ -20,6 +20,7 @@ class RunState:
   guard: Optional[DivergenceGuard] = None
   round: int = 0                # the last finished round
   seconds_before: float = 0.0   # training seconds of the runs this one resumes
+  before: Optional[dict] = None  # the starting model's test accuracy, loss and examples
 
   def save(self, store: RunStore, seconds: float) -> None:
     """A checkpoint of this state at self.round; seconds: training time of this process so far."""
@@ -27,7 +28,8 @@ class RunState:
     store.save(self.round, self.state, guard.good if guard is not None else None, {
         'downlink': self.downlink.to_json(), 'releases': self.releases.tolist(),
         'guard': guard.to_json() if guard is not None else None,
-        'train_seconds': self.seconds_before + seconds, 'sim_time_s': self.clock.elapsed})
+        'train_seconds': self.seconds_before + seconds, 'sim_time_s': self.clock.elapsed,
+        'before': self.before})
 
   def restore(self, store: RunStore) -> None:
     """This state from the store's newest good checkpoint (which deletes anything newer)."""
@@ -39,3 +41,4 @@ class RunState:
     self.releases = np.asarray(meta['releases'], np.int64)
     self.seconds_before = meta['train_seconds']
     self.clock.elapsed = meta.get('sim_time_s', 0.0)
+    self.before = meta['before']   # RunStore.check refuses checkpoints without it

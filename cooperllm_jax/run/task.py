@@ -11,7 +11,6 @@ import numpy as np
 from cooperllm_jax import config as config_lib
 from cooperllm_jax import data as data_lib
 from cooperllm_jax import mesh as mesh_lib
-from cooperllm_jax.errors import DataError
 from cooperllm_jax.federated import client_data
 from cooperllm_jax.models import load_pretrained
 
@@ -60,16 +59,10 @@ def load_task(cfg: config_lib.RunConfig, needs_public: bool = False) -> Task:
                         label_words=list(m.label_words or dataset.label_names),
                         dtype=m.dtype, param_dtype=m.param_dtype, pooling=m.pooling,
                         seed=cfg.seed)
+  pre.check_max_length(d.max_length)
   suffix = m.prompt_suffix if pre.is_decoder else None
   arrays = data_lib.tokenize_texts(pre.tokenizer, dataset.texts, max_length=d.max_length,
                                    pad_id=pre.pad_id, suffix=suffix)
-  # An embedding lookup past the table is silently clamped by XLA: a tokenizer that does not
-  # belong to the model would train on garbage instead of failing.
-  vocab = pre.model.cfg.vocab_size
-  if arrays['input_ids'].size and int(arrays['input_ids'].max()) >= vocab:
-    raise DataError(f'the tokenizer of {m.name} produces token id '
-                    f'{int(arrays["input_ids"].max())}, but the model\'s embedding has '
-                    f'{vocab} rows: tokenizer and model do not match')
   partition = data_lib.make_partition(
       dataset.labels, num_clients=d.num_clients, scheme=d.partition, alpha=d.dirichlet_alpha,
       test_fraction=d.test_fraction, public_fraction=d.public_fraction,
