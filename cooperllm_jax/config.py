@@ -58,8 +58,8 @@ class Model:
 
   def __post_init__(self):
     for name in ('dtype', 'param_dtype'):
-      _check(getattr(self, name) in DTYPES,
-             f'{name} must be one of {", ".join(DTYPES)}, got {getattr(self, name)!r}')
+      _check(getattr(self, name) in DTYPES, f'{name} {getattr(self, name)!r} is not supported; '
+             f'choose one of {", ".join(DTYPES)}')
 
   @property
   def jnp_param_dtype(self):
@@ -365,9 +365,9 @@ class RunConfig:
     _positive('', self, 'rounds', 'clients_per_round', 'local_steps', 'batch_size',
               'client_chunk', 'eval_every', 'eval_batch_size')
     _check(isinstance(self.seed, int) and 0 <= self.seed < 2**31,
-           f'seed must be an integer in [0, 2^31), got {self.seed!r}')
+           f'seed must be >= 0 (an integer below 2^31), got {self.seed!r}')
     _check(_finite(self.learning_rate) and self.learning_rate > 0,
-           f'learning_rate must be > 0 (and finite), got {self.learning_rate}')
+           f'learning_rate must be finite and > 0, got {self.learning_rate}')
     _check(_finite(self.weight_decay) and self.weight_decay >= 0,
            f'weight_decay must be >= 0, got {self.weight_decay}')
     _check(self.client_backend in CLIENT_BACKENDS,

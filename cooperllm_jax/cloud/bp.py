@@ -55,7 +55,7 @@ class CloudConfig:
     if self.mode not in MODES:
       raise ConfigError(f'unknown cloud mode {self.mode!r}; choose one of {", ".join(MODES)}')
     if not (math.isfinite(self.learning_rate) and self.learning_rate > 0):
-      raise ConfigError(f'cloud learning_rate must be > 0 (and finite), got '
+      raise ConfigError(f'cloud.learning_rate must be finite and > 0, got '
                         f'{self.learning_rate}')
     if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
       raise ConfigError(f'cloud weight_decay must be >= 0, got {self.weight_decay}')
