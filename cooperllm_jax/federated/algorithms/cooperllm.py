@@ -49,6 +49,7 @@ from cooperllm_jax.cloud import pool as pool_lib
 from cooperllm_jax.errors import ConfigError
 from cooperllm_jax.federated import client_data
 from cooperllm_jax.federated.algorithms.fedmezo import FedMeZO
+from cooperllm_jax.federated.algorithms.scalar import OnScalarProtocol
 from cooperllm_jax.federated.api import SCALAR_BYTES, Costs, GuidanceCosts, RoundResult
 from cooperllm_jax.federated.clients import SHARED
 from cooperllm_jax.federated.registry import register
@@ -282,24 +283,16 @@ class CloudGuidance:
 
 @register('cooperllm')
 @dataclasses.dataclass
-class CooperLLM:
+class CooperLLM(OnScalarProtocol):
   """FedMeZO's scalar protocol whose probes the cloud's guidance steers (ZGR)."""
-  zo: FedMeZO
-  guidance: CloudGuidance
+  guidance: Optional[CloudGuidance] = None
 
-  name: ClassVar[str] = ''
   replayable: ClassVar[bool] = True
-  needs_public: ClassVar[bool] = True
-  sync_bytes: ClassVar[Optional[int]] = None
 
   @classmethod
   def from_config(cls, cfg: config_lib.RunConfig, model, public=None):
     zo = FedMeZO(**FedMeZO.options(cfg, model))
     return cls(zo, CloudGuidance(zo, cfg.zgr, cfg.cloud, public))
-
-  @property
-  def mesh(self):
-    return self.zo.mesh
 
   @property
   def costs(self) -> Costs:
@@ -319,18 +312,3 @@ class CooperLLM:
     self.guidance.after_round(state, result)
     result.cloud_ran = self.guidance.refreshes(round_index)
     return self.zo.on_mesh(state), result
-
-  def edge_update(self, trainable, uplinks, client_weights, lr, guide=None):
-    return self.zo.edge_update(trainable, uplinks, client_weights, lr, guide)
-
-  def trainable(self, state):
-    return self.zo.trainable(state)
-
-  def model_params(self, state):
-    return self.zo.model_params(state)
-
-  def dense_bytes(self, state) -> int:
-    return self.zo.dense_bytes(state)
-
-  def client_memory(self, state, batch_shapes) -> dict:
-    return self.zo.client_memory(state, batch_shapes)

@@ -180,3 +180,37 @@ class ScalarProtocol:
       extra = extra + (state['guidance'],)
     return compiled_memory(self.client_update, state['trainable'], state['frozen'], batch_shapes,
                            self.seed, 1, 0, self.lr, *extra, donate_argnums=0)
+
+
+@dataclasses.dataclass
+class OnScalarProtocol:
+  """Base of algorithms that run a scalar protocol `zo` and add a tier around its rounds
+  (cooperllm's cloud guidance, warm_start's cloud-only rounds): the weights, their bytes, the
+  client's memory, the mesh and the edge's replay are zo's."""
+  zo: ScalarProtocol
+
+  name: ClassVar[str] = ''
+  needs_public: ClassVar[bool] = True
+  sync_bytes: ClassVar[Optional[int]] = None
+
+  @property
+  def mesh(self):
+    return self.zo.mesh
+
+  def attach_clock(self, clock) -> None:
+    del clock
+
+  def edge_update(self, trainable, uplinks, client_weights, lr, guide=None):
+    return self.zo.edge_update(trainable, uplinks, client_weights, lr, guide)
+
+  def trainable(self, state):
+    return self.zo.trainable(state)
+
+  def model_params(self, state):
+    return self.zo.model_params(state)
+
+  def dense_bytes(self, state) -> int:
+    return self.zo.dense_bytes(state)
+
+  def client_memory(self, state, batch_shapes) -> dict:
+    return self.zo.client_memory(state, batch_shapes)

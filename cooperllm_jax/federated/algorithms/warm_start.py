@@ -10,23 +10,19 @@ from cooperllm_jax import config as config_lib
 from cooperllm_jax.errors import ConfigError
 from cooperllm_jax.federated import registry
 from cooperllm_jax.federated.algorithms.cloud_only import PublicTrainer, cloud_round_result
-from cooperllm_jax.federated.algorithms.scalar import ScalarProtocol
+from cooperllm_jax.federated.algorithms.scalar import OnScalarProtocol, ScalarProtocol
 from cooperllm_jax.federated.api import Costs
 from cooperllm_jax.zoo.quantized import dequantize_tree
 
 
 @registry.register('warm_start')
 @dataclasses.dataclass
-class WarmStart:
-  trainer: PublicTrainer
-  zo: ScalarProtocol
-  warm_rounds: int
+class WarmStart(OnScalarProtocol):
+  trainer: Optional[PublicTrainer] = None
+  warm_rounds: int = 0
   local_steps: int = 1
 
-  name: ClassVar[str] = ''
   replayable: ClassVar[bool] = False   # the warm rounds' dense updates are not in the ledger
-  needs_public: ClassVar[bool] = True
-  sync_bytes: ClassVar[Optional[int]] = None
 
   @classmethod
   def from_config(cls, cfg: config_lib.RunConfig, model, public=None):
@@ -36,18 +32,11 @@ class WarmStart:
                         '(fedmezo, fedkseed, decomfl, fwdllm)')
     trainer = PublicTrainer(model, cfg.zo.subset, cfg.cloud, public, cfg.seed,
                             cfg.cloud.learning_rate, cfg.cloud.weight_decay)
-    return cls(trainer, then.from_config(cfg, model, public), cfg.warm.rounds, cfg.local_steps)
-
-  @property
-  def mesh(self):
-    return self.zo.mesh
+    return cls(then.from_config(cfg, model, public), trainer, cfg.warm.rounds, cfg.local_steps)
 
   @property
   def costs(self) -> Costs:
     return dataclasses.replace(self.zo.costs, guidance=self.trainer.costs)
-
-  def attach_clock(self, clock) -> None:
-    del clock
 
   def init(self, params):
     state = self.zo.init(params)
@@ -61,15 +50,3 @@ class WarmStart:
                                         dequantize_tree(state['frozen']), round_index)
     return (self.zo.on_mesh(dict(state, cloud=cloud, trainable=trainable)),
             cloud_round_result(len(clients), self.local_steps))
-
-  def trainable(self, state):
-    return self.zo.trainable(state)
-
-  def model_params(self, state):
-    return self.zo.model_params(state)
-
-  def dense_bytes(self, state) -> int:
-    return self.zo.dense_bytes(state)
-
-  def client_memory(self, state, batch_shapes) -> dict:
-    return self.zo.client_memory(state, batch_shapes)
