@@ -86,7 +86,9 @@ def config(name, **over):
                lag=0, devices=0)
   cloud.update(over.pop('cloud', {}))
   lr = {'fedavg_bp': 3e-3}.get(name, 0.1)  # cooperllm's step along V has its own rate (zgr lr_v)
-  c = dict(algorithm=name, learning_rate=lr, weight_decay=0.0,
+  # clients_per_round: what a mesh of up to 8 'clients' devices must divide (test_mesh.py); the
+  # rounds here pass their own client ids.
+  c = dict(algorithm=name, learning_rate=lr, weight_decay=0.0, clients_per_round=8,
            client_chunk=1, client_backend='map', seed=0, zo=zo, zgr=zgr, cloud=cloud)
   c.update(over)
   return ml_collections.ConfigDict(c)
