@@ -15,17 +15,27 @@ get exactly the bits of the whole-leaf draw that the edge uses to replay the upd
 are one draw. Negative address fields name shared pools (e.g. FedKSeed's candidate seeds use
 round = client = step = -1).
 
-Threefry only: its bits do not depend on the backend, so CPU, GPU and TPU agree on every z.
+Keys are threefry only: its bits do not depend on the backend, so CPU, GPU and TPU agree on every z.
+
+Two generators turn a leaf key into z. 'gaussian' and 'rademacher' draw with jax.random (threefry,
+20 rounds per 64 bits), which XLA on CPU runs as a while loop over materialized state: ~1/3 of a ZO
+step's time goes to making z. The '_hash' variants draw element e of the leaf (row-major) from a
+counter-based integer hash of (leaf key, e), elementwise integer ops that XLA fuses into the op
+that uses z; a slice of the leaf is simply its counters' draws. Both are integer-only before the
+float conversion, hence backend-invariant; the Gaussian ones share jax.random.normal's
+uniform -> sqrt(2) erfinv tail. The hash changes every z, so runs' bits depend on the choice.
 """
 
+import math
 from typing import Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from cooperllm_jax.models.spec import path_hash
 
-DISTRIBUTIONS = ('gaussian', 'rademacher')
+DISTRIBUTIONS = ('gaussian', 'rademacher', 'gaussian_hash', 'rademacher_hash')
 ADDRESS_FIELDS = ('round', 'client', 'step', 'probe')
 
 
@@ -55,12 +65,59 @@ def leaf_key(key: jax.Array, path) -> jax.Array:
   return jax.random.fold_in(key, path_hash(path))
 
 
+def _check(distribution: str):
+  if distribution not in DISTRIBUTIONS:
+    raise ValueError(f'unknown distribution {distribution!r}; choose one of {DISTRIBUTIONS}')
+
+
+def hashed(distribution: str) -> bool:
+  """Whether `distribution` draws from the counter hash (z of any element set costs no state)."""
+  _check(distribution)
+  return distribution.endswith('_hash')
+
+
 def _draw(key, shape, distribution: str):
   if distribution == 'gaussian':
     return jax.random.normal(key, shape, jnp.float32)
   if distribution == 'rademacher':
     return jax.random.rademacher(key, shape, jnp.float32)
-  raise ValueError(f'unknown distribution {distribution!r}; choose one of {DISTRIBUTIONS}')
+  _check(distribution)
+  raise ValueError(f'{distribution!r} is drawn by counter, not by key alone')
+
+
+def _mix(x):
+  """A 32-bit bijection with full avalanche (Wellons' lowbias32: bias ~0.17 of a random one)."""
+  x = (x ^ (x >> 16)) * jnp.uint32(0x7FEB352D)
+  x = (x ^ (x >> 15)) * jnp.uint32(0x846CA68B)
+  return x ^ (x >> 16)
+
+
+def counter_bits(key: jax.Array, counters: jax.Array) -> jax.Array:
+  """uint32 bits of element counters (uint32) under a key: three mixes, both key words."""
+  k0, k1 = jax.random.key_data(key)
+  return _mix(_mix(_mix(counters ^ k0) + k1) ^ k0)
+
+
+def _from_bits(bits, distribution: str):
+  """float32 z from uint32 bits, as jax.random.normal / rademacher map their bits."""
+  if distribution == 'rademacher_hash':
+    return jnp.where(bits >> 31 == 0, jnp.float32(1.0), jnp.float32(-1.0))
+  one = jax.lax.bitcast_convert_type((bits >> 9) | jnp.uint32(0x3F800000), jnp.float32) - 1.0
+  lo = np.nextafter(np.float32(-1.0), np.float32(0.0))    # uniform on [lo, 1), as jax's normal
+  u = jnp.maximum(lo, one * (np.float32(1.0) - lo) + lo)
+  return np.float32(np.sqrt(2.0)) * jax.lax.erf_inv(u)
+
+
+def _counter_draw(key, path, index, slice_shape, distribution):
+  """z of slices `index` (None: the whole leaf of slice_shape) of the leaf at `path`, by counter."""
+  size = math.prod(slice_shape)
+  if index is None:
+    counters = jnp.arange(size, dtype=jnp.uint32).reshape(slice_shape)
+  else:
+    index = jnp.asarray(index, jnp.int32).astype(jnp.uint32)
+    counters = (index.reshape(index.shape + (1,) * len(slice_shape)) * jnp.uint32(size)
+                + jnp.arange(size, dtype=jnp.uint32).reshape(slice_shape))
+  return _from_bits(counter_bits(leaf_key(key, path), counters), distribution)
 
 
 def slice_direction(key: jax.Array, path, index, slice_shape: Sequence[int],
@@ -69,6 +126,8 @@ def slice_direction(key: jax.Array, path, index, slice_shape: Sequence[int],
 
   Returns index.shape + slice_shape.
   """
+  if hashed(distribution):
+    return _counter_draw(key, path, index, tuple(slice_shape), distribution)
   lk = leaf_key(key, path)
   index = jnp.asarray(index, jnp.int32)
   one = lambda i: _draw(jax.random.fold_in(lk, i.astype(jnp.uint32)), tuple(slice_shape),
@@ -81,6 +140,10 @@ def leaf_direction(key: jax.Array, path, shape: Sequence[int],
                    distribution: str = 'gaussian') -> jax.Array:
   """z for a whole leaf of `shape`, float32: the one function the clients, edge and cloud share."""
   shape = tuple(shape)
+  if hashed(distribution):
+    if math.prod(shape) > 2 ** 32:
+      raise ValueError(f'leaf {path} of shape {shape} has more elements than 32-bit counters')
+    return _counter_draw(key, path, None, shape, distribution)
   if len(shape) < 2:
     return _draw(leaf_key(key, path), shape, distribution)
   return slice_direction(key, path, jnp.arange(shape[0], dtype=jnp.int32), shape[1:], distribution)
