@@ -63,7 +63,7 @@ def test_neighbouring_counters_rows_addresses_and_leaves_are_uncorrelated(z):
 
 
 def test_counter_bits_are_uniform():
-  bits = np.asarray(keys_lib.counter_bits(KEY, jnp.arange(N, dtype=jnp.uint32)))
+  bits = np.asarray(keys_lib.counter_bits(KEY, 'stats/bits', jnp.arange(N, dtype=jnp.uint32)))
   ones = np.unpackbits(bits.view(np.uint8)).reshape(N, 32).mean(0)
   assert np.all(np.abs(ones - 0.5) < 4 * 0.5 / math.sqrt(N))            # every bit fair
   counts = np.bincount(bits >> 24, minlength=256)                       # top byte: chi^2, 255 dof

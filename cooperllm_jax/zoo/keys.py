@@ -15,15 +15,16 @@ get exactly the bits of the whole-leaf draw that the edge uses to replay the upd
 are one draw. Negative address fields name shared pools (e.g. FedKSeed's candidate seeds use
 round = client = step = -1).
 
-Keys are threefry only: its bits do not depend on the backend, so CPU, GPU and TPU agree on every z.
+Probe keys are threefry: its bits do not depend on the backend, so CPU, GPU and TPU agree.
 
-Two generators turn a leaf key into z. 'gaussian' and 'rademacher' draw with jax.random (threefry,
-20 rounds per 64 bits), which XLA on CPU runs as a while loop over materialized state: ~1/3 of a ZO
-step's time goes to making z. The '_hash' variants draw element e of the leaf (row-major) from a
-counter-based integer hash of (leaf key, e), elementwise integer ops that XLA fuses into the op
-that uses z; a slice of the leaf is simply its counters' draws. Both are integer-only before the
-float conversion, hence backend-invariant; the Gaussian ones share jax.random.normal's
-uniform -> sqrt(2) erfinv tail. The hash changes every z, so runs' bits depend on the choice.
+Two generators turn a probe key into z. 'gaussian' and 'rademacher' draw as above with jax.random
+(threefry, 20 rounds per 64 bits), which XLA on CPU runs as while loops over materialized state
+(~1/3 of a full ZO step). The '_hash' variants draw element e of a leaf (row-major) from a
+counter-based integer hash of (probe key, path hash, e) (counter_bits): elementwise integer ops
+that XLA fuses into the op that uses z; a slice of the leaf is its counters' draws. Both are
+integer-only before the float conversion, hence backend-invariant; the Gaussians share
+jax.random.normal's uniform -> sqrt(2) erf_inv tail. The two give different z: a run's bits depend
+on the choice.
 """
 
 import math
@@ -58,11 +59,14 @@ def address_keys(seed, addresses: jax.Array) -> jax.Array:
   return keys.reshape(addresses.shape[:-1])
 
 
+def _path_hash(path) -> int:
+  """path: a tree path, a tuple of names, or 'a/b/c'."""
+  return path_hash(tuple(path.split('/')) if isinstance(path, str) else path)
+
+
 def leaf_key(key: jax.Array, path) -> jax.Array:
-  """The leaf's stream: path is a tree path, a tuple of names, or 'a/b/c'."""
-  if isinstance(path, str):
-    path = tuple(path.split('/'))
-  return jax.random.fold_in(key, path_hash(path))
+  """The leaf's threefry stream."""
+  return jax.random.fold_in(key, _path_hash(path))
 
 
 def _check(distribution: str):
@@ -92,10 +96,19 @@ def _mix(x):
   return x ^ (x >> 16)
 
 
-def counter_bits(key: jax.Array, counters: jax.Array) -> jax.Array:
-  """uint32 bits of element counters (uint32) under a key: three mixes, both key words."""
-  k0, k1 = jax.random.key_data(key)
+def _hash(words, counters):
+  """Three mixes of uint32 counters keyed by two uint32 words."""
+  k0, k1 = words
   return _mix(_mix(_mix(counters ^ k0) + k1) ^ k0)
+
+
+def counter_bits(key: jax.Array, path, counters: jax.Array) -> jax.Array:
+  """uint32 bits of a leaf's element counters (uint32). The leaf's words are the probe key's
+  hash at counters 2h, 2h + 1 (h: the 31-bit path hash), not a threefry fold_in: inside the layer
+  scan a fold_in is a scalar while loop per leaf and layer that XLA does not hoist."""
+  h = _path_hash(path)
+  words = _hash(jax.random.key_data(key), jnp.array([2 * h, 2 * h + 1], jnp.uint32))
+  return _hash((words[0], words[1]), counters)
 
 
 def _from_bits(bits, distribution: str):
@@ -117,7 +130,7 @@ def _counter_draw(key, path, index, slice_shape, distribution):
     index = jnp.asarray(index, jnp.int32).astype(jnp.uint32)
     counters = (index.reshape(index.shape + (1,) * len(slice_shape)) * jnp.uint32(size)
                 + jnp.arange(size, dtype=jnp.uint32).reshape(slice_shape))
-  return _from_bits(counter_bits(leaf_key(key, path), counters), distribution)
+  return _from_bits(counter_bits(key, path, counters), distribution)
 
 
 def slice_direction(key: jax.Array, path, index, slice_shape: Sequence[int],
