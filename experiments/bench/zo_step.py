@@ -119,9 +119,11 @@ def bench_model(name):
               trainable, keys, coefs, donate_argnums=0))}
 
   common.log(f'{name}: timing {", ".join(calls)} ({_REPEATS.value} rounds)')
+  load_before = common.environment()['loadavg']
   times = common.timed(calls, _REPEATS.value)
   out = {'params': sum(x.size for x in jax.tree.leaves(params)),
-         'param_bytes': sum(x.nbytes for x in jax.tree.leaves(params))}
+         'param_bytes': sum(x.nbytes for x in jax.tree.leaves(params)),
+         'loadavg_timing': [load_before, common.environment()['loadavg']]}
   for k in ('forward', 'bp_adamw'):
     out[k] = {'time': common.summary(times[k]), 'memory': memory[k]}
   fwd_s, fwd_peak = out['forward']['time']['median_s'], memory['forward']['peak_bytes']
@@ -152,6 +154,7 @@ def main(argv):
   report = {'benchmark': 'zo_step', 'env': common.environment(),
             'config': {'batch': _BATCH.value, 'seq': _SEQ.value, 'probes': _PROBES.value,
                        'repeats': _REPEATS.value, 'scheme': 'central', 'lr': LR,
+                       'distributions': _DISTRIBUTIONS.value,
                        'target_peak_over_forward': TARGET},
             'models': {}}
   for name in _MODELS.value:
