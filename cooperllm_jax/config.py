@@ -93,7 +93,7 @@ class ZO:
   eps: float = 1e-3
   probes: int = 1
   scheme: str = 'central'       # or 'one_sided'
-  distribution: str = 'gaussian'  # or 'rademacher'
+  distribution: str = 'gaussian'  # or 'rademacher'; '_hash' variants: the counter hash (keys.py)
   clip: Optional[float] = None  # |g| bound; None = off
   trainable: str = 'head'       # full | bitfit | head | lora
   lora_rank: int = 8

@@ -52,7 +52,7 @@ def _tree_z(key, tree, distribution, guide, step=False):
       lambda p, x: guided.direction(key, p, x.shape, None, distribution, guide, step), tree)
 
 
-@pytest.mark.parametrize('distribution', ['gaussian', 'rademacher'])
+@pytest.mark.parametrize('distribution', zoo.keys.DISTRIBUTIONS)
 def test_alpha_one_and_empty_basis_are_the_plain_direction_bitwise(quadratic, distribution):
   trainable = quadratic[0]
   key = zoo.address_key(3, (1, 2, 0, 1))
@@ -67,17 +67,18 @@ def test_alpha_one_and_empty_basis_are_the_plain_direction_bitwise(quadratic, di
   assert not np.array_equal(flat(z), flat(plain))
 
 
-def test_slices_of_guided_direction_equal_the_whole_leaf_bitwise():
+@pytest.mark.parametrize('distribution', ['gaussian', 'gaussian_hash'])
+def test_slices_of_guided_direction_equal_the_whole_leaf_bitwise(distribution):
   shapes = {'layers': {'w': jnp.zeros((5, 3, 4))}, 'embed': {'token': jnp.zeros((7, 6))}}
   guide = _guide(shapes, 3, 0.4, beta=1.5, seed=2)
   key = zoo.address_key(0, (4, 1, 2, 0))
-  whole = guided.direction(key, ('layers', 'w'), (5, 3, 4), None, 'gaussian', guide)
+  whole = guided.direction(key, ('layers', 'w'), (5, 3, 4), None, distribution, guide)
   for layer in range(5):
-    part = guided.direction(key, ('layers', 'w'), (3, 4), jnp.int32(layer), 'gaussian', guide)
+    part = guided.direction(key, ('layers', 'w'), (3, 4), jnp.int32(layer), distribution, guide)
     np.testing.assert_array_equal(np.asarray(part), np.asarray(whole[layer]))
   ids = jnp.array([[6, 0], [3, 3]], jnp.int32)
-  rows = guided.direction(key, ('embed', 'token'), (6,), ids, 'gaussian', guide)
-  table = guided.direction(key, ('embed', 'token'), (7, 6), None, 'gaussian', guide)
+  rows = guided.direction(key, ('embed', 'token'), (6,), ids, distribution, guide)
+  table = guided.direction(key, ('embed', 'token'), (7, 6), None, distribution, guide)
   np.testing.assert_array_equal(np.asarray(rows), np.asarray(table)[np.asarray(ids)])
 
 
@@ -173,8 +174,9 @@ CFG = EncoderConfig(vocab_size=97, hidden_size=16, num_layers=2, num_heads=2, in
                     max_positions=16, num_labels=3, type_vocab_size=0, pooling='mean')
 
 
-@pytest.mark.parametrize('mode', ['full', 'head'])
-def test_guided_client_update_is_replayed_bitwise(mode):
+@pytest.mark.parametrize('mode,distribution', [('full', 'gaussian'), ('head', 'gaussian'),
+                                               ('full', 'gaussian_hash')])
+def test_guided_client_update_is_replayed_bitwise(mode, distribution):
   model = Encoder(CFG)
   rng = np.random.default_rng(0)
   params = jax.tree.map(lambda s: jnp.asarray(0.05 * rng.standard_normal(s.shape), jnp.float32),
@@ -182,7 +184,7 @@ def test_guided_client_update_is_replayed_bitwise(mode):
   subset = zoo.Subset(mode)
   trainable, frozen = subset.split(params)
   guide = _guide(trainable, 2, 0.5, seed=1)
-  est = zoo.Estimator(eps=1e-2, probes=2)
+  est = zoo.Estimator(eps=1e-2, probes=2, distribution=distribution)
   client = jax.jit(fzo.make_client_update(make_loss(model), est, subset))
   ids = rng.integers(1, CFG.vocab_size, (3, 4, 8)).astype(np.int32)
   batches = {'input_ids': ids, 'attention_mask': np.ones_like(ids),
@@ -190,12 +192,12 @@ def test_guided_client_update_is_replayed_bitwise(mode):
   local, up, _ = client(trainable, frozen, batches, 7, 2, 5, 1e-2, guide)
   coefs = zoo.coefficients(1e-2, up.scalars, up.weights).reshape(-1)
   replay = jax.jit(zoo.replay, static_argnames='distribution')
-  replayed = replay(trainable, 7, up.addresses.reshape(-1, 4), coefs, guide=guide)
+  replayed = replay(trainable, 7, up.addresses.reshape(-1, 4), coefs, distribution, guide)
   for x, y in zip(jax.tree.leaves(replayed), jax.tree.leaves(local)):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
   # Replaying without the guidance (or with another basis) does not reproduce the client.
   for other in (None, _guide(trainable, 2, 0.5, seed=9)):
-    r = replay(trainable, 7, up.addresses.reshape(-1, 4), coefs, guide=other)
+    r = replay(trainable, 7, up.addresses.reshape(-1, 4), coefs, distribution, other)
     assert any(not np.array_equal(x, y) for x, y in zip(jax.tree.leaves(r),
                                                         jax.tree.leaves(local)))
 

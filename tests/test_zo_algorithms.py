@@ -198,8 +198,10 @@ def test_fedmezo_global_model_is_the_count_weighted_average_of_local_results():
     assert min(max_rel_diff(t, avg) for t in local) > 1e-3
 
 
-def test_decomfl_shares_directions_and_its_edge_equals_replaying_every_client():
-  h = history('decomfl')
+@pytest.mark.parametrize('distribution', ['gaussian', 'gaussian_hash'])
+def test_decomfl_shares_directions_and_its_edge_equals_replaying_every_client(distribution):
+  h = (history('decomfl') if distribution == 'gaussian'      # the run the other tests share
+       else history('decomfl', rounds=2, zo=(('distribution', distribution),)))
   alg = h['alg']
   for r, result in enumerate(h['results'], 1):
     a = result.uplink.addresses
@@ -216,7 +218,7 @@ def test_decomfl_shares_directions_and_its_edge_equals_replaying_every_client():
     coefs = zoo.coefficients(alg.lr, up.scalars, up.weights) * weights()[:, None, None]
     every = replay(h['states'][r - 1]['trainable'], alg.seed,
                    jnp.asarray(up.addresses).reshape(-1, 4), coefs.reshape(-1),
-                   distribution='gaussian')
+                   distribution=distribution)
     jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-7),
                  h['states'][r]['trainable'], every)
     moved = max_rel_diff(h['states'][r]['trainable'], h['states'][r - 1]['trainable'])

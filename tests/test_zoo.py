@@ -78,7 +78,7 @@ def max_ulp(a, b):
 KEY = zoo.address_key(11, (1, 2, 3, 0))
 
 
-@pytest.mark.parametrize('distribution', DISTS)
+@pytest.mark.parametrize('distribution', zoo.keys.DISTRIBUTIONS)
 def test_slice_direction_is_the_slice_of_the_whole_leaf_bitwise(distribution):
   # A stacked [layers, in, out] leaf: layer i's slice, by a Python int, an int32 scalar and a traced
   # index inside lax.scan (how the models draw it), is that slice of the whole-leaf draw.
@@ -235,7 +235,7 @@ def _probe_samples(est, trainable, batch, n, start=0):
   return jax.jit(jax.vmap(one))(zoo.address_keys(0, addrs))
 
 
-@pytest.mark.parametrize('distribution', DISTS)
+@pytest.mark.parametrize('distribution', zoo.keys.DISTRIBUTIONS)
 @pytest.mark.parametrize('scheme', SCHEMES)
 def test_spsa_is_unbiased_on_a_quadratic(quadratic, scheme, distribution):
   trainable, batch, grad, a, c, theta = quadratic
@@ -433,14 +433,17 @@ STEPS, PROBES, LR, SEED = 3, 2, 0.02, 7
 _replay = jax.jit(zoo.replay, static_argnames='distribution')
 
 
-# Two cases by default (a full decoder: tied embedding rows looked up twice, stacked layers; LoRA on
-# the encoder: adapters merged in the scan, head with biases); the other combinations are `slow`:
-# each compiles a client and a replay, ~10-30 s on a 2-core CPU.
+# Three cases by default (a full decoder: tied embedding rows looked up twice, stacked layers, with
+# threefry and with the counter hash; LoRA on the encoder: adapters merged in the scan, head with
+# biases); the other combinations are `slow`: each compiles a client and a replay, ~10-30 s on a
+# 2-core CPU.
 SLOW = pytest.mark.slow
 
 
 @pytest.mark.parametrize('name,mode,distribution', [
     ('decoder', 'full', 'rademacher'), ('encoder', 'lora', 'gaussian'),
+    ('decoder', 'full', 'gaussian_hash'),
+    pytest.param('encoder', 'lora', 'rademacher_hash', marks=SLOW),
     pytest.param('encoder', 'full', 'gaussian', marks=SLOW),
     pytest.param('encoder', 'full', 'rademacher', marks=SLOW),
     pytest.param('encoder', 'lora', 'rademacher', marks=SLOW),

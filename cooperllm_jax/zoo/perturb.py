@@ -96,9 +96,10 @@ class Perturbation:
     return self._add(table[ids], z)
 
 
-# Elements of z drawn at once by an update. On CPU, threefry runs its rounds in a while loop whose
-# state is ~4-5 uint32 arrays of the draw's size, so a whole-leaf draw would cost ~4x the leaf
-# (measured: 1.3 GiB of temporaries for SmolLM2's update); 64k-element blocks cost ~1 MiB.
+# Elements of threefry's z drawn at once by an update. On CPU, threefry runs its rounds in a while
+# loop whose state is ~4-5 uint32 arrays of the draw's size, so a whole-leaf draw would cost ~4x the
+# leaf (measured: 1.3 GiB of temporaries for SmolLM2's update); 64k-element blocks cost ~1 MiB.
+# The counter hash is elementwise and fuses into the update, so its leaves are drawn whole.
 UPDATE_BLOCK = 1 << 16
 
 
@@ -120,10 +121,11 @@ def master(tree):
 
 
 def _update_leaf(path, x, key, coef, distribution, guide):
-  """x - coef * z_step for one leaf (z_step: z without guidance, zoo/guided.py's with it); rank >= 2
-  leaves in place, UPDATE_BLOCK elements (at least one leading-axis slice) at a time. slice_direction gives each slice the bits of the whole-leaf draw,
-  so blocking does not change the result."""
-  if x.ndim < 2:
+  """x - coef * z_step for one leaf (z_step: z without guidance, zoo/guided.py's with it); under
+  threefry rank >= 2 leaves in place, UPDATE_BLOCK elements (at least one leading-axis slice) at a
+  time (slice_direction gives each slice the bits of the whole-leaf draw, so blocking does not
+  change the result); a hash generator's leaf in one fused pass."""
+  if x.ndim < 2 or keys_lib.hashed(distribution):
     z = direction(key, path, x.shape, None, distribution, guide, step=True)
     return (x.astype(jnp.float32) - coef * z).astype(x.dtype)
   n, row = x.shape[0], x.shape[1:]

@@ -55,8 +55,8 @@ class Estimator:
       raise ConfigError(f'unknown perturb_impl {self.perturb_impl!r}; choose one of '
                         f'{", ".join(IMPLS)}')
     if self.perturb_impl == 'pallas' and self.distribution != 'gaussian':
-      raise ConfigError("perturb_impl='pallas' draws Gaussian directions only "
-                        f'(distribution={self.distribution!r})')
+      raise ConfigError("perturb_impl='pallas' draws threefry Gaussian directions only "
+                        f"(distribution='gaussian', got {self.distribution!r})")
 
   @property
   def forwards_per_step(self) -> int:

@@ -9,13 +9,16 @@ in turn so that machine load hits all alike) and XLA's static memory estimate
 state (params, optimizer state, trainable weights) is donated. A central-difference step runs 2
 forwards per probe, so with every layer trained its time ratio to a forward pass has floor 2P (with
 'head', XLA computes the unperturbed body once for both probes, so it can go below). The memory
-target is a ZO step peak <= 1.15x the forward pass's. Prints one JSON object on stdout, progress on
-stderr; on a loaded machine compare the min_s ratios too.
+target is a ZO step peak <= 1.15x the forward pass's. Each ZO step is timed once per
+--distributions entry (threefry 'gaussian' and the counter hash 'gaussian_hash' by default), side
+by side, under report['models'][model]['zo'][distribution][subset]. Prints one JSON object on
+stdout, progress on stderr; on a loaded machine compare the min_s ratios too.
 
 --breakdown adds the memory of the estimate (forwards only) and of the update (apply_directions)
 alone; --dump_dir writes each executable's optimized HLO.
 """
 
+import itertools
 import pathlib
 
 from absl import app
@@ -35,12 +38,19 @@ _BATCH = flags.DEFINE_integer('batch', 16, 'Batch size.')
 _SEQ = flags.DEFINE_integer('seq', 128, 'Sequence length.')
 _REPEATS = flags.DEFINE_integer('repeats', 5, 'Timed calls per function (after one warm-up).')
 _PROBES = flags.DEFINE_integer('probes', 1, 'SPSA probes per ZO step.')
+_DISTRIBUTIONS = flags.DEFINE_list('distributions', ['gaussian', 'gaussian_hash'],
+                                   'Directions to time side by side (zoo.keys.DISTRIBUTIONS): '
+                                   'threefry and the counter hash.')
 _BREAKDOWN = flags.DEFINE_bool('breakdown', False, 'Also report the memory of the ZO estimate '
                                '(forwards only) and of the update (apply_directions) alone.')
 _DUMP_DIR = flags.DEFINE_string('dump_dir', None, "Write each compiled function's HLO here.")
 
 TARGET = 1.15   # ZO step peak / forward peak, from the issue
 LR = 1e-5
+
+
+def _tag(mode, distribution):
+  return f'zo_{mode}_{distribution}'
 
 
 def compile_(name, fn, *args, donate_argnums=()):
@@ -81,7 +91,6 @@ def bench_model(name):
 
   memory['bp_adamw'], calls['bp_adamw'] = bp_adamw('full', params, {})
 
-  est = zoo.Estimator(eps=1e-3, probes=_PROBES.value)
   probes = jnp.arange(_PROBES.value, dtype=jnp.int32)
   zeros = jnp.zeros_like(probes)
   keys = zoo.address_keys(0, jnp.stack([zeros + 1, zeros, zeros, probes], -1))
@@ -90,44 +99,49 @@ def bench_model(name):
     sub = zoo.Subset(mode)
     trainable, frozen = sub.split(params, jax.random.key(0))
     sizes[mode] = sum(x.size for x in jax.tree.leaves(trainable))
-    tag = f'zo_{mode}'
-    memory[tag], calls[tag] = prepare(f'{name}.{tag}', zoo.make_zo_step(loss, est, sub), trainable,
-                                      frozen, batch, keys, jnp.float32(LR), state=1)
+    for dist in _DISTRIBUTIONS.value:
+      est, tag = zoo.Estimator(eps=1e-3, probes=_PROBES.value, distribution=dist), _tag(mode, dist)
+      memory[tag], calls[tag] = prepare(f'{name}.{tag}', zoo.make_zo_step(loss, est, sub),
+                                        trainable, frozen, batch, keys, jnp.float32(LR), state=1)
     if mode != 'full':   # BP + AdamW on the same subset: the same job
       memory[f'bp_{mode}'], calls[f'bp_{mode}'] = bp_adamw(mode, trainable, frozen)
-    if _BREAKDOWN.value:
+    for dist in _DISTRIBUTIONS.value if _BREAKDOWN.value else ():
+      tag = _tag(mode, dist)
       coefs = jnp.full((_PROBES.value,), LR, jnp.float32)
-      extra[mode] = {
+      est = zoo.Estimator(eps=1e-3, probes=_PROBES.value, distribution=dist)
+      extra[tag] = {
           'estimate_memory': memory_of(compile_(f'{name}.{tag}.estimate',
                                                 zoo.make_estimate(loss, est, sub), trainable,
                                                 frozen, batch, keys)),
           'update_memory': memory_of(compile_(
               f'{name}.{tag}.update',
-              lambda t, k, c: zoo.apply_directions(t, k, c, est.distribution),
+              lambda t, k, c, d=dist: zoo.apply_directions(t, k, c, d),
               trainable, keys, coefs, donate_argnums=0))}
 
   common.log(f'{name}: timing {", ".join(calls)} ({_REPEATS.value} rounds)')
+  load_before = common.environment()['loadavg']
   times = common.timed(calls, _REPEATS.value)
   out = {'params': sum(x.size for x in jax.tree.leaves(params)),
-         'param_bytes': sum(x.nbytes for x in jax.tree.leaves(params))}
+         'param_bytes': sum(x.nbytes for x in jax.tree.leaves(params)),
+         'loadavg_timing': [load_before, common.environment()['loadavg']]}
   for k in ('forward', 'bp_adamw'):
     out[k] = {'time': common.summary(times[k]), 'memory': memory[k]}
   fwd_s, fwd_peak = out['forward']['time']['median_s'], memory['forward']['peak_bytes']
-  out['zo'] = {}
-  for mode in _SUBSETS.value:
-    tag, bp_same = f'zo_{mode}', 'bp_adamw' if mode == 'full' else f'bp_{mode}'
+  out['zo'] = {dist: {} for dist in _DISTRIBUTIONS.value}
+  for mode, dist in itertools.product(_SUBSETS.value, _DISTRIBUTIONS.value):
+    tag, bp_same = _tag(mode, dist), 'bp_adamw' if mode == 'full' else f'bp_{mode}'
     r = {'trainable_params': sizes[mode], 'time': common.summary(times[tag]),
          'memory': memory[tag]}
     peak = memory[tag]['peak_bytes']
     r.update(time_over_forward=r['time']['median_s'] / fwd_s,
              time_over_forward_min=r['time']['min_s'] / out['forward']['time']['min_s'],
-             forwards_per_step=est.forwards_per_step,
+             forwards_per_step=zoo.Estimator(probes=_PROBES.value).forwards_per_step,
              peak_over_forward=peak / fwd_peak,
              peak_over_bp=peak / memory['bp_adamw']['peak_bytes'],
              peak_over_bp_same_subset=peak / memory[bp_same]['peak_bytes'],
              bp_same_subset={'time': common.summary(times[bp_same]), 'memory': memory[bp_same]},
-             meets_target=peak <= TARGET * fwd_peak, **extra.get(mode, {}))
-    out['zo'][mode] = r
+             meets_target=peak <= TARGET * fwd_peak, **extra.get(tag, {}))
+    out['zo'][dist][mode] = r
     common.log(f'  {tag}: {r["time"]["median_s"]:.3f} s ({r["time_over_forward"]:.2f}x forward), '
                f'peak {peak / 2**20:.1f} MiB ({r["peak_over_forward"]:.3f}x forward, '
                f'{r["peak_over_bp"]:.3f}x bp)')
@@ -140,12 +154,13 @@ def main(argv):
   report = {'benchmark': 'zo_step', 'env': common.environment(),
             'config': {'batch': _BATCH.value, 'seq': _SEQ.value, 'probes': _PROBES.value,
                        'repeats': _REPEATS.value, 'scheme': 'central', 'lr': LR,
+                       'distributions': _DISTRIBUTIONS.value,
                        'target_peak_over_forward': TARGET},
             'models': {}}
   for name in _MODELS.value:
     report['models'][name] = bench_model(name)
-  report['target_met'] = all(r['zo']['full']['meets_target'] for r in report['models'].values()
-                             if 'full' in r['zo'])
+  report['target_met'] = all(r['meets_target'] for m in report['models'].values()
+                             for by_mode in m['zo'].values() for r in by_mode.values())
   report['env']['loadavg_end'] = common.environment()['loadavg']
   common.emit(report)
 
