@@ -14,8 +14,6 @@ import difflib
 import math
 from typing import Optional
 
-import jax.numpy as jnp
-
 from cooperllm_jax.cloud.bp import CloudConfig
 from cooperllm_jax.errors import ConfigError
 from cooperllm_jax.system import clock as clock_lib
@@ -60,10 +58,6 @@ class Model:
     for name in ('dtype', 'param_dtype'):
       _check(getattr(self, name) in DTYPES, f'{name} {getattr(self, name)!r} is not supported; '
              f'choose one of {", ".join(DTYPES)}')
-
-  @property
-  def jnp_param_dtype(self):
-    return jnp.dtype(self.param_dtype)
 
 
 @dataclasses.dataclass(frozen=True)

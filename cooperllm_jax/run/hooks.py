@@ -34,17 +34,13 @@ class RoundContext:
 
 
 class Hook:
-  def start(self, run: RunState) -> None:
-    del run
+  """Called by the loop around every round; a hook overrides what it needs."""
 
   def before_round(self, run: RunState, ctx: RoundContext) -> None:
     del run, ctx
 
   def after_round(self, run: RunState, ctx: RoundContext) -> None:
     del run, ctx
-
-  def end(self, run: RunState) -> None:
-    del run
 
 
 @dataclasses.dataclass

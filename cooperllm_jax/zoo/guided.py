@@ -45,7 +45,6 @@ Everything is a function of (key, Guidance), so the edge replays clients' update
 (addresses, scalars, V, hyperparameters). The adaptive mixing's estimators are in zoo/mixing.py.
 """
 
-import math
 from typing import NamedTuple
 
 import jax
@@ -90,11 +89,6 @@ def step_ratio(lr_v, lr):
   """step_v = lr_V / lr (0 where lr is 0: nothing moves then anyway)."""
   lr = jnp.asarray(lr, jnp.float32)
   return jnp.where(lr > 0, jnp.asarray(lr_v, jnp.float32) / jnp.where(lr > 0, lr, 1.0), 0.0)
-
-
-def dimension(guide: Guidance) -> int:
-  """d: the number of trainable weights the basis spans (static)."""
-  return sum(math.prod(x.shape[1:]) for x in jax.tree.leaves(guide.basis))
 
 
 def subspace_draw(key: jax.Array, m: int, distribution: str) -> jax.Array:
