@@ -38,12 +38,15 @@ test-setup: $(VENV)/.test-setup
 demo: setup
 	$(BIN)/python -m experiments.train --config=experiments/configs/demo.py --workdir=$(WORKDIR) --overwrite
 
-# The headline table (experiments/reproduce.py): all algorithms, accuracy vs rounds and simulated time.
+# The benchmark (experiments/benchmark.py): every setting's sweep, seeds and tables, resuming the
+# runs already in experiments/results/benchmark; then the embedded default's table (the linear
+# probe on BBC News, experiments/reproduce.py). reproduce-quick: the benchmark's pipeline in minutes.
 reproduce: setup
+	$(BIN)/python -m experiments.benchmark --workdir=experiments/results/benchmark
 	$(BIN)/python -m experiments.reproduce --workdir=workdir/reproduce
 
 reproduce-quick: setup
-	$(BIN)/python -m experiments.reproduce --workdir=workdir/reproduce_quick --quick
+	$(BIN)/python -m experiments.benchmark --workdir=workdir/benchmark_quick --quick
 
 bench: setup
 	$(BIN)/python -m experiments.bench.zo_step

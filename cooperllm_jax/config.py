@@ -70,6 +70,7 @@ class Data:
   min_client_size: int = 16
   test_fraction: float = 0.2
   public_fraction: float = 0.05
+  validation_fraction: float = 0.0  # held out of the clients' data for tuning (val_accuracy)
 
   def __post_init__(self):
     _positive('', self, 'max_length', 'num_clients')
@@ -77,7 +78,7 @@ class Data:
            f'min_client_size must be >= 0 (an integer), got {self.min_client_size!r}')
     _check(_finite(self.dirichlet_alpha) and self.dirichlet_alpha > 0,
            f'dirichlet_alpha must be > 0, got {self.dirichlet_alpha}')
-    for name in ('test_fraction', 'public_fraction'):
+    for name in ('test_fraction', 'public_fraction', 'validation_fraction'):
       value = getattr(self, name)
       _check(_finite(value) and 0 <= value < 1, f'{name} must be in [0, 1), got {value}')
 
@@ -179,6 +180,9 @@ class Cloud:
   public_examples: int = 0      # cap on the public slice the cloud uses (0 = all of it)
   public_classes: tuple = ()    # keep only these labels (domain mismatch); () = all
   shuffle_labels: bool = False  # control: permuted public labels (a cloud without signal)
+  # The cloud's public set from other datasets ('a+b': names or files, same label ids as the
+  # clients'), e.g. another domain of the task; '' = the private dataset's public slice.
+  public_dataset: str = ''
 
   def __post_init__(self):
     self.step  # pylint: disable=pointless-statement  # validates mode and rates
@@ -369,6 +373,13 @@ class RunConfig:
     _check(self.clients_per_round <= self.data.num_clients,
            f'clients_per_round={self.clients_per_round} exceeds '
            f'num_clients={self.data.num_clients}')
+    d = self.data
+    _check(d.test_fraction + d.public_fraction + d.validation_fraction < 1,
+           f'test_fraction + public_fraction + validation_fraction must be < 1, got '
+           f'{d.test_fraction} + {d.public_fraction} + {d.validation_fraction}')
+    _check(not (self.cloud.public_dataset and d.public_fraction),
+           f'cloud.public_dataset={self.cloud.public_dataset!r} replaces the public slice of the '
+           f'clients\' dataset: set public_fraction=0 (got {d.public_fraction})')
     profiles = profiles_lib.load_profiles(self.system.profiles or None)
     profiles_lib.pick(profiles, self.system.cloud, 'cloud')
     profiles_lib.pick(profiles, self.system.edge, 'edge')

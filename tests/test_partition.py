@@ -12,12 +12,14 @@ LABELS = np.random.default_rng(123).permutation(np.repeat(np.arange(5), BBC_COUN
 
 
 def _all_sets(p):
-  return [*p.clients, p.public, p.test]
+  return [*p.clients, p.public, p.test, p.validation]
 
 
 @pytest.mark.parametrize('scheme', ['iid', 'dirichlet'])
-def test_disjoint_cover_sorted(scheme):
-  p = make_partition(LABELS, num_clients=7, scheme=scheme, alpha=0.5, seed=1)
+@pytest.mark.parametrize('validation', [0.0, 0.1])
+def test_disjoint_cover_sorted(scheme, validation):
+  p = make_partition(LABELS, num_clients=7, scheme=scheme, alpha=0.5, seed=1,
+                     validation_fraction=validation)
   assert p.num_clients == 7
   everything = np.concatenate(_all_sets(p))
   assert len(everything) == len(LABELS)
@@ -27,12 +29,25 @@ def test_disjoint_cover_sorted(scheme):
     assert np.all(np.diff(s) > 0)
 
 
-def test_stratified_test_and_public():
-  p = make_partition(LABELS, num_clients=4, test_fraction=0.2, public_fraction=0.05, seed=0)
-  for name, split, frac in (('test', p.test, 0.2), ('public', p.public, 0.05)):
+def test_stratified_test_public_and_validation():
+  p = make_partition(LABELS, num_clients=4, test_fraction=0.2, public_fraction=0.05,
+                     validation_fraction=0.1, seed=0)
+  for name, split, frac in (('test', p.test, 0.2), ('public', p.public, 0.05),
+                            ('validation', p.validation, 0.1)):
     counts = np.bincount(LABELS[split], minlength=5)
     expected = [round(frac * n) for n in BBC_COUNTS]
     np.testing.assert_array_equal(counts, expected, err_msg=name)
+
+
+def test_validation_comes_out_of_the_clients_only():
+  """Holding out a validation set leaves the test and public draws as they were (old runs keep
+  their splits) and takes its examples from what the clients held."""
+  kw = dict(num_clients=6, scheme='dirichlet', alpha=0.5, min_client_size=0, seed=3)
+  plain, held = make_partition(LABELS, **kw), make_partition(LABELS, validation_fraction=0.1, **kw)
+  np.testing.assert_array_equal(plain.test, held.test)
+  np.testing.assert_array_equal(plain.public, held.public)
+  assert len(plain.validation) == 0 and len(held.validation) > 0
+  assert set(held.validation) <= set(np.concatenate(plain.clients))
 
 
 def test_zero_fractions():
@@ -90,7 +105,8 @@ def test_client_label_histogram():
 
 
 def test_save_load_round_trip(tmp_path):
-  p = make_partition(LABELS, num_clients=12, scheme='dirichlet', alpha=0.5, seed=4)
+  p = make_partition(LABELS, num_clients=12, scheme='dirichlet', alpha=0.5, seed=4,
+                     validation_fraction=0.1)
   path = tmp_path / 'sub' / 'partition.npz'
   p.save(path)
   assert [f.name for f in path.parent.iterdir()] == ['partition.npz']  # no temp file left.
@@ -119,6 +135,8 @@ def test_load_errors(tmp_path):
     (dict(num_clients=2, test_fraction=-0.1), 'test_fraction'),
     (dict(num_clients=2, public_fraction=1.5), 'public_fraction'),
     (dict(num_clients=2, test_fraction=0.6, public_fraction=0.4), 'test_fraction + public'),
+    (dict(num_clients=2, validation_fraction=-0.1), 'validation_fraction'),
+    (dict(num_clients=2, test_fraction=0.5, validation_fraction=0.5), 'validation_fraction must'),
     (dict(num_clients=2, min_client_size=-1), 'min_client_size'),
     (dict(num_clients=2, max_tries=0), 'max_tries'),
     (dict(num_clients=1000, min_client_size=2), 'min_client_size=2'),

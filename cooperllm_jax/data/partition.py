@@ -1,4 +1,5 @@
-"""Splits a labelled dataset into a test set, the cloud's public slice and per-client shards.
+"""Splits a labelled dataset into a test set, the cloud's public slice, a validation set held out
+of the clients' data (for tuning, never the test set) and per-client shards.
 
 Everything is drawn from one `np.random.default_rng(seed)` stream, so a seed fully determines the
 partition and nothing depends on (or disturbs) global random state.
@@ -25,6 +26,7 @@ class Partition:
   public: np.ndarray
   test: np.ndarray
   meta: dict
+  validation: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0, np.int64))
 
   @property
   def num_clients(self) -> int:
@@ -40,7 +42,8 @@ class Partition:
   def save(self, path: Union[str, os.PathLike]) -> None:
     """Writes an .npz atomically, so an interrupted run never leaves a truncated partition."""
     arrays = {f'client_{i:05d}': c for i, c in enumerate(self.clients)}
-    arrays.update(public=self.public, test=self.test, meta=np.asarray(json.dumps(self.meta)))
+    arrays.update(public=self.public, test=self.test, validation=self.validation,
+                  meta=np.asarray(json.dumps(self.meta)))
     save_npz_atomic(path, arrays)
 
   @classmethod
@@ -51,24 +54,26 @@ class Partition:
         names = sorted(k for k in z.files if k.startswith('client_'))
         return cls(clients=tuple(z[k].astype(np.int64) for k in names),
                    public=z['public'].astype(np.int64), test=z['test'].astype(np.int64),
-                   meta=json.loads(str(z['meta'])))
+                   meta=json.loads(str(z['meta'])),
+                   validation=(z['validation'].astype(np.int64) if 'validation' in z.files
+                               else np.zeros(0, np.int64)))
     except FileNotFoundError:
       raise DataError(f'{path}: no such partition file') from None
     except (OSError, ValueError, KeyError, zipfile.BadZipFile) as e:
       raise DataError(f'{path}: not a partition file ({type(e).__name__}: {e})') from None
 
 
-def _stratified_split(labels: np.ndarray, test_fraction: float, public_fraction: float,
-                      rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-  """Takes round(fraction * class size) of every class for test and public; the rest is the pool."""
-  test, public, pool = [], [], []
+def _stratified_split(labels: np.ndarray, fractions: tuple[float, ...],
+                      rng: np.random.Generator) -> tuple[np.ndarray, ...]:
+  """Takes round(fraction * class size) of every class for each fraction in turn; the rest is the
+  pool (last). One permutation per class, so a zero fraction leaves the other draws unchanged."""
+  parts = [[] for _ in range(len(fractions) + 1)]
   for c in np.unique(labels):
     idx = rng.permutation(np.flatnonzero(labels == c))
-    n_test, n_public = round(test_fraction * len(idx)), round(public_fraction * len(idx))
-    test.append(idx[:n_test])
-    public.append(idx[n_test:n_test + n_public])
-    pool.append(idx[n_test + n_public:])
-  return tuple(np.sort(np.concatenate(s)).astype(np.int64) for s in (test, public, pool))
+    cuts = np.cumsum([round(f * len(idx)) for f in fractions])
+    for part, piece in zip(parts, np.split(idx, cuts)):
+      part.append(piece)
+  return tuple(np.sort(np.concatenate(s)).astype(np.int64) for s in parts)
 
 
 def _dirichlet_split(pool: np.ndarray, pool_labels: np.ndarray, num_clients: int, alpha: float,
@@ -92,8 +97,10 @@ def _dirichlet_split(pool: np.ndarray, pool_labels: np.ndarray, num_clients: int
 
 def make_partition(labels: np.ndarray, *, num_clients: int, scheme: str = 'iid',
                    alpha: float = 0.5, test_fraction: float = 0.2, public_fraction: float = 0.05,
-                   min_client_size: int = 2, seed: int = 0, max_tries: int = 1000) -> Partition:
-  """Splits indices 0..N-1 into stratified test and public sets, and `num_clients` client shards.
+                   validation_fraction: float = 0.0, min_client_size: int = 2, seed: int = 0,
+                   max_tries: int = 1000) -> Partition:
+  """Splits indices 0..N-1 into stratified test, public and validation sets, and `num_clients`
+  client shards (the validation set is held out of what the clients would otherwise hold).
 
   The public slice is stratified so the cloud sees the task's label mix. Clients split the rest
   either iid (nearly equal shards) or with Dirichlet(alpha) label skew (smaller alpha, more skew).
@@ -108,29 +115,32 @@ def make_partition(labels: np.ndarray, *, num_clients: int, scheme: str = 'iid',
     raise ConfigError(f'num_clients must be >= 1, got {num_clients}')
   if not alpha > 0:
     raise ConfigError(f'alpha must be > 0, got {alpha}')
-  for name, frac in (('test_fraction', test_fraction), ('public_fraction', public_fraction)):
+  fractions = {'test_fraction': test_fraction, 'public_fraction': public_fraction,
+               'validation_fraction': validation_fraction}
+  for name, frac in fractions.items():
     if not 0 <= frac < 1:
       raise ConfigError(f'{name} must be in [0, 1), got {frac}')
-  if test_fraction + public_fraction >= 1:
-    raise ConfigError(f'test_fraction + public_fraction must be < 1, got '
-                      f'{test_fraction} + {public_fraction}')
+  if sum(fractions.values()) >= 1:
+    raise ConfigError(f'{" + ".join(fractions)} must be < 1, got '
+                      f'{" + ".join(str(f) for f in fractions.values())}')
   if min_client_size < 0:
     raise ConfigError(f'min_client_size must be >= 0, got {min_client_size}')
   if max_tries < 1:
     raise ConfigError(f'max_tries must be >= 1, got {max_tries}')
 
   rng = np.random.default_rng(seed)
-  test, public, pool = _stratified_split(labels, test_fraction, public_fraction, rng)
+  test, public, validation, pool = _stratified_split(
+      labels, (test_fraction, public_fraction, validation_fraction), rng)
   if num_clients * min_client_size > len(pool):
     raise ConfigError(f'{num_clients} clients x min_client_size={min_client_size} exceeds the '
                       f'{len(pool)} samples left for clients')
   meta = dict(scheme=scheme, alpha=float(alpha), seed=int(seed), num_clients=int(num_clients),
               test_fraction=float(test_fraction), public_fraction=float(public_fraction),
-              min_client_size=int(min_client_size), num_samples=len(labels))
+              validation_fraction=float(validation_fraction), min_client_size=int(min_client_size), num_samples=len(labels))
   if scheme == 'iid':
     clients = np.array_split(rng.permutation(pool), num_clients)
   else:
     clients, meta['tries'] = _dirichlet_split(pool, labels[pool], num_clients, alpha,
                                               min_client_size, max_tries, rng)
   return Partition(clients=tuple(np.sort(c).astype(np.int64) for c in clients),
-                   public=public, test=test, meta=meta)
+                   public=public, test=test, meta=meta, validation=validation)

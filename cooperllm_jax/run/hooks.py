@@ -125,19 +125,25 @@ class Privacy(Hook):
 
 @dataclasses.dataclass
 class Evaluation(Hook):
-  """Test accuracy and loss every `every` rounds and after the last."""
-  evaluate: Callable            # params -> {'accuracy', 'loss', 'examples'}
+  """Test accuracy and loss every `every` rounds and after the last, and the validation set's
+  (val_accuracy, val_loss: what a sweep tunes on) when the run holds one out."""
+  evaluate: Callable            # params -> {'accuracy', 'loss', 'examples'} on the test set
   model_params: Callable        # state -> params
   every: int
   last: int
+  validate: Optional[Callable] = None  # the same on the validation set
 
   def __call__(self, run) -> dict:
     return self.evaluate(self.model_params(run.state))
 
   def after_round(self, run, ctx):
     if ctx.round % self.every == 0 or ctx.round == self.last:
-      ev = self(run)
+      params = self.model_params(run.state)
+      ev = self.evaluate(params)
       ctx.row.update(test_accuracy=ev['accuracy'], test_loss=ev['loss'])
+      if self.validate is not None:
+        ev = self.validate(params)
+        ctx.row.update(val_accuracy=ev['accuracy'], val_loss=ev['loss'])
 
 
 @dataclasses.dataclass

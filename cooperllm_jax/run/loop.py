@@ -97,10 +97,12 @@ def train_and_evaluate(config, workdir, overwrite: bool = False, log=print,
   shapes = client_data.round_shapes(task.arrays, cfg.local_steps, cfg.batch_size)
   client_memory = algorithm.client_memory(run.state, shapes)['peak_bytes']
   warn_memory(client_memory, run.clock, log)
-  evaluation = hooks_lib.Evaluation(
-      lambda params: evaluate(task.model, params, task.arrays, task.labels, task.partition.test,
-                              cfg.eval_batch_size), algorithm.model_params, cfg.eval_every,
-      cfg.rounds)
+  on = lambda split: (lambda params: evaluate(task.model, params, task.arrays, task.labels, split,
+                                               cfg.eval_batch_size))
+  validation = task.partition.validation
+  evaluation = hooks_lib.Evaluation(on(task.partition.test), algorithm.model_params,
+                                    cfg.eval_every, cfg.rounds,
+                                    on(validation) if len(validation) else None)
   before = (resumed(run, store, workdir, primary, log) if resume
             else first_evaluation(run, evaluation, store, algorithm, cfg, primary, log))
   if run.guard is not None:
@@ -126,7 +128,8 @@ def train_and_evaluate(config, workdir, overwrite: bool = False, log=print,
   summary = {'algorithm': cfg.algorithm, 'model': cfg.model.name, 'dataset': task.dataset.name,
              'rounds': cfg.rounds, 'accuracy_before': before['accuracy'],
              'accuracy_after': ran.row['test_accuracy'] if ran else evaluation(run)['accuracy'],
-             'test_examples': before['examples'],
+             'val_accuracy_after': ran.row.get('val_accuracy') if ran else None,
+             'test_examples': before['examples'], 'validation_examples': len(validation),
              'train_seconds': run.seconds_before + time.perf_counter() - started,
              'client_memory_bytes': client_memory, 'sim_time_s': run.clock.elapsed,
              'system': {'clients': cfg.system.clients, 'edge': cfg.system.edge,
@@ -152,7 +155,9 @@ def describe(cfg, task: Task, algorithm, run: RunState) -> str:
   return (f'{cfg.algorithm}: model {cfg.model.name} ({count_params(task.pre.params) / 1e6:.1f}M '
           f'params, {algorithm.dense_bytes(run.state) / 4 / 1e6:.3g}M trainable); dataset '
           f'{task.dataset.name}: {len(task.dataset)} examples, {task.dataset.num_classes} '
-          f'classes; {p.num_clients} clients, {len(p.public)} public, {len(p.test)} test')
+          f'classes; {p.num_clients} clients, {len(task.public["labels"]) if task.public else len(p.public)} '
+          f'public{" (" + cfg.cloud.public_dataset + ")" if cfg.cloud.public_dataset else ""}, '
+          f'{len(p.validation)} validation, {len(p.test)} test')
 
 
 def round_hooks(cfg, writer, store, primary: bool, client_memory: int, evaluation, log) -> list:

@@ -11,6 +11,7 @@ import numpy as np
 from cooperllm_jax import config as config_lib
 from cooperllm_jax import data as data_lib
 from cooperllm_jax import mesh as mesh_lib
+from cooperllm_jax.errors import ConfigError
 from cooperllm_jax.federated import client_data
 from cooperllm_jax.models import load_pretrained
 
@@ -46,7 +47,7 @@ class Task:
     h = hashlib.sha256()
     p = self.partition
     for x in (self.arrays['input_ids'], self.arrays['attention_mask'], self.labels, p.public,
-              p.test, *p.clients):
+              p.test, *p.clients, p.validation):
       h.update(np.ascontiguousarray(x).tobytes())
     return h.hexdigest()
 
@@ -66,11 +67,34 @@ def load_task(cfg: config_lib.RunConfig, needs_public: bool = False) -> Task:
   partition = data_lib.make_partition(
       dataset.labels, num_clients=d.num_clients, scheme=d.partition, alpha=d.dirichlet_alpha,
       test_fraction=d.test_fraction, public_fraction=d.public_fraction,
-      min_client_size=d.min_client_size, seed=cfg.seed)
+      validation_fraction=d.validation_fraction, min_client_size=d.min_client_size,
+      seed=cfg.seed)
   public = None
   if needs_public:
     c = cfg.cloud
-    public = client_data.public_set(arrays, dataset.labels, partition.public,
+    if c.public_dataset:
+      public_arrays, public_labels = _other_public(c.public_dataset, dataset, pre, d.max_length,
+                                                   suffix)
+      pool = np.arange(len(public_labels))
+    else:
+      public_arrays, public_labels, pool = arrays, dataset.labels, partition.public
+    public = client_data.public_set(public_arrays, public_labels, pool,
                                     examples=c.public_examples, classes=tuple(c.public_classes),
                                     shuffle_labels=c.shuffle_labels, seed=cfg.seed)
   return Task(pre, dataset, arrays, partition, public)
+
+
+def _other_public(names: str, private, pre, max_length: int, suffix) -> tuple[dict, np.ndarray]:
+  """The tokenized examples of the '+'-joined datasets in cloud.public_dataset, whose label ids
+  must mean what the private dataset's do (same number of classes; e.g. VADER's negative/positive
+  for Rotten Tomatoes' rotten/fresh)."""
+  parts = [data_lib.load_dataset(n) for n in names.split('+')]
+  for part in parts:
+    if part.num_classes != private.num_classes:
+      raise ConfigError(f'cloud.public_dataset {part.name} has {part.num_classes} classes '
+                        f'{list(part.label_names)}, the clients\' {private.name} '
+                        f'{private.num_classes} {list(private.label_names)}')
+  texts = [t for part in parts for t in part.texts]
+  arrays = data_lib.tokenize_texts(pre.tokenizer, texts, max_length=max_length, pad_id=pre.pad_id,
+                                   suffix=suffix)
+  return arrays, np.concatenate([part.labels for part in parts])

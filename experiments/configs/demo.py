@@ -31,6 +31,7 @@ def get_config(algorithm: str = 'cooperllm') -> ml_collections.ConfigDict:
   c.min_client_size = 16
   c.test_fraction = 0.2
   c.public_fraction = 0.05
+  c.validation_fraction = 0.0   # held out of the clients' data for tuning (val_accuracy)
   c.seed = 0
   c.rounds = 20 if algorithm == 'cooperllm' else 40  # cooperllm converges in ~10 rounds
   c.clients_per_round = 4
@@ -96,6 +97,7 @@ def get_config(algorithm: str = 'cooperllm') -> ml_collections.ConfigDict:
   c.cloud.public_examples = 0   # cap on the public slice the cloud uses (0 = all of it)
   c.cloud.public_classes = ()   # keep only these labels (domain mismatch); () = all
   c.cloud.shuffle_labels = False  # control: permuted public labels (a cloud without signal)
+  c.cloud.public_dataset = ''   # public set from other datasets ('a+b'); needs public_fraction=0
   # warm_start: cloud_only for the first warm.rounds rounds, then warm.then on the clients.
   c.warm = ml_collections.ConfigDict()
   c.warm.rounds = 10

@@ -36,7 +36,8 @@ class PublicTrainer:
 
   def __post_init__(self):
     if self.public is None or not len(self.public.get('labels', ())):
-      raise ConfigError('the cloud needs public examples (public_fraction > 0)')
+      raise ConfigError('the cloud needs public examples (public_fraction > 0 or '
+                        'cloud.public_dataset)')
     self.step = cloud_bp.make_cloud_step(
         make_loss(self.model), self.subset,
         cloud_bp.CloudConfig('finetune', self.learning_rate, self.weight_decay))

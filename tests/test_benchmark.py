@@ -1,0 +1,152 @@
+"""experiments.benchmark: the rate is picked on validation only, ablations and warm_start take the
+pick they depend on, the report's intervals and times to target are right, and the quick mode runs
+end to end and resumes instead of redoing finished runs."""
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from cooperllm_jax.errors import ConfigError
+from experiments import benchmark
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+def test_interval_matches_student_t():
+  mean, half = benchmark.interval([0.70, 0.72, 0.74])
+  assert mean == pytest.approx(0.72)
+  # t(0.975, 2) = 4.3027; sd = 0.02; half-width = 4.3027 * 0.02 / sqrt(3).
+  assert half == pytest.approx(4.3027 * 0.02 / np.sqrt(3), rel=1e-4)
+  assert benchmark.interval([0.5]) == (0.5, 0.0)
+
+
+def _fake_runs(monkeypatch, val_of):
+  """run_one writes nothing but records its calls; final_validation answers val_of(path)."""
+  calls = []
+  monkeypatch.setattr(benchmark, 'run_one', lambda path, algorithm, overrides:
+                      calls.append((path, algorithm, overrides)))
+  monkeypatch.setattr(benchmark, 'final_validation', val_of)
+  return calls
+
+
+def _lr(path):
+  return float(path.parent.name.split('=')[1])
+
+
+def test_sweep_picks_on_validation_and_feeds_dependants(tmp_path, monkeypatch):
+  # Validation peaks at 1e-3 for ZO methods and at 3e-4 for cloud_only; the ablation runs once.
+  peak = lambda path: -abs(np.log10(_lr(path)) - (np.log10(3e-4) if 'cloud_only' in str(path)
+                                                  else -3.0))
+  calls = _fake_runs(monkeypatch, peak)
+  plan = benchmark.Plan.of('bbc_minilm_lora', methods=('cooperllm_adaptive', 'cooperllm'))
+  record = benchmark.sweep(plan, tmp_path)
+  assert record['cooperllm']['picked'] == 1e-3 and not record['cooperllm']['at_grid_edge']
+  assert record['cooperllm_adaptive'] == {'val_accuracy': {'0.001': 0.0}, 'picked': 1e-3,
+                                          'rate_of': 'cooperllm', 'at_grid_edge': False}
+  assert [c[0].parts[-3] for c in calls] == ['cooperllm'] * 5 + ['cooperllm_adaptive']
+  assert 'zgr.adaptive=True' in calls[-1][2] and 'learning_rate=0.001' in calls[-1][2]
+
+  calls.clear()
+  plan = benchmark.Plan.of('rt_shifted_minilm_lora', methods=('warm_start', 'cloud_only'))
+  record = benchmark.sweep(plan, tmp_path / 'rt')
+  assert [c[0].parts[-3] for c in calls] == ['cloud_only'] * 5 + ['warm_start'] * 5
+  assert record['cloud_only']['picked'] == 3e-4
+  assert all('cloud.learning_rate=0.0003' in c[2] for c in calls[5:])
+  # sweep.json keeps what an earlier call swept.
+  benchmark.sweep(benchmark.Plan.of('rt_shifted_minilm_lora', methods=('fedmezo',)), tmp_path / 'rt')
+  assert set(json.loads((tmp_path / 'rt' / 'sweep.json').read_text())) == {
+      'cloud_only', 'warm_start', 'fedmezo'}
+
+
+def test_sweep_edge_ties_and_missing_dependency(tmp_path, monkeypatch):
+  _fake_runs(monkeypatch, lambda path: 0.9 if _lr(path) >= 3e-3 else 0.5)
+  record = benchmark.sweep(benchmark.Plan.of('bbc_minilm_lora', methods=('fedmezo',)), tmp_path)
+  assert record['fedmezo']['picked'] == 3e-3          # the tie goes to the smaller rate
+  _fake_runs(monkeypatch, lambda path: _lr(path))
+  record = benchmark.sweep(benchmark.Plan.of('bbc_minilm_lora', methods=('fedmezo',)), tmp_path)
+  assert record['fedmezo']['picked'] == 1e-2 and record['fedmezo']['at_grid_edge']
+  with pytest.raises(ConfigError, match='sweep cooperllm first'):
+    benchmark.sweep(benchmark.Plan.of('bbc_minilm_lora', methods=('cooperllm_shuffled',)),
+                    tmp_path / 'other')
+  with pytest.raises(ConfigError, match='sweep cloud_only first'):
+    benchmark.sweep(benchmark.Plan.of('rt_shifted_minilm_lora', methods=('warm_start',)),
+                    tmp_path / 'other')
+
+
+def _write_run(path, finals, forwards=10):
+  """A finished run: test accuracy `finals[r - 1]` after round r."""
+  path.mkdir(parents=True)
+  rows = [{'round': 0, 'test_accuracy': 0.5, 'sim_time_s': 0.0}]
+  rows += [{'round': r, 'test_accuracy': a, 'val_accuracy': a, 'sim_time_s': 2.0 * r,
+            'forwards': forwards, 'bytes_up_per_client': 8.0, 'bytes_down_per_client': 100.0,
+            'train_loss': 0.6} for r, a in enumerate(finals, 1)]
+  (path / 'metrics.jsonl').write_text(''.join(json.dumps(r) + '\n' for r in rows))
+  (path / 'summary.json').write_text(json.dumps({
+      'accuracy_before': 0.5, 'accuracy_after': finals[-1], 'val_accuracy_after': finals[-1],
+      'train_seconds': 1.0}))
+
+
+def test_report_intervals_and_time_to_target(tmp_path):
+  plan = benchmark.Plan.of('bbc_minilm_lora', methods=('cooperllm', 'fedmezo'), quick=True)
+  curves = {'cooperllm': [[0.7, 0.8], [0.75, 0.82], [0.6, 0.84]],
+            'fedmezo': [[0.6, 0.70], [0.6, 0.72], [0.6, 0.74]]}
+  for method, per_seed in curves.items():
+    for seed, finals in zip(plan.seeds, per_seed):
+      _write_run(benchmark.run_dir(tmp_path, method, 1e-3, seed), finals)
+  record = {m: {'picked': 1e-3, 'at_grid_edge': m == 'fedmezo'} for m in curves}
+  table = benchmark.report(plan, tmp_path, record)
+  rows = {r['method']: r for r in json.loads((tmp_path / 'table.json').read_text())['rows']}
+  n = len(plan.seeds)
+  expected = benchmark.interval([c[-1] for c in curves['fedmezo'][:n]])
+  assert rows['fedmezo']['accuracy'] == pytest.approx(expected[0])
+  assert rows['fedmezo']['accuracy_ci95'] == pytest.approx(expected[1])
+  target = json.loads((tmp_path / 'table.json').read_text())['target']
+  assert target == pytest.approx(expected[0])          # the only baseline sets the target
+  # cooperllm: seeds 0 and 1 pass the target at round 1, seed 2 at round 2.
+  hits = [1 if c[0] >= target else 2 for c in curves['cooperllm'][:n]]
+  assert rows['cooperllm']['rounds_to_target'] == pytest.approx(np.mean(hits))
+  assert rows['cooperllm']['forwards_to_target'] == pytest.approx(10 * np.mean(hits))
+  assert rows['cooperllm']['sim_s_to_target'] == pytest.approx(2.0 * np.mean(hits))
+  assert '1e-3*' not in table and '0.001*' in table     # fedmezo's edge pick is flagged
+  assert (tmp_path / 'accuracy.png').exists() and (tmp_path / 'accuracy_vs_time.png').exists()
+
+
+def test_report_refuses_unfinished_runs(tmp_path):
+  plan = benchmark.Plan.of('bbc_minilm_lora', methods=('fedmezo',), quick=True)
+  with pytest.raises(ConfigError, match='has not finished'):
+    benchmark.report(plan, tmp_path, {'fedmezo': {'picked': 1e-3, 'at_grid_edge': False}})
+
+
+def test_quick_mode_end_to_end_and_resume(tmp_path):
+  """`make reproduce-quick`'s command: every stage on the real model and data; a second call reads
+  every finished run back instead of rerunning it."""
+  cmd = [sys.executable, '-m', 'experiments.benchmark', f'--workdir={tmp_path}', '--quick',
+         '--settings=rt_shifted_minilm_lora', f'--compilation_cache={tmp_path / "cache"}']
+  env = dict(os.environ, PYTHONPATH=str(REPO))
+  first = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=1500)
+  assert first.returncode == 0, first.stderr[-3000:]
+  root = tmp_path / 'rt_shifted_minilm_lora'
+  table = json.loads((root / 'table.json').read_text())
+  assert [r['method'] for r in table['rows']] == list(benchmark.QUICK['methods'])
+  for r in table['rows']:
+    assert len(r['accuracy_per_seed']) == len(benchmark.QUICK['seeds'])
+    assert 0.0 <= r['accuracy'] <= 1.0 and r['accuracy_ci95'] >= 0.0
+  assert table['target_by'] != 'cooperllm'
+  second = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+  assert second.returncode == 0, second.stderr[-3000:]
+  assert 'running ' not in second.stdout and 'resuming ' not in second.stdout
+  assert json.loads((root / 'table.json').read_text())['rows'] == table['rows']
+
+
+def test_bad_flags_are_one_line(tmp_path):
+  for flag, needle in (('--settings=nope', 'unknown settings'), ('--methods=nope', 'unknown methods')):
+    out = subprocess.run([sys.executable, '-m', 'experiments.benchmark', f'--workdir={tmp_path}',
+                          flag, '--stage=report'], cwd=REPO, capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 2 and needle in out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1, out.stderr
