@@ -31,6 +31,7 @@ from typing import Optional
 
 from absl import app
 from absl import flags
+from absl import logging
 import jax
 import numpy as np
 
@@ -375,6 +376,7 @@ def _mean_curve(metrics: list[list[dict]]) -> list[dict]:
 def main(argv):
   del argv
   root = pathlib.Path(_WORKDIR.value)
+  logging.set_verbosity(logging.WARNING)   # orbax logs every checkpoint step at INFO
   if _CACHE.value:
     jax.config.update('jax_compilation_cache_dir', _CACHE.value)
     jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.5)

@@ -431,6 +431,28 @@ def test_cooperllm_pool_is_the_cloud_gradient_and_the_edge_replays_under_it():
     assert h["results"][r - 1].guidance_bytes == 2 * zoo_size(h) * 4 + 4
 
 
+def test_cooperllm_halving_the_rate_halves_the_step_along_v_too():
+  """The divergence guard halves state['lr']; the step along V (rate lr_V) must shrink with it,
+  or a rollback would leave the cloud-directed part of a diverging step at full size. One local
+  step, so that every probe sees the same model and the update is linear in the rate."""
+  h = history('cooperllm', rounds=1)
+  alg, start = h['alg'], h['states'][1]
+  batches = {k: v[:, :1] for k, v in round_batches(2).items()}
+  deltas = []
+  for scale in (1.0, 0.5):
+    state = jax.tree.map(jnp.asarray, start)
+    state['lr'] = start['lr'] * scale
+    after, _ = alg.run_round(state, batches, COUNTS, CLIENT_IDS, 2)
+    deltas.append(jax.tree.map(lambda a, b: np.asarray(a, np.float64) - b, after['trainable'],
+                               start['trainable']))
+  full, half = (np.concatenate([x.ravel() for x in jax.tree.leaves(d)]) for d in deltas)
+  np.testing.assert_allclose(half, 0.5 * full, rtol=1e-4, atol=1e-7 * np.abs(full).max())
+  basis = np.concatenate([np.asarray(x, np.float64).reshape(x.shape[0], -1)
+                          for x in jax.tree.leaves(after['guidance'].basis)], axis=1)
+  along_v = np.linalg.norm(basis @ full) / np.linalg.norm(full)
+  assert along_v > 0.05, along_v      # the step has a V part for the halving to act on
+
+
 def test_cooperllm_runs_are_deterministic():
   a = history('cooperllm', rounds=2)
   b = history('cooperllm', rounds=2, zgr=(('alpha', 0.5),))  # same config, a separate run

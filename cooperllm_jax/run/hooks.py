@@ -125,8 +125,8 @@ class Privacy(Hook):
 
 @dataclasses.dataclass
 class Evaluation(Hook):
-  """Test accuracy and loss every `every` rounds and after the last, and the validation set's
-  (val_accuracy, val_loss: what a sweep tunes on) when the run holds one out."""
+  """Test accuracy and loss every `every` rounds and after the last; after the last also the
+  validation set's (val_accuracy, val_loss: what a sweep picks by) when the run holds one out."""
   evaluate: Callable            # params -> {'accuracy', 'loss', 'examples'} on the test set
   model_params: Callable        # state -> params
   every: int
@@ -141,7 +141,7 @@ class Evaluation(Hook):
       params = self.model_params(run.state)
       ev = self.evaluate(params)
       ctx.row.update(test_accuracy=ev['accuracy'], test_loss=ev['loss'])
-      if self.validate is not None:
+      if self.validate is not None and ctx.round == self.last:
         ev = self.validate(params)
         ctx.row.update(val_accuracy=ev['accuracy'], val_loss=ev['loss'])
 
