@@ -13,6 +13,7 @@ import pytest
 
 from cooperllm_jax.errors import ConfigError
 from experiments import benchmark
+from experiments import benchmark_settings
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -43,7 +44,7 @@ def test_sweep_picks_on_validation_and_feeds_dependants(tmp_path, monkeypatch):
   peak = lambda path: -abs(np.log10(_lr(path)) - (np.log10(3e-4) if 'cloud_only' in str(path)
                                                   else -3.0))
   calls = _fake_runs(monkeypatch, peak)
-  plan = benchmark.Plan.of('bbc_minilm_lora', methods=('cooperllm_adaptive', 'cooperllm'))
+  plan = benchmark_settings.Plan.of('bbc_minilm_lora', methods=('cooperllm_adaptive', 'cooperllm'))
   record = benchmark.sweep(plan, tmp_path)
   assert record['cooperllm']['picked'] == 1e-3 and not record['cooperllm']['at_grid_edge']
   assert record['cooperllm_adaptive'] == {'val_accuracy': {'0.001': 0.0}, 'picked': 1e-3,
@@ -52,29 +53,29 @@ def test_sweep_picks_on_validation_and_feeds_dependants(tmp_path, monkeypatch):
   assert 'zgr.adaptive=True' in calls[-1][2] and 'learning_rate=0.001' in calls[-1][2]
 
   calls.clear()
-  plan = benchmark.Plan.of('rt_shifted_minilm_lora', methods=('warm_start', 'cloud_only'))
+  plan = benchmark_settings.Plan.of('rt_shifted_minilm_lora', methods=('warm_start', 'cloud_only'))
   record = benchmark.sweep(plan, tmp_path / 'rt')
   assert [c[0].parts[-3] for c in calls] == ['cloud_only'] * 5 + ['warm_start'] * 5
   assert record['cloud_only']['picked'] == 3e-4
   assert all('cloud.learning_rate=0.0003' in c[2] for c in calls[5:])
   # sweep.json keeps what an earlier call swept.
-  benchmark.sweep(benchmark.Plan.of('rt_shifted_minilm_lora', methods=('fedmezo',)), tmp_path / 'rt')
+  benchmark.sweep(benchmark_settings.Plan.of('rt_shifted_minilm_lora', methods=('fedmezo',)), tmp_path / 'rt')
   assert set(json.loads((tmp_path / 'rt' / 'sweep.json').read_text())) == {
       'cloud_only', 'warm_start', 'fedmezo'}
 
 
 def test_sweep_edge_ties_and_missing_dependency(tmp_path, monkeypatch):
   _fake_runs(monkeypatch, lambda path: 0.9 if _lr(path) >= 3e-3 else 0.5)
-  record = benchmark.sweep(benchmark.Plan.of('bbc_minilm_lora', methods=('fedmezo',)), tmp_path)
+  record = benchmark.sweep(benchmark_settings.Plan.of('bbc_minilm_lora', methods=('fedmezo',)), tmp_path)
   assert record['fedmezo']['picked'] == 3e-3          # the tie goes to the smaller rate
   _fake_runs(monkeypatch, lambda path: _lr(path))
-  record = benchmark.sweep(benchmark.Plan.of('bbc_minilm_lora', methods=('fedmezo',)), tmp_path)
+  record = benchmark.sweep(benchmark_settings.Plan.of('bbc_minilm_lora', methods=('fedmezo',)), tmp_path)
   assert record['fedmezo']['picked'] == 1e-2 and record['fedmezo']['at_grid_edge']
   with pytest.raises(ConfigError, match='sweep cooperllm first'):
-    benchmark.sweep(benchmark.Plan.of('bbc_minilm_lora', methods=('cooperllm_shuffled',)),
+    benchmark.sweep(benchmark_settings.Plan.of('bbc_minilm_lora', methods=('cooperllm_shuffled',)),
                     tmp_path / 'other')
   with pytest.raises(ConfigError, match='sweep cloud_only first'):
-    benchmark.sweep(benchmark.Plan.of('rt_shifted_minilm_lora', methods=('warm_start',)),
+    benchmark.sweep(benchmark_settings.Plan.of('rt_shifted_minilm_lora', methods=('warm_start',)),
                     tmp_path / 'other')
 
 
@@ -92,7 +93,7 @@ def _write_run(path, finals, forwards=10):
 
 
 def test_report_intervals_and_time_to_target(tmp_path):
-  plan = benchmark.Plan.of('bbc_minilm_lora', methods=('cooperllm', 'fedmezo'), quick=True)
+  plan = benchmark_settings.Plan.of('bbc_minilm_lora', methods=('cooperllm', 'fedmezo'), quick=True)
   curves = {'cooperllm': [[0.7, 0.8], [0.75, 0.82], [0.6, 0.84]],
             'fedmezo': [[0.6, 0.70], [0.6, 0.72], [0.6, 0.74]]}
   for method, per_seed in curves.items():
@@ -117,7 +118,7 @@ def test_report_intervals_and_time_to_target(tmp_path):
 
 
 def test_report_refuses_unfinished_runs(tmp_path):
-  plan = benchmark.Plan.of('bbc_minilm_lora', methods=('fedmezo',), quick=True)
+  plan = benchmark_settings.Plan.of('bbc_minilm_lora', methods=('fedmezo',), quick=True)
   with pytest.raises(ConfigError, match='has not finished'):
     benchmark.report(plan, tmp_path, {'fedmezo': {'picked': 1e-3, 'at_grid_edge': False}})
 
@@ -132,9 +133,9 @@ def test_quick_mode_end_to_end_and_resume(tmp_path):
   assert first.returncode == 0, first.stderr[-3000:]
   root = tmp_path / 'rt_shifted_minilm_lora'
   table = json.loads((root / 'table.json').read_text())
-  assert [r['method'] for r in table['rows']] == list(benchmark.QUICK['methods'])
+  assert [r['method'] for r in table['rows']] == list(benchmark_settings.QUICK['methods'])
   for r in table['rows']:
-    assert len(r['accuracy_per_seed']) == len(benchmark.QUICK['seeds'])
+    assert len(r['accuracy_per_seed']) == len(benchmark_settings.QUICK['seeds'])
     assert 0.0 <= r['accuracy'] <= 1.0 and r['accuracy_ci95'] >= 0.0
   assert table['target_by'] != 'cooperllm'
   second = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
@@ -150,3 +151,21 @@ def test_bad_flags_are_one_line(tmp_path):
                          timeout=120)
     assert out.returncode == 2 and needle in out.stderr
     assert len(out.stderr.strip().splitlines()) == 1, out.stderr
+
+
+def test_every_setting_and_method_is_a_valid_config():
+  """A typo in a setting's overrides fails here, not hours into a sweep."""
+  from cooperllm_jax import config as config_lib  # pylint: disable=g-import-not-at-top
+  from experiments.configs import demo  # pylint: disable=g-import-not-at-top
+  from experiments.variants import apply_override  # pylint: disable=g-import-not-at-top
+  for quick in (False, True):
+    for name in benchmark_settings.SETTINGS:
+      plan = benchmark_settings.Plan.of(name, quick=quick)
+      for method in plan.methods:
+        algorithm, overrides = plan.variant(method, 1e-3, 0, {'cloud_only': 1e-3,
+                                                               'cooperllm': 1e-3})
+        config = demo.get_config(algorithm)
+        for o in overrides:
+          apply_override(config, o)
+        cfg = config_lib.parse(config)
+        assert cfg.rounds == plan.rounds and cfg.data.validation_fraction > 0

@@ -1,0 +1,156 @@
+"""The benchmark's settings, methods, learning-rate grids and seeds, and the Plan a setting runs
+as (experiments/benchmark.py runs them; no flags are defined here, so other tools can import it)."""
+
+import dataclasses
+from typing import Optional
+
+from cooperllm_jax.errors import ConfigError
+
+# The main setting's data: Rotten Tomatoes reviews on 200 clients (Dirichlet label skew, 20 a
+# round, FedSGD), the cloud holding 256 sentiment snippets of other domains (VADER's Amazon
+# reviews and tweets). max_length 32 holds 70% of the review snippets whole (median 27 tokens).
+# Test 10% (1,281 reviews) and validation 5% (640): an evaluation costs as much as 50 client steps.
+_RT = ('dataset=rotten_tomatoes', 'max_length=32', 'num_clients=200', 'clients_per_round=20',
+       'partition=dirichlet', 'dirichlet_alpha=1.0', 'min_client_size=4', 'test_fraction=0.1',
+       'validation_fraction=0.05', 'local_steps=1', 'batch_size=8', 'eval_batch_size=128',
+       'cloud.public_examples=256', 'checkpoint_every=10', 'ledger=False', 'tensorboard=False',
+       'zo.distribution=gaussian')
+_SHIFTED = ('public_fraction=0', 'cloud.public_dataset=vader_amazon+vader_tweets')
+_IN_DOMAIN = ('public_fraction=0.02',)   # 256 of the reviews themselves
+_LORA = ('zo.trainable=lora',)
+
+# Learning-rate grids (5 values, half a decade apart) by method family: the ZO rate moves the
+# scalar-weighted directions, the BP rate is AdamW's. A setting may replace them (full
+# fine-tuning's ZO rate is orders smaller: the step grows with the trained dimension).
+GRIDS = {'zo': (1e-4, 3e-4, 1e-3, 3e-3, 1e-2), 'bp': (1e-4, 3e-4, 1e-3, 3e-3, 1e-2)}
+SEEDS = (0, 1, 2)
+
+
+@dataclasses.dataclass(frozen=True)
+class Method:
+  algorithm: str                # registered name
+  overrides: tuple = ()
+  family: str = 'zo'            # its learning-rate grid
+  rate_of: Optional[str] = None  # an ablation: no sweep of its own, this method's picked rate
+
+
+COOPERLLM = ('zgr.alpha=0.5', 'zgr.adaptive=False')   # pinned: the runs keep their config
+METHODS = {
+    'cloud_only': Method('cloud_only', family='bp'),
+    'cooperllm': Method('cooperllm', COOPERLLM),
+    'fedmezo': Method('fedmezo'),
+    'warm_start': Method('warm_start'),
+    'fedkseed': Method('fedkseed'),
+    'decomfl': Method('decomfl'),
+    'fwdllm': Method('fwdllm', ('zo.probes=4',)),
+    'fedavg_bp': Method('fedavg_bp', family='bp'),
+    # ZGR ablations at cooperllm's picked rate: the mixing weight, and a cloud without signal.
+    'cooperllm_adaptive': Method('cooperllm', ('zgr.adaptive=True',), rate_of='cooperllm'),
+    'cooperllm_alpha=0.25': Method('cooperllm', ('zgr.alpha=0.25', 'zgr.adaptive=False'),
+                                   rate_of='cooperllm'),
+    'cooperllm_alpha=0.75': Method('cooperllm', ('zgr.alpha=0.75', 'zgr.adaptive=False'),
+                                   rate_of='cooperllm'),
+    'cooperllm_shuffled_adaptive': Method('cooperllm', ('zgr.adaptive=True',
+                                                        'cloud.shuffle_labels=True'),
+                                          rate_of='cooperllm'),
+    'cooperllm_shuffled': Method('cooperllm', COOPERLLM + ('cloud.shuffle_labels=True',),
+                                 rate_of='cooperllm'),
+}
+MAIN_METHODS = ('cloud_only', 'cooperllm', 'fedmezo', 'warm_start', 'fedkseed', 'decomfl',
+                'fwdllm', 'fedavg_bp')
+ZGR_CHECKS = ('cooperllm', 'fedmezo', 'cooperllm_adaptive', 'cooperllm_alpha=0.25',
+              'cooperllm_alpha=0.75', 'cooperllm_shuffled_adaptive', 'cooperllm_shuffled')
+
+
+@dataclasses.dataclass(frozen=True)
+class Setting:
+  about: str
+  overrides: tuple
+  rounds: int
+  eval_every: int
+  methods: tuple = MAIN_METHODS
+  grids: Optional[dict] = None  # family -> rates; None: GRIDS
+
+
+SETTINGS = {
+    'rt_shifted_minilm_lora': Setting(
+        'Rotten Tomatoes on 200 clients, public: 256 VADER Amazon + tweet snippets (another '
+        'domain); MiniLM, LoRA (q, v; rank 8) + head', _RT + _SHIFTED + _LORA, 40, 10),
+    'rt_indomain_minilm_lora': Setting(
+        'as rt_shifted_minilm_lora, but the public set is 256 Rotten Tomatoes reviews (the '
+        'in-distribution case)', _RT + _IN_DOMAIN + _LORA, 40, 10),
+    'rt_shifted_smollm2_lora': Setting(
+        'as rt_shifted_minilm_lora with the decoder LLM: SmolLM2-135M, LoRA (q, v; rank 8), the '
+        'label words "negative" / "positive" scored after the review',
+        _RT + _SHIFTED + ('model=smollm2', 'zo.trainable=lora', "prompt_suffix='\\nSentiment:'",
+                          "label_words=('negative', 'positive')"), 40, 10),
+    '20news_prior_shift_minilm_lora': Setting(
+        '20 Newsgroups on 200 clients; public: 256 posts of the first 10 of the 20 groups only (a '
+        'class-prior shift); MiniLM, LoRA (q, v; rank 8) + head',
+        ('dataset=20news', 'max_length=64', 'num_clients=200', 'clients_per_round=20',
+         'partition=dirichlet', 'dirichlet_alpha=1.0', 'min_client_size=4', 'test_fraction=0.1',
+         'validation_fraction=0.05', 'public_fraction=0.03', 'cloud.public_examples=256',
+         'cloud.public_classes=(0, 1, 2, 3, 4, 5, 6, 7, 8, 9)', 'local_steps=1', 'batch_size=8',
+         'eval_batch_size=128', 'checkpoint_every=10', 'ledger=False', 'tensorboard=False',
+         'zo.distribution=gaussian') + _LORA, 40, 10),
+    # ZGR at real dimensions on the embedded default's task (demo.py: 10 clients, 4 a round, 8
+    # local steps, 112 in-domain public articles), plain ZO against guided ZO and its ablations.
+    'bbc_minilm_lora': Setting(
+        'BBC News on 10 clients, in-domain public set; MiniLM, LoRA (q, v; rank 8) + head',
+        ('validation_fraction=0.1', 'zo.trainable=lora', 'zo.distribution=gaussian',
+         'ledger=False', 'tensorboard=False'), 20, 5, ZGR_CHECKS),
+    'bbc_minilm_full': Setting(
+        'BBC News on 10 clients, in-domain public set; MiniLM, every weight trained',
+        ('validation_fraction=0.1', 'zo.trainable=full', 'zo.distribution=gaussian',
+         'ledger=False', 'tensorboard=False'), 10, 5, ('cooperllm', 'fedmezo'),
+        {'zo': (1e-7, 3e-7, 1e-6, 3e-6, 1e-5)}),
+}
+
+# --quick: the same settings, shrunk so that the whole pipeline runs in minutes.
+QUICK = dict(rounds=2, eval_every=1, grid=2, seeds=(0, 1),
+             overrides=('num_clients=20', 'clients_per_round=4', 'checkpoint_every=0',
+                        'test_fraction=0.02', 'validation_fraction=0.02'),
+             methods=('cloud_only', 'cooperllm', 'fedmezo', 'warm_start'))
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+  """One setting as it runs: its rounds, methods, grids and seeds (shrunk by --quick)."""
+  name: str
+  setting: Setting
+  methods: tuple
+  grids: dict
+  seeds: tuple
+  overrides: tuple
+
+  @classmethod
+  def of(cls, name: str, methods=(), quick: bool = False) -> 'Plan':
+    s = SETTINGS[name]
+    methods = tuple(methods) or (QUICK['methods'] if quick else s.methods)
+    grids = s.grids or GRIDS
+    overrides = s.overrides + (f'rounds={s.rounds}', f'eval_every={s.eval_every}')
+    seeds = SEEDS
+    if quick:
+      grids = {k: g[len(g) // 2:len(g) // 2 + QUICK['grid']] for k, g in grids.items()}
+      overrides = s.overrides + QUICK['overrides'] + (f'rounds={QUICK["rounds"]}',
+                                                      f'eval_every={QUICK["eval_every"]}')
+      seeds = QUICK['seeds']
+    return cls(name, s, methods, grids, seeds, overrides)
+
+  def grid(self, method: str) -> tuple:
+    return self.grids[METHODS[method].family]
+
+  def variant(self, method: str, lr: float, seed: int, picked: dict) -> tuple:
+    """(algorithm, overrides) of one run; warm_start's cloud rounds take cloud_only's pick."""
+    m = METHODS[method]
+    overrides = self.overrides + m.overrides + (f'learning_rate={lr}', f'seed={seed}')
+    if method == 'warm_start':
+      if 'cloud_only' not in picked:
+        raise ConfigError(f'{self.name}: warm_start needs cloud_only\'s picked rate: sweep '
+                          'cloud_only first (add it to --methods)')
+      overrides += (f'cloud.learning_rate={picked["cloud_only"]}',
+                    f'warm.rounds={max(1, self.rounds // 2)}')
+    return m.algorithm, overrides
+
+  @property
+  def rounds(self) -> int:
+    return int(next(o for o in reversed(self.overrides) if o.startswith('rounds=')).split('=')[1])
