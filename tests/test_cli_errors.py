@@ -471,7 +471,8 @@ def test_resume_repairs_a_damaged_ledger_from_an_older_checkpoint(tmp_path, shar
   (wd / 'metrics.jsonl').unlink()
   proc = _run('experiments.train', f'--workdir={wd}', *_run_flags(shared_run), '--resume')
   assert proc.returncode == 0, proc.stderr[-3000:]
-  assert 'checkpoint 4: the ledger' in proc.stdout and 'resuming after round 3' in proc.stdout
+  # The log lines go through absl logging (stderr); stdout has the summary line.
+  assert 'checkpoint 4: the ledger' in proc.stderr and 'resuming after round 3' in proc.stderr
   summary, original = (json.loads((d / 'summary.json').read_text()) for d in (wd, shared_run))
   for key in ('accuracy_before', 'accuracy_after'):
     assert summary[key] == original[key]
