@@ -175,6 +175,27 @@ def _(tmp, run, cleanup):
   return _data(_write_csv(tmp / 'cols.csv', ['a,0', 'b,1'], header='body,label'))
 
 
+@case('label_column_the_file_lacks', "no column 'topic' (label_column); the columns are body, label")
+def _(tmp, run, cleanup):
+  path = _write_csv(tmp / 'cols.csv', ['a,0', 'b,1'], header='body,label')
+  return _data(path, '--config.text_column=body', '--config.label_column=topic')
+
+
+@case('column_option_for_a_named_dataset', "bbcnews takes no options, got ['text_column']")
+def _(tmp, run, cleanup):
+  return _train(f'--workdir={tmp / "wd"}', *FAST, '--config.text_column=body')
+
+
+@case('text_and_label_the_same_column', "text_column and label_column are both 'label'")
+def _(tmp, run, cleanup):
+  return _data(_csv(tmp), '--config.text_column=label')
+
+
+@case('repeated_label_names', "label_names must be distinct non-empty names, got ['a', 'a']")
+def _(tmp, run, cleanup):
+  return _data(_csv(tmp), "--config.label_names=('a', 'a')")
+
+
 @case('negative_label', 'label -1 is outside')
 def _(tmp, run, cleanup):
   return _data(_write_csv(tmp / 'neg.csv', ['a b,0', 'c d,-1']))

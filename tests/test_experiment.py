@@ -11,10 +11,10 @@ import pytest
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _csv(tmp_path, n=40):
+def _csv(tmp_path, n=40, header='text,label'):
   words = {'sport': 'football match goal team score', 'money': 'bank market shares profit rate'}
   rng = np.random.default_rng(0)
-  rows = ['text,label']
+  rows = [header]
   for i in range(n):
     label = 'sport' if i % 2 else 'money'
     rows.append(' '.join(rng.permutation(words[label].split())) + f' item {i},{label}')
@@ -39,9 +39,10 @@ def _error_line(proc):
 @pytest.mark.slow
 @pytest.mark.parametrize('algorithm', ['cooperllm', 'fedmezo', 'fedavg_bp'])
 def test_tiny_run_writes_metrics_summary_plot_and_events(tmp_path, algorithm):
-  data = _csv(tmp_path)
+  data = _csv(tmp_path, header='body,topic')   # a local file's own column names
   proc = _train(tmp_path / 'wd', f'--config=experiments/configs/demo.py:{algorithm}',
-                f'--config.dataset={data}', '--config.num_clients=2',
+                f'--config.dataset={data}', '--config.text_column=body',
+                '--config.label_column=topic', '--config.num_clients=2',
                 '--config.clients_per_round=2', '--config.rounds=2', '--config.local_steps=2',
                 '--config.batch_size=4', '--config.max_length=16', '--config.min_client_size=2',
                 '--config.partition=iid', '--config.test_fraction=0.25', '--config.eval_every=1')

@@ -26,6 +26,9 @@ def get_config(algorithm: str = 'cooperllm') -> ml_collections.ConfigDict:
   c.algorithm = algorithm
   c.model = 'minilm'            # embedded name, a HF model directory, or a .gguf file
   c.dataset = 'bbcnews'         # a name in docs/datasets.md or a local CSV/JSON/Parquet file
+  c.text_column = 'text'        # a local file's columns of texts and of labels
+  c.label_column = 'label'
+  c.label_names = ()            # a local file's class names in label id order (() = from the file)
   c.label_words = ()            # decoders: one word per class (default: the dataset's label names)
   c.prompt_suffix = '\nTopic:'  # decoders: the cue after which label words are scored
   c.pooling = 'mean'

@@ -54,7 +54,7 @@ class Task:
 def load_task(cfg: config_lib.RunConfig, needs_public: bool = False) -> Task:
   """The task of a run config; needs_public: also cut the cloud's public set (config.Cloud)."""
   m, d = cfg.model, cfg.data
-  dataset = data_lib.load_dataset(d.dataset)
+  dataset = data_lib.load_dataset(d.dataset, **d.file_options)
   pre = load_pretrained(m.name, num_labels=dataset.num_classes,
                         label_words=list(m.label_words or dataset.label_names),
                         dtype=m.dtype, param_dtype=m.param_dtype, pooling=m.pooling,
