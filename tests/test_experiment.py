@@ -5,8 +5,12 @@ import os
 import subprocess
 import sys
 
+import jax
 import numpy as np
 import pytest
+
+from cooperllm_jax.reporting import TB_GROUPS
+from test_reporting import read_scalars
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -72,9 +76,18 @@ def test_tiny_run_writes_metrics_summary_plot_and_events(tmp_path, algorithm):
   assert rows[1]['bytes_down'] == guidance and rows[2]['bytes_down'] > guidance
   summary = json.loads((wd / 'summary.json').read_text())
   assert summary['test_examples'] == 10
+  assert summary['chance_accuracy'] == 0.5     # 5 + 5 test examples: the majority-class rate
+  assert summary['jax'] == jax.__version__ and summary['device_kind'] == jax.devices()[0].device_kind
+  assert 'experiments.train' in summary['command'] and '--config.text_column=body' in summary['command']
   assert (wd / 'partition.npz').exists()
   assert (wd / 'accuracy.png').read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
-  assert list((wd / 'tb').glob('events.out.tfevents.*'))
+  # TensorBoard: every scalar the run logs is in one of the named groups (none under other/).
+  tags = {tag for tag, _, _ in read_scalars(wd / 'tb')}
+  assert {'test/test_accuracy', 'train/train_loss', 'comm/bytes_up_per_client',
+          'sim/sim_time_s'} <= tags
+  assert {tag.split('/')[0] for tag in tags} <= set(TB_GROUPS), sorted(tags)
+  if algorithm == 'cooperllm':
+    assert {'cloud/alpha', 'cloud/basis_rank'} <= tags
 
 
 def test_flags_files_name_registered_configs():

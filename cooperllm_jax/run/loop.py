@@ -4,7 +4,10 @@ Loads the model and data named by the config, partitions the data over simulated
 rounds of the configured algorithm and writes to `workdir`: config.json, partition.npz,
 metrics.jsonl (one line per round: accuracy, loss, bytes up/down, passes, client memory, wall time,
 and the simulated wall clock of the configured devices, sim_round_s / sim_time_s: system/clock.py),
-TensorBoard events (tb/), accuracy.png and summary.json. Returns the summary dict.
+TensorBoard events (tb/, the same scalars grouped as train/, test/, comm/, sim/, cloud/),
+accuracy.png (reporting.plot_run) and summary.json (the result, the chance level, and what produced
+it: run/provenance.py). Returns the summary dict. Rounds are numbered from 1; round 0 is the
+pretrained model's evaluation.
 
 The loop itself is short: everything around a round is a hook (run/hooks.py) over one RunState
 (run/state.py). Checkpoints (orbax, every `checkpoint_every` rounds; `resume=True` goes on from the
@@ -23,7 +26,7 @@ import numpy as np
 from cooperllm_jax import checkpoint as checkpoint_lib
 from cooperllm_jax import config as config_lib
 from cooperllm_jax.errors import CheckpointError, ConfigError
-from cooperllm_jax.evaluation import evaluate
+from cooperllm_jax.evaluation import evaluate, majority_rate
 from cooperllm_jax.federated import client_data
 from cooperllm_jax.federated import registry
 from cooperllm_jax.federated.accounting import DownlinkTracker
@@ -32,6 +35,7 @@ from cooperllm_jax.models import count_params
 from cooperllm_jax.reporting import MetricWriter, NullWriter, to_json, truncate_metrics
 from cooperllm_jax.run import hooks as hooks_lib
 from cooperllm_jax.run import workdir as workdir_lib
+from cooperllm_jax.run.provenance import provenance
 from cooperllm_jax.run.guard import DivergenceGuard
 from cooperllm_jax.run.state import RunState
 from cooperllm_jax.run.task import Task, load_task
@@ -106,7 +110,8 @@ def train_and_evaluate(config, workdir, overwrite: bool = False, log=print,
   if run.guard is not None:
     run.guard.reference = before['loss']   # a blow-up is judged against the starting model
   title = f'{cfg.algorithm} on {task.dataset.name} with {cfg.model.name}'
-  with (MetricWriter(workdir, title=title, tensorboard=cfg.tensorboard) if primary
+  chance = majority_rate(task.labels, task.partition.test)
+  with (MetricWriter(workdir, title=title, tensorboard=cfg.tensorboard, chance=chance) if primary
         else NullWriter()) as writer:
     if not resume:
       writer.write({'round': 0, 'test_accuracy': before['accuracy'], 'test_loss': before['loss'],
@@ -126,12 +131,12 @@ def train_and_evaluate(config, workdir, overwrite: bool = False, log=print,
   summary = {'algorithm': cfg.algorithm, 'model': cfg.model.name, 'dataset': task.dataset.name,
              'rounds': cfg.rounds, 'accuracy_before': before['accuracy'],
              'accuracy_after': ran.row['test_accuracy'] if ran else evaluation(run)['accuracy'],
-             'test_examples': before['examples'],
+             'test_examples': before['examples'], 'chance_accuracy': chance,
              'train_seconds': run.seconds_before + time.perf_counter() - started,
              'client_memory_bytes': client_memory, 'sim_time_s': run.clock.elapsed,
              'system': {'clients': cfg.system.clients, 'edge': cfg.system.edge,
                         'cloud': cfg.system.cloud, 'pipelined': bool(cfg.system.pipelined)},
-             'backend': jax.default_backend()}
+             'backend': jax.default_backend(), **provenance()}
   if primary:
     (workdir / 'summary.json').write_text(to_json(summary, indent=2))
   return summary
