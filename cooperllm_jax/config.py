@@ -12,7 +12,7 @@ says where each of those belongs.
 import dataclasses
 import difflib
 import math
-from typing import Optional
+from typing import Any, Optional
 
 from cooperllm_jax.cloud.bp import CloudConfig
 from cooperllm_jax.errors import ConfigError
@@ -433,7 +433,7 @@ def _section(cls, values: dict, where: str):
     raise ConfigError(f'{where or "config"}: {e}') from None
 
 
-def parse(config) -> RunConfig:
+def parse(config: Any) -> RunConfig:
   """The typed, validated run config of a ConfigDict (or a plain dict of the same layout)."""
   if isinstance(config, RunConfig):
     return config

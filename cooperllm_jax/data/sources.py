@@ -9,7 +9,7 @@ import os
 import pathlib
 import re
 import tempfile
-from typing import Optional, Sequence, Union
+from typing import Any, Optional, Sequence, Union
 
 import numpy as np
 
@@ -160,7 +160,7 @@ def check_labels(dataset: TextDataset, source: str) -> TextDataset:
   return dataset
 
 
-def load_dataset(name_or_path: str, **kw) -> TextDataset:
+def load_dataset(name_or_path: str, **kw: Any) -> TextDataset:
   """Loads a named dataset ('bbcnews' or corpora.LOADERS; keyword arguments are its loader's
   options, e.g. split='test' for '20news') or a local file (keyword arguments go to
   `load_local`), checked by check_labels."""

@@ -16,11 +16,13 @@ the model from it), the channel's faults and DP, and the divergence guard: see t
 """
 
 import json
+import os
 import pathlib
 import time
-from typing import Callable, Optional
+from typing import Callable, Optional, Union
 
 import jax
+import ml_collections
 import numpy as np
 
 from cooperllm_jax import checkpoint as checkpoint_lib
@@ -79,11 +81,13 @@ def start_state(cfg, task: Task, algorithm) -> RunState:
                   DivergenceGuard.of(cfg.guard))
 
 
-def train_and_evaluate(config, workdir, overwrite: bool = False, log=print,
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: Union[str, os.PathLike],
+                       overwrite: bool = False, log: Callable[[str], None] = print,
                        progress: Optional[Callable] = None, resume: bool = False) -> dict:
-  """Runs config (a ConfigDict) in workdir; `progress(iterable)` may wrap the rounds (e.g. tqdm).
-  resume=True continues the run in workdir from its newest good checkpoint (same training config
-  required)."""
+  """Runs config (a ConfigDict of cooperllm_jax/configs/default.py's layout) in workdir and returns
+  the summary; `log` takes each progress line, `progress(iterable)` may wrap the rounds (e.g.
+  tqdm). resume=True continues the run in workdir from its newest good checkpoint (same training
+  config required)."""
   cfg = config_lib.parse(config)
   primary = jax.process_index() == 0  # a multi-process run: all compute, process 0 writes
   workdir = open_workdir(config, workdir, overwrite, resume, primary)
