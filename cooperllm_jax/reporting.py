@@ -146,7 +146,6 @@ def plot_run(rows: list[dict], path, title: str, chance: Optional[float] = None)
     ax.set_xlabel(X_AXES[x])
     ax.set_ylabel('test accuracy')
   acc_r.legend(loc='lower right')
-  _time_axis(acc_t, [rows])
   _curve(loss, rows, 'round', 'train_loss')
   loss.set_ylabel('train loss')
   for key, label in (('bytes_up_per_client', 'up'), ('bytes_down_per_client', 'down')):

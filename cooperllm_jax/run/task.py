@@ -59,10 +59,8 @@ def load_task(cfg: config_lib.RunConfig, needs_public: bool = False) -> Task:
                         label_words=list(m.label_words or dataset.label_names),
                         dtype=m.dtype, param_dtype=m.param_dtype, pooling=m.pooling,
                         seed=cfg.seed)
-  pre.check_max_length(d.max_length)
-  suffix = m.prompt_suffix if pre.is_decoder else None
-  arrays = data_lib.tokenize_texts(pre.tokenizer, dataset.texts, max_length=d.max_length,
-                                   pad_id=pre.pad_id, suffix=suffix)
+  arrays = pre.tokenize(dataset.texts, max_length=d.max_length,
+                        suffix=m.prompt_suffix if pre.is_decoder else None)
   partition = data_lib.make_partition(
       dataset.labels, num_clients=d.num_clients, scheme=d.partition, alpha=d.dirichlet_alpha,
       test_fraction=d.test_fraction, public_fraction=d.public_fraction,
