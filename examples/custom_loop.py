@@ -14,6 +14,7 @@ import argparse
 from typing import Optional
 
 import jax
+import jax.numpy as jnp
 
 import cooperllm_jax as cj
 
@@ -38,6 +39,9 @@ def train(pre, dataset, arrays, partition, *, rounds: int, guided: bool, clients
   est = cj.Estimator(eps=1e-3, probes=1)               # one central SPSA probe per local step
   subset = cj.Subset('head')                           # what the clients train
   trainable, frozen = subset.split(pre.params)
+  # The rounds donate (update in place) the trainable leaves: copy them, so that pre.params (whose
+  # arrays split returns) stays usable for the next call.
+  trainable = jax.tree.map(jnp.copy, trainable)
   round_fn = cj.make_round(cj.make_client_update(loss, est, subset), seed=seed)
 
   def accuracy(trainable):
@@ -63,7 +67,7 @@ def train(pre, dataset, arrays, partition, *, rounds: int, guided: bool, clients
       pool = cj.push(pool, direction)
       basis, valid = cj.orthonormalize(pool)
       guide = cj.make_guidance(basis, valid, alpha, step_v=cj.step_ratio(lr_v, lr))
-    start = jax.tree.map(lambda x: x.copy(), trainable)   # kept: the round donates `trainable`
+    start = jax.tree.map(jnp.copy, trainable)   # kept for the replay below: the round donates it
     out = round_fn(trainable, frozen, batches, counts, sampled, r, lr, guide=guide)
     trainable = out.trainable
   # The edge's update is a function of the uplinks (4-byte scalars) and the guidance alone:
