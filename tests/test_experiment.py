@@ -148,3 +148,16 @@ def test_overwrite_refuses_a_directory_that_is_not_a_workdir(tmp_path):
   (tmp_path / 'precious.txt').write_text('keep me')
   assert 'refusing to delete' in _error_line(_train(tmp_path, '--overwrite'))
   assert (tmp_path / 'precious.txt').read_text() == 'keep me'
+
+
+def test_noprogress_silences_the_datasets_progress_bar_too(tmp_path):
+  """Reading a local file shows `datasets`' bar ('Generating train split') unless --noprogress;
+  the run stops right after (a column the file lacks), so no model is loaded."""
+  data = _csv(tmp_path)
+  flags = (f'--config.dataset={data}', '--config.label_column=topic')
+  shown = _train(tmp_path / 'a', *flags)
+  silent = _train(tmp_path / 'b', *flags, '--noprogress')
+  for proc in (shown, silent):
+    assert "no column 'topic' (label_column)" in _error_line(proc)
+  assert 'Generating train split' in shown.stderr
+  assert 'Generating train split' not in silent.stderr

@@ -11,7 +11,7 @@ _REGISTRY: dict = {}
 
 
 def register(name: str) -> Callable[[type], type]:
-  """Class decorator: the algorithm class is `make_algorithm`'s for config.algorithm == name."""
+  """Class decorator: `make_algorithm` builds this class for a config whose algorithm is `name`."""
   def add(cls: type) -> type:
     if name in _REGISTRY:
       raise ValueError(f'algorithm {name!r} is registered twice')
