@@ -1,6 +1,7 @@
 """Typed run configuration: one `parse(config)` turns an ml_collections ConfigDict (a config file plus
---config.* flags, experiments/configs/demo.py) into frozen sections, fills defaults, validates every
-value once and rejects unknown keys with a one-line ConfigError (with a close-match suggestion).
+--config.* flags; the packaged default is cooperllm_jax/configs/default.py) into frozen sections,
+fills defaults, validates every value once and rejects unknown keys with a one-line ConfigError
+(with a close-match suggestion).
 
 Library code receives sections (`ZO`, `ZGR`, `Cloud`, `Warm`, `Aggregation`, `Faults`, `DP`, `Guard`,
 `System`, `Mesh`, `Checkpoint`, `Data`, `Model`), never the ConfigDict. The ConfigDict's layout is

@@ -1,4 +1,5 @@
-"""`train_and_evaluate(config, workdir)`: one federated run, importable; flags live in experiments/.
+"""`train_and_evaluate(config, workdir)`: one federated run, importable; the flags are the CLI's
+(cooperllm_jax/train.py), never read here.
 
 Loads the model and data named by the config, partitions the data over simulated clients, runs the
 rounds of the configured algorithm and writes to `workdir`: config.json, partition.npz,
