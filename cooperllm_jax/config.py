@@ -1,6 +1,7 @@
 """Typed run configuration: one `parse(config)` turns an ml_collections ConfigDict (a config file plus
---config.* flags, experiments/configs/demo.py) into frozen sections, fills defaults, validates every
-value once and rejects unknown keys with a one-line ConfigError (with a close-match suggestion).
+--config.* flags; the packaged default is cooperllm_jax/configs/default.py) into frozen sections,
+fills defaults, validates every value once and rejects unknown keys with a one-line ConfigError
+(with a close-match suggestion).
 
 Library code receives sections (`ZO`, `ZGR`, `Cloud`, `Warm`, `Aggregation`, `Faults`, `DP`, `Guard`,
 `System`, `Mesh`, `Checkpoint`, `Data`, `Model`), never the ConfigDict. The ConfigDict's layout is
@@ -12,7 +13,7 @@ says where each of those belongs.
 import dataclasses
 import difflib
 import math
-from typing import Optional
+from typing import Any, Optional
 
 from cooperllm_jax.cloud.bp import CloudConfig
 from cooperllm_jax.errors import ConfigError
@@ -63,6 +64,9 @@ class Model:
 @dataclasses.dataclass(frozen=True)
 class Data:
   dataset: str = 'bbcnews'      # embedded name or a local CSV/JSON/Parquet file
+  text_column: str = 'text'     # a local file's columns of texts and of labels
+  label_column: str = 'label'
+  label_names: tuple = ()       # a local file's class names, label id order (() = from the file)
   max_length: int = 32
   num_clients: int = 10
   partition: str = 'dirichlet'
@@ -81,6 +85,23 @@ class Data:
     for name in ('test_fraction', 'public_fraction', 'validation_fraction'):
       value = getattr(self, name)
       _check(_finite(value) and 0 <= value < 1, f'{name} must be in [0, 1), got {value}')
+    for name in ('text_column', 'label_column'):
+      value = getattr(self, name)
+      _check(isinstance(value, str) and value != '',
+             f'{name} must be a column name (non-empty text), got {value!r}')
+    _check(self.text_column != self.label_column,
+           f'text_column and label_column are both {self.text_column!r}; name two columns')
+    _check(all(isinstance(n, str) and n for n in self.label_names)
+           and len(set(self.label_names)) == len(self.label_names),
+           f'label_names must be distinct non-empty names, got {list(self.label_names)}')
+
+  @property
+  def file_options(self) -> dict:
+    """The local-file options (data.load_local) that differ from the defaults: a named dataset
+    takes none, so setting one for it is an error (data.load_dataset says which)."""
+    default = Data()
+    return {name: getattr(self, name) for name in ('text_column', 'label_column', 'label_names')
+            if getattr(self, name) != getattr(default, name)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -424,7 +445,7 @@ def _section(cls, values: dict, where: str):
     raise ConfigError(f'{where or "config"}: {e}') from None
 
 
-def parse(config) -> RunConfig:
+def parse(config: Any) -> RunConfig:
   """The typed, validated run config of a ConfigDict (or a plain dict of the same layout)."""
   if isinstance(config, RunConfig):
     return config

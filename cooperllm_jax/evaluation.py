@@ -1,12 +1,14 @@
 """Held-out evaluation: accuracy and mean loss over a tokenized split, in fixed-size jitted batches."""
 
 import functools
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from cooperllm_jax.models.common import classification_loss
+from cooperllm_jax.models.pretrained import Model
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -17,9 +19,11 @@ def _eval_batch(model, params, batch):
   return correct.sum(), loss
 
 
-def evaluate(model, params, arrays: dict, labels: np.ndarray, indices: np.ndarray,
+def evaluate(model: Model, params: Any, arrays: dict, labels: np.ndarray, indices: np.ndarray,
              batch_size: int = 64) -> dict:
-  """{'accuracy', 'loss', 'examples'} on arrays[indices]; the last batch is padded with weight 0."""
+  """{'accuracy', 'loss', 'examples'} of `model` at `params` on the examples `indices` of the
+  tokenized `arrays` ({input_ids, attention_mask}: data.tokenize_texts) with their `labels`; one
+  jitted batch shape (the last batch is padded with weight 0), so any split compiles once."""
   correct = total_loss = 0.0
   for start in range(0, len(indices), batch_size):
     idx = indices[start:start + batch_size]
@@ -33,3 +37,9 @@ def evaluate(model, params, arrays: dict, labels: np.ndarray, indices: np.ndarra
     total_loss += float(l)
   n = len(indices)
   return {'accuracy': correct / n, 'loss': total_loss / n, 'examples': n}
+
+
+def majority_rate(labels: np.ndarray, indices: np.ndarray) -> float:
+  """The accuracy of always predicting the most frequent class of labels[indices]: the chance
+  level a classifier must beat on a skewed split (1/num_classes only when classes are balanced)."""
+  return float(np.bincount(labels[indices]).max() / len(indices))

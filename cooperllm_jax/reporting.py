@@ -1,7 +1,9 @@
-"""Per-round metrics of a federated run: metrics.jsonl, TensorBoard scalars and an accuracy plot.
+"""Per-round metrics of a federated run: metrics.jsonl, TensorBoard scalars and a per-run plot.
 
-metrics.jsonl is the record of a run (plots, comparisons and resuming read it back); TensorBoard
-is for watching a run live; accuracy.png is the one-glance result.
+metrics.jsonl is the record of a run (plots, comparisons and resuming read it back) and keeps the
+bare keys (test_accuracy, sim_time_s, ...); TensorBoard is for watching a run live and groups the
+same scalars under train/, test/, comm/, sim/ and cloud/ (TB_GROUPS, the one place that maps keys
+to tags); accuracy.png is the one-glance result.
 """
 
 import json
@@ -9,6 +11,7 @@ import math
 import numbers
 import pathlib
 import time
+from typing import Optional
 
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
@@ -56,19 +59,53 @@ def truncate_metrics(path, last_round: int) -> list[dict]:
   return rows
 
 
-# The x axes plot_accuracy can draw against: a metrics key and its label.
+# TensorBoard tag groups: what each run's metrics row holds, by topic. A key no group names (a new
+# algorithm's own metric) is written under other/.
+TB_GROUPS = {
+    'train': ('train_loss', 'learning_rate', 'forwards', 'backwards', 'client_memory_bytes',
+              'wall_s', 'dp_epsilon'),
+    'test': ('test_accuracy', 'test_loss'),
+    'comm': ('bytes_up', 'bytes_down', 'bytes_up_per_client', 'bytes_down_per_client',
+             'guidance_rel_error', 'dropped', 'late', 'byzantine', 'rejected'),
+    'sim': ('sim_round_s', 'sim_time_s'),
+    'cloud': ('alpha', 'basis_rank', 'cloud_step_v', 'grad_sq', 'grad_sq_se', 'proj_sq',
+              'proj_sq_se', 'cloud_share', 'cloud_tau_sq'),
+}
+_TB_TAGS = {key: f'{group}/{key}' for group, keys in TB_GROUPS.items() for key in keys}
+
+
+def tb_tag(key: str) -> str:
+  """The TensorBoard tag of a metrics key, e.g. 'test_accuracy' -> 'test/test_accuracy'."""
+  return _TB_TAGS.get(key, f'other/{key}')
+
+
+# The x axes the plots draw against: a metrics key and its label.
 X_AXES = {'round': 'round', 'sim_time_s': 'simulated time (s)'}
 
 
+def _curve(ax, rows: list[dict], x: str, key: str, **kwargs) -> None:
+  """key against x over the rows that have both (accuracy is only measured on eval rounds, loss
+  not at round 0); markers keep a curve with a single point visible."""
+  points = [(row[x], row[key]) for row in rows if row.get(key) is not None and x in row]
+  ax.plot([p for p, _ in points], [v for _, v in points], '.-', markersize=4, **kwargs)
+
+
+def _time_axis(ax, runs) -> None:
+  """Simulated time on a symlog scale where rounds differ 10x (BP vs ZO), which would squash the
+  faster runs into the origin on a linear one."""
+  times = [row['sim_time_s'] for rows in runs for row in rows if row.get('sim_time_s', 0) > 0]
+  if times and max(times) > 10 * min(times):
+    ax.set_xscale('symlog', linthresh=min(times))
+    ax.set_xlim(left=0)
+
+
 def plot_accuracy(runs: dict[str, list[dict]], path, title: str, x: str = 'round',
-                  target: float = None) -> None:
+                  target: Optional[float] = None) -> None:
   """Test accuracy (and, where logged, train loss) against `x` (a key of X_AXES: round or
   simulated time) for named runs, one PNG; `target` adds a dashed accuracy line.
 
-  Rows without a metric (accuracy is only measured on eval rounds, loss not at round 0) are left
-  out of that curve. Draws on an Agg canvas, not pyplot, so no global backend or open window is
-  involved and it is safe in headless jobs. A single run gets no legend (bar the target's): the
-  title names it.
+  Draws on an Agg canvas, not pyplot, so no global backend or open window is involved and it is
+  safe in headless jobs. A single run gets no legend (bar the target's): the title names it.
   """
   with_loss = any('train_loss' in row for rows in runs.values() for row in rows)
   fig = Figure(figsize=(7, 7 if with_loss else 4.5), layout='constrained')
@@ -77,9 +114,7 @@ def plot_accuracy(runs: dict[str, list[dict]], path, title: str, x: str = 'round
   for ax, (key, label) in zip(axes, [('test_accuracy', 'test accuracy'),
                                      ('train_loss', 'train loss')]):
     for name, rows in runs.items():
-      points = [(row[x], row[key]) for row in rows if row.get(key) is not None and x in row]
-      # Markers keep a run with a single eval point visible.
-      ax.plot([r for r, _ in points], [v for _, v in points], '.-', markersize=4, label=name)
+      _curve(ax, rows, x, key, label=name)
     ax.set_ylabel(label)
     ax.grid(True, alpha=0.3)
   if target is not None:
@@ -87,27 +122,59 @@ def plot_accuracy(runs: dict[str, list[dict]], path, title: str, x: str = 'round
   if len(runs) > 1 or target is not None:
     axes[0].legend()
   axes[-1].set_xlabel(X_AXES[x])
-  times = [row[x] for rows in runs.values() for row in rows if row.get(x, 0) > 0]
   if x == 'round':
     axes[-1].xaxis.set_major_locator(MaxNLocator(integer=True))
-  elif times and max(times) > 10 * min(times):
-    # Runs whose rounds take 100x longer (BP vs ZO) would squash the others into the origin.
-    axes[-1].set_xscale('symlog', linthresh=min(times))
-    axes[-1].set_xlim(left=0)
+  else:
+    _time_axis(axes[-1], runs.values())
+  fig.suptitle(title)
+  fig.savefig(path, dpi=120)
+
+
+def plot_run(rows: list[dict], path, title: str, chance: Optional[float] = None) -> None:
+  """One run at a glance, four panels: test accuracy against rounds and against simulated time
+  (with `chance`, the majority-class rate of the test split, as a dotted line), train loss, and
+  the bytes each client sent and received per round (log scale: uplinks of scalars are 1e4-1e7
+  times smaller than dense ones)."""
+  fig = Figure(figsize=(11, 7), layout='constrained')
+  FigureCanvasAgg(fig)
+  (acc_r, acc_t), (loss, comm) = fig.subplots(2, 2)
+  for ax, x in ((acc_r, 'round'), (acc_t, 'sim_time_s')):
+    _curve(ax, rows, x, 'test_accuracy', label='test accuracy')
+    if chance is not None:
+      ax.axhline(chance, color='gray', linestyle=':', linewidth=1,
+                 label=f'chance: majority class ({chance:.3f})')
+    ax.set_xlabel(X_AXES[x])
+    ax.set_ylabel('test accuracy')
+  acc_r.legend(loc='lower right')
+  _curve(loss, rows, 'round', 'train_loss')
+  loss.set_ylabel('train loss')
+  for key, label in (('bytes_up_per_client', 'up'), ('bytes_down_per_client', 'down')):
+    _curve(comm, rows, 'round', key, label=label)
+  comm.set_ylabel('bytes per client')
+  if any(row.get('bytes_down_per_client') or row.get('bytes_up_per_client') for row in rows):
+    comm.set_yscale('log')
+  comm.legend(loc='best')
+  for ax in (acc_r, loss, comm):
+    ax.set_xlabel('round')
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+  for ax in (acc_r, acc_t, loss, comm):
+    ax.grid(True, alpha=0.3)
   fig.suptitle(title)
   fig.savefig(path, dpi=120)
 
 
 class MetricWriter:
-  """Sink for one run's per-round rows: metrics.jsonl, TensorBoard (tb/) and accuracy.png on close.
+  """Sink for one run's per-round rows: metrics.jsonl, TensorBoard (tb/) and accuracy.png on close
+  (plot_run; `chance` is its chance line).
 
   metrics.jsonl is opened for appending so that a resumed run continues the same file; each row
   is flushed as it is written so a crashed run keeps every finished round.
   """
 
-  def __init__(self, workdir: pathlib.Path, title: str, tensorboard: bool = True):
+  def __init__(self, workdir: pathlib.Path, title: str, tensorboard: bool = True,
+               chance: Optional[float] = None):
     self.workdir = pathlib.Path(workdir)
-    self.title = title
+    self.title, self.chance = title, chance
     self.workdir.mkdir(parents=True, exist_ok=True)
     self.metrics_path = self.workdir / 'metrics.jsonl'
     self._file = open(self.metrics_path, 'a', encoding='utf-8')
@@ -120,22 +187,23 @@ class MetricWriter:
                 if tensorboard else None)
 
   def write(self, row: dict) -> None:
-    """Appends `row` (which must have an int 'round') to metrics.jsonl; numeric fields to TB."""
+    """Appends `row` (which must have an int 'round') to metrics.jsonl; numeric fields to TB,
+    tagged by tb_tag."""
     self._file.write(to_json(row) + '\n')
     self._file.flush()
     if self._tb is not None:
       for key, value in row.items():
         # bool is an int subclass; lists (e.g. sampled clients) and strings are not scalars.
         if key != 'round' and isinstance(value, numbers.Real) and not isinstance(value, bool):
-          self._tb.add_scalar(key, value, global_step=row['round'])
+          self._tb.add_scalar(tb_tag(key), value, global_step=row['round'])
 
   def close(self) -> None:
     """Closes the files and plots the whole metrics.jsonl, earlier runs' rows of a resume included."""
     self._file.close()
     if self._tb is not None:
       self._tb.close()
-    plot_accuracy({self.title: read_metrics(self.metrics_path)}, self.workdir / 'accuracy.png',
-                  self.title)
+    plot_run(read_metrics(self.metrics_path), self.workdir / 'accuracy.png', self.title,
+             self.chance)
 
   def __enter__(self):
     return self

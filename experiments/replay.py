@@ -16,10 +16,9 @@ import json
 import pathlib
 
 from absl import flags
-from absl import logging
 
+from cooperllm_jax import cli
 from cooperllm_jax.errors import CheckpointError
-from experiments import cli
 
 _WORKDIR = flags.DEFINE_string('workdir', None, 'A run directory written by experiments.train.',
                                required=True)
@@ -92,7 +91,6 @@ def replay(workdir, log=print) -> str:
 
 def main(argv):
   del argv  # cli.run refuses positional arguments
-  logging.set_verbosity(logging.WARNING)  # orbax logs every read at INFO
   with cli.main_errors():
     print(replay(_WORKDIR.value))
 

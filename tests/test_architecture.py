@@ -134,7 +134,12 @@ def test_parse_fills_defaults_and_rejects_unknown_keys_with_a_suggestion():
     (dict(clients_per_round=20, num_clients=4), 'clients_per_round'),
     (dict(test_fraction=1.0), 'test_fraction'), (dict(keep_checkpoints=0), 'keep_checkpoints'),
     (dict(guard={'spike': 0.5}), 'guard.spike'), (dict(dp={'clip': 1.0, 'noise': 0.0}), 'dp.noise'),
-    (dict(system={'clients': 'toaster'}), 'toaster'), (dict(rounds='ten'), 'rounds')])
+    (dict(system={'clients': 'toaster'}), 'toaster'), (dict(rounds='ten'), 'rounds'),
+    (dict(text_column=''), 'text_column must be a column name'),
+    (dict(label_column=3), 'label_column must be a column name'),
+    (dict(text_column='label'), 'text_column and label_column are both'),
+    (dict(label_names=('a', 'a')), 'label_names must be distinct'),
+    (dict(label_names=('a', '')), 'label_names must be distinct non-empty')])
 def test_parse_validates_values_once_with_one_line_errors(over, match):
   with pytest.raises(ConfigError, match=match) as e:
     config_lib.parse(tz.config('fedmezo', **over))

@@ -175,6 +175,27 @@ def _(tmp, run, cleanup):
   return _data(_write_csv(tmp / 'cols.csv', ['a,0', 'b,1'], header='body,label'))
 
 
+@case('label_column_the_file_lacks', "no column 'topic' (label_column); the columns are body, label")
+def _(tmp, run, cleanup):
+  path = _write_csv(tmp / 'cols.csv', ['a,0', 'b,1'], header='body,label')
+  return _data(path, '--config.text_column=body', '--config.label_column=topic')
+
+
+@case('column_option_for_a_named_dataset', "bbcnews takes no options, got ['text_column']")
+def _(tmp, run, cleanup):
+  return _train(f'--workdir={tmp / "wd"}', *FAST, '--config.text_column=body')
+
+
+@case('text_and_label_the_same_column', "text_column and label_column are both 'label'")
+def _(tmp, run, cleanup):
+  return _data(_csv(tmp), '--config.text_column=label')
+
+
+@case('repeated_label_names', "label_names must be distinct non-empty names, got ['a', 'a']")
+def _(tmp, run, cleanup):
+  return _data(_csv(tmp), "--config.label_names=('a', 'a')")
+
+
 @case('negative_label', 'label -1 is outside')
 def _(tmp, run, cleanup):
   return _data(_write_csv(tmp / 'neg.csv', ['a b,0', 'c d,-1']))
@@ -471,7 +492,8 @@ def test_resume_repairs_a_damaged_ledger_from_an_older_checkpoint(tmp_path, shar
   (wd / 'metrics.jsonl').unlink()
   proc = _run('experiments.train', f'--workdir={wd}', *_run_flags(shared_run), '--resume')
   assert proc.returncode == 0, proc.stderr[-3000:]
-  assert 'checkpoint 4: the ledger' in proc.stdout and 'resuming after round 3' in proc.stdout
+  # The log lines go through absl logging (stderr); stdout has the summary line.
+  assert 'checkpoint 4: the ledger' in proc.stderr and 'resuming after round 3' in proc.stderr
   summary, original = (json.loads((d / 'summary.json').read_text()) for d in (wd, shared_run))
   for key in ('accuracy_before', 'accuracy_after'):
     assert summary[key] == original[key]

@@ -2,9 +2,12 @@
 
 import json
 
+import datasets
+import ml_collections
 import numpy as np
 import pytest
 
+from cooperllm_jax import config as config_lib
 from cooperllm_jax.data import sources
 from cooperllm_jax.errors import ConfigError, DataError
 
@@ -178,3 +181,24 @@ def test_no_rows(tmp_path):
   with pytest.raises(DataError) as e:
     sources.load_local(path)
   _assert_one_line(e, 'd.csv')
+
+
+@pytest.mark.parametrize('suffix', ['.csv', '.jsonl', '.parquet'])
+def test_run_config_reads_a_local_file_with_its_own_columns_and_label_names(tmp_path, suffix):
+  """config.text_column / label_column / label_names reach the loader the run uses (run/task.py
+  passes Data.file_options); the defaults pass nothing, so named datasets still load."""
+  path = tmp_path / f'reviews{suffix}'
+  table = datasets.Dataset.from_dict({'review': ['great film', 'dull plot', 'loved it'],
+                                      'stars': ['pos', 'neg', 'pos'], 'id': [1, 2, 3]})
+  {'.csv': table.to_csv, '.jsonl': table.to_json, '.parquet': table.to_parquet}[suffix](str(path))
+  cfg = config_lib.parse(ml_collections.ConfigDict(
+      {'dataset': str(path), 'text_column': 'review', 'label_column': 'stars',
+       'label_names': ('pos', 'neg')}))
+  ds = sources.load_dataset(cfg.data.dataset, **cfg.data.file_options)
+  assert ds.texts == ('great film', 'dull plot', 'loved it')
+  assert ds.label_names == ('pos', 'neg')      # the given order, not sorted
+  np.testing.assert_array_equal(ds.labels, [0, 1, 0])
+  assert config_lib.parse(ml_collections.ConfigDict({})).data.file_options == {}
+  with pytest.raises(DataError, match=r"no column 'text' \(text_column\); the columns are "
+                                      r"review, stars, id"):
+    sources.load_dataset(str(path))

@@ -5,16 +5,20 @@ import os
 import subprocess
 import sys
 
+import jax
 import numpy as np
 import pytest
+
+from cooperllm_jax.reporting import TB_GROUPS
+from test_reporting import read_scalars
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _csv(tmp_path, n=40):
+def _csv(tmp_path, n=40, header='text,label'):
   words = {'sport': 'football match goal team score', 'money': 'bank market shares profit rate'}
   rng = np.random.default_rng(0)
-  rows = ['text,label']
+  rows = [header]
   for i in range(n):
     label = 'sport' if i % 2 else 'money'
     rows.append(' '.join(rng.permutation(words[label].split())) + f' item {i},{label}')
@@ -39,9 +43,10 @@ def _error_line(proc):
 @pytest.mark.slow
 @pytest.mark.parametrize('algorithm', ['cooperllm', 'fedmezo', 'fedavg_bp'])
 def test_tiny_run_writes_metrics_summary_plot_and_events(tmp_path, algorithm):
-  data = _csv(tmp_path)
+  data = _csv(tmp_path, header='body,topic')   # a local file's own column names
   proc = _train(tmp_path / 'wd', f'--config=experiments/configs/demo.py:{algorithm}',
-                f'--config.dataset={data}', '--config.num_clients=2',
+                f'--config.dataset={data}', '--config.text_column=body',
+                '--config.label_column=topic', '--config.num_clients=2',
                 '--config.clients_per_round=2', '--config.rounds=2', '--config.local_steps=2',
                 '--config.batch_size=4', '--config.max_length=16', '--config.min_client_size=2',
                 '--config.partition=iid', '--config.test_fraction=0.25', '--config.eval_every=1')
@@ -71,9 +76,18 @@ def test_tiny_run_writes_metrics_summary_plot_and_events(tmp_path, algorithm):
   assert rows[1]['bytes_down'] == guidance and rows[2]['bytes_down'] > guidance
   summary = json.loads((wd / 'summary.json').read_text())
   assert summary['test_examples'] == 10
+  assert summary['chance_accuracy'] == 0.5     # 5 + 5 test examples: the majority-class rate
+  assert summary['jax'] == jax.__version__ and summary['device_kind'] == jax.devices()[0].device_kind
+  assert 'experiments.train' in summary['command'] and '--config.text_column=body' in summary['command']
   assert (wd / 'partition.npz').exists()
   assert (wd / 'accuracy.png').read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
-  assert list((wd / 'tb').glob('events.out.tfevents.*'))
+  # TensorBoard: every scalar the run logs is in one of the named groups (none under other/).
+  tags = {tag for tag, _, _ in read_scalars(wd / 'tb')}
+  assert {'test/test_accuracy', 'train/train_loss', 'comm/bytes_up_per_client',
+          'sim/sim_time_s'} <= tags
+  assert {tag.split('/')[0] for tag in tags} <= set(TB_GROUPS), sorted(tags)
+  if algorithm == 'cooperllm':
+    assert {'cloud/alpha', 'cloud/basis_rank'} <= tags
 
 
 def test_flags_files_name_registered_configs():
@@ -134,3 +148,16 @@ def test_overwrite_refuses_a_directory_that_is_not_a_workdir(tmp_path):
   (tmp_path / 'precious.txt').write_text('keep me')
   assert 'refusing to delete' in _error_line(_train(tmp_path, '--overwrite'))
   assert (tmp_path / 'precious.txt').read_text() == 'keep me'
+
+
+def test_noprogress_silences_the_datasets_progress_bar_too(tmp_path):
+  """Reading a local file shows `datasets`' bar ('Generating train split') unless --noprogress;
+  the run stops right after (a column the file lacks), so no model is loaded."""
+  data = _csv(tmp_path)
+  flags = (f'--config.dataset={data}', '--config.label_column=topic')
+  shown = _train(tmp_path / 'a', *flags)
+  silent = _train(tmp_path / 'b', *flags, '--noprogress')
+  for proc in (shown, silent):
+    assert "no column 'topic' (label_column)" in _error_line(proc)
+  assert 'Generating train split' in shown.stderr
+  assert 'Generating train split' not in silent.stderr

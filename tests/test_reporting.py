@@ -7,7 +7,8 @@ import pytest
 from tensorboardX.proto import event_pb2
 from tensorboardX.record_writer import masked_crc32c
 
-from cooperllm_jax.reporting import MetricWriter, plot_accuracy, read_metrics
+from cooperllm_jax.reporting import (TB_GROUPS, MetricWriter, plot_accuracy, plot_run,
+                                     read_metrics, tb_tag)
 
 _PNG_MAGIC = b'\x89PNG\r\n\x1a\n'
 
@@ -20,8 +21,9 @@ ROWS = [
      'backwards': 0, 'wall_s': 0.5, 'client_memory_bytes': 123456789, 'clients': [0, 2],
      'test_accuracy': 0.5, 'test_loss': 1.1},
 ]
-NUMERIC_TAGS = {'test_accuracy', 'test_loss', 'train_loss', 'bytes_up', 'bytes_down', 'forwards',
-                'backwards', 'wall_s', 'client_memory_bytes'}
+NUMERIC_TAGS = {'test/test_accuracy', 'test/test_loss', 'train/train_loss', 'comm/bytes_up',
+                'comm/bytes_down', 'train/forwards', 'train/backwards', 'train/wall_s',
+                'train/client_memory_bytes'}
 
 
 def read_scalars(tb_dir) -> list[tuple[str, int, float]]:
@@ -79,8 +81,8 @@ def test_tensorboard_gets_numeric_scalars_only(tmp_path):
   assert list((tmp_path / 'tb').glob('events.out.tfevents.*'))
   scalars = read_scalars(tmp_path / 'tb')
   assert {tag for tag, _, _ in scalars} == NUMERIC_TAGS  # no clients, note, resumed, round
-  expected = sorted((k, row['round'], v) for row in ROWS for k, v in row.items()
-                    if k in NUMERIC_TAGS)
+  expected = sorted((tb_tag(k), row['round'], v) for row in ROWS for k, v in row.items()
+                    if tb_tag(k) in NUMERIC_TAGS)
   got = sorted(scalars)
   assert [(tag, step) for tag, step, _ in got] == [(tag, step) for tag, step, _ in expected]
   # TensorBoard stores float32; compare at that precision.
@@ -131,3 +133,24 @@ def test_plot_accuracy_against_simulated_time_with_target(tmp_path):
   plot_accuracy({'timed': timed, 'untimed rows are skipped': ROWS}, tmp_path / 'time.png',
                 'vs simulated time', x='sim_time_s', target=0.45)
   assert_png(tmp_path / 'time.png')
+
+
+def test_tensorboard_tags_are_grouped_and_jsonl_keys_stay_bare(tmp_path):
+  with MetricWriter(tmp_path, title='t') as writer:
+    writer.write({'round': 1, 'sim_time_s': 2.0, 'alpha': 0.5, 'my_metric': 3.0})
+  assert {tag for tag, _, _ in read_scalars(tmp_path / 'tb')} == {
+      'sim/sim_time_s', 'cloud/alpha', 'other/my_metric'}
+  assert read_metrics(tmp_path / 'metrics.jsonl') == [
+      {'round': 1, 'sim_time_s': 2.0, 'alpha': 0.5, 'my_metric': 3.0}]
+  # Each key has one group: a key listed twice would get whichever group came last.
+  keys = [k for group in TB_GROUPS.values() for k in group]
+  assert len(keys) == len(set(keys))
+
+
+def test_plot_run_with_chance_line_time_axis_and_bytes(tmp_path):
+  timed = [{**row, 'sim_time_s': 0.4 * row['round'], 'bytes_up_per_client': 36.0,
+            'bytes_down_per_client': 15019.0} for row in ROWS]
+  plot_run(timed, tmp_path / 'run.png', 'cooperllm on demo', chance=0.229)
+  assert_png(tmp_path / 'run.png')
+  plot_run(ROWS[:1], tmp_path / 'first.png', 'before any round')   # round 0 only, no chance
+  assert_png(tmp_path / 'first.png')

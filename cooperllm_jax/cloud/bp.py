@@ -27,7 +27,7 @@ over 'data'; the numbers equal the single-device ones up to float reduction orde
 
 import dataclasses
 import math
-from typing import Callable, NamedTuple, Optional
+from typing import Any, Callable, NamedTuple, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -37,7 +37,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from cooperllm_jax.cloud.sharding import (LOGICAL_RULES, batch_sharding, spec_shardings,
                                           trainable_shardings)
 from cooperllm_jax.errors import ConfigError
-from cooperllm_jax.tree_math import tree_dot
+from cooperllm_jax.tree_math import PyTree, tree_dot
 from cooperllm_jax.zoo.spsa import loss_at
 from cooperllm_jax.zoo.trainable import Subset
 
@@ -97,7 +97,8 @@ class CloudStep:
   """
 
   def __init__(self, loss_fn: Callable, subset: Subset, config: CloudConfig,
-               mesh: Optional[Mesh] = None, model=None, rules=LOGICAL_RULES):
+               mesh: Optional[Mesh] = None, model: Any = None,
+               rules: Sequence[tuple] = LOGICAL_RULES):
     if mesh is not None and model is None:
       raise ValueError('make_cloud_step needs the model to shard its params on a mesh')
     self.loss_fn, self.subset, self.config = loss_fn, subset, config
@@ -177,7 +178,7 @@ class CloudStep:
                                  jax.eval_shape(self._init, trainable), trainable_sh,
                                  transform_non_params=lambda _: replicated)
 
-  def shardings(self, trainable, frozen, batches):
+  def shardings(self, trainable: PyTree, frozen: PyTree, batches: dict) -> tuple:
     """(cloud_state, trainable, frozen, batches) shardings on the mesh for these inputs."""
     data = self.mesh.shape['data']
     for name, x in batches.items():
@@ -191,7 +192,7 @@ class CloudStep:
 
   # ---- public API ----------------------------------------------------------------------------
 
-  def init(self, trainable):
+  def init(self, trainable: PyTree) -> PyTree:
     """The cloud's optimizer state for these trainable leaves (sharded on the mesh)."""
     if self.mesh is None:
       return jax.jit(self._init)(trainable)
@@ -200,15 +201,17 @@ class CloudStep:
                    out_shardings=self._state_shardings(trainable, trainable_sh))(
                        jax.device_put(trainable, trainable_sh))
 
-  def place(self, trainable, frozen, batches):
+  def place(self, trainable: PyTree, frozen: PyTree, batches: dict) -> tuple[PyTree, PyTree, dict]:
     """(trainable, frozen, batches) moved onto the step's shardings (no-op without a mesh)."""
     if self.mesh is None:
       return trainable, frozen, batches
     return tuple(jax.device_put(x, s) for x, s in
                  zip((trainable, frozen, batches), self.shardings(trainable, frozen, batches)[1:]))
 
-  def step(self, cloud_state, trainable, frozen, batches):
-    """(cloud_state, direction, stats) for one round; batches are {name: [K, B, ...]}."""
+  def step(self, cloud_state: PyTree, trainable: PyTree, frozen: PyTree,
+           batches: dict) -> tuple[PyTree, PyTree, dict]:
+    """(cloud_state, direction, stats) for one round at the global weights (trainable, frozen);
+    batches are {name: [K, B, ...]} (client_data.public_batches); cloud_state is donated."""
     args = (cloud_state, trainable, frozen, batches)
     if self.mesh is None:
       return self._plain(*args)
@@ -228,8 +231,9 @@ class CloudStep:
                    donate_argnums=0), in_sh
 
 
-def make_cloud_step(loss_fn: Callable, subset: Subset, config: CloudConfig,
-                    mesh: Optional[Mesh] = None, model=None, rules=LOGICAL_RULES) -> CloudStep:
+def make_cloud_step(loss_fn: Callable, subset: Subset, config: CloudConfig = CloudConfig(),
+                    mesh: Optional[Mesh] = None, model: Any = None,
+                    rules: Sequence[tuple] = LOGICAL_RULES) -> CloudStep:
   """The cloud's jitted BP round for `loss_fn = make_loss(model)` on the `subset` split; `model`
   (its specs' logical axes) is needed only with a mesh."""
   return CloudStep(loss_fn, subset, config, mesh, model, rules)

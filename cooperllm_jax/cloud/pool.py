@@ -13,7 +13,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from cooperllm_jax.tree_math import tree_dot
+from cooperllm_jax.tree_math import PyTree, tree_dot
 
 
 class Pool(NamedTuple):
@@ -21,12 +21,13 @@ class Pool(NamedTuple):
   filled: jax.Array    # int32: how many slots hold a direction
 
 
-def empty_pool(trainable, m: int) -> Pool:
+def empty_pool(trainable: PyTree, m: int) -> Pool:
+  """A pool of m slots shaped like the trainable weights, none filled."""
   return Pool(jax.tree.map(lambda x: jnp.zeros((m,) + x.shape, jnp.float32), trainable),
               jnp.int32(0))
 
 
-def push(pool: Pool, direction) -> Pool:
+def push(pool: Pool, direction: PyTree) -> Pool:
   """The pool with `direction` as the newest entry; the oldest falls out when all m are filled."""
   def one(stack, d):
     return jnp.concatenate([d[None].astype(jnp.float32), stack[:-1]], axis=0)
@@ -35,7 +36,7 @@ def push(pool: Pool, direction) -> Pool:
   return Pool(jax.tree.map(one, pool.directions, direction), jnp.minimum(pool.filled + 1, m))
 
 
-def orthonormalize(pool: Pool, rank_tol: float = 1e-4):
+def orthonormalize(pool: Pool, rank_tol: float = 1e-4) -> tuple[PyTree, jax.Array]:
   """(basis, valid): basis leaves [m, *shape] orthonormal over the whole tree (invalid slots zero),
   spanning the pool's directions newest first; valid float32 [m]."""
   m = jax.tree.leaves(pool.directions)[0].shape[0]

@@ -9,7 +9,7 @@ import os
 import pathlib
 import re
 import tempfile
-from typing import Optional, Sequence, Union
+from typing import Any, Optional, Sequence, Union
 
 import numpy as np
 
@@ -59,9 +59,10 @@ def _read_columns(path: pathlib.Path, builder: str, cache_dir: Optional[PathLike
     except (datasets.exceptions.DatasetGenerationError, ValueError) as e:
       cause = str(e.__cause__ or e).strip().splitlines() or [type(e).__name__]
       raise DataError(f'{path}: cannot read as {builder}: {cause[0]}') from None
-    for column in (text_column, label_column):
+    for option, column in (('text_column', text_column), ('label_column', label_column)):
       if column not in ds.column_names:
-        raise DataError(f'{path}: no column {column!r}; columns are {ds.column_names}')
+        raise DataError(f'{path}: no column {column!r} ({option}); the columns are '
+                        f'{", ".join(ds.column_names)}')
     return list(ds[text_column]), list(ds[label_column])
 
 
@@ -159,7 +160,7 @@ def check_labels(dataset: TextDataset, source: str) -> TextDataset:
   return dataset
 
 
-def load_dataset(name_or_path: str, **kw) -> TextDataset:
+def load_dataset(name_or_path: str, **kw: Any) -> TextDataset:
   """Loads a named dataset ('bbcnews' or corpora.LOADERS; keyword arguments are its loader's
   options, e.g. split='test' for '20news') or a local file (keyword arguments go to
   `load_local`), checked by check_labels."""

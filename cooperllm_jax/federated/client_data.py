@@ -5,6 +5,8 @@ edge's replay see the same data. Batches come out stacked as [clients, local_ste
 one jitted call trains every sampled client.
 """
 
+from typing import Sequence
+
 import jax
 import numpy as np
 
@@ -29,9 +31,11 @@ def client_example_indices(client_indices: np.ndarray, steps: int, batch_size: i
   return order[:need].reshape(steps, batch_size)
 
 
-def round_batches(arrays: dict, labels: np.ndarray, clients: list, sampled: np.ndarray, steps: int,
-                  batch_size: int, seed: int, round_index: int):
-  """Stacked batches {name: [C, steps, batch, ...]} and per-client example counts [C]."""
+def round_batches(arrays: dict, labels: np.ndarray, clients: Sequence[np.ndarray],
+                  sampled: np.ndarray, steps: int, batch_size: int, seed: int,
+                  round_index: int) -> tuple[dict, np.ndarray]:
+  """Stacked batches {name: [C, steps, batch, ...]} of the `sampled` clients (clients[c]: client
+  c's example indices, Partition.clients) and their example counts [C] (the FedAvg weights)."""
   idx = np.stack([client_example_indices(clients[c], steps, batch_size, seed, round_index, int(c))
                   for c in sampled])
   batches = {k: v[idx] for k, v in arrays.items() if k in ('input_ids', 'attention_mask')}
@@ -49,7 +53,7 @@ def round_shapes(arrays: dict, steps: int, batch_size: int) -> dict:
 
 
 def public_set(arrays: dict, labels: np.ndarray, public: np.ndarray, *, examples: int = 0,
-               classes=(), shuffle_labels: bool = False, seed: int = 0) -> dict:
+               classes: Sequence[int] = (), shuffle_labels: bool = False, seed: int = 0) -> dict:
   """The cloud's public data {input_ids, attention_mask, labels}, with the ablations' controls:
 
   examples        keep at most this many (a stratified-agnostic random subset; 0 = all);

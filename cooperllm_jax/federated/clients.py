@@ -18,7 +18,8 @@ import jax.numpy as jnp
 from cooperllm_jax import mesh as mesh_lib
 from cooperllm_jax.zoo import keys as keys_lib
 from cooperllm_jax.zoo.perturb import master
-from cooperllm_jax.zoo.spsa import Estimator, make_zo_step
+from cooperllm_jax.tree_math import PyTree
+from cooperllm_jax.zoo.spsa import Estimator, LossFn, make_zo_step
 from cooperllm_jax.zoo.trainable import Subset
 
 SHARED = -1  # an address field shared by every client (DeComFL's seeds, FedKSeed's candidate pool)
@@ -32,7 +33,10 @@ class Uplink(NamedTuple):
 
 
 # address_fn(seed, round, client, step, probes) -> int32 [probes, 4]
-AddressFn = Callable
+AddressFn = Callable[..., jax.Array]
+# client_update(trainable, frozen, batches, seed, round, client, lr, guide=None)
+#   -> (trainable, Uplink, losses [S])
+ClientUpdate = Callable[..., tuple[PyTree, Uplink, jax.Array]]
 
 
 def own_addresses(seed, round_index, client, step, probes):
@@ -76,10 +80,11 @@ def scan_local_steps(step: Callable, trainable, batches):
   return trainable, uplink, losses
 
 
-def make_client_update(loss_fn, est: Estimator, subset: Subset = Subset(),
-                       address_fn: AddressFn = own_addresses):
+def make_client_update(loss_fn: LossFn, est: Estimator, subset: Subset = Subset(),
+                       address_fn: AddressFn = own_addresses) -> ClientUpdate:
   """client_update(trainable, frozen, batches, seed, round, client, lr, guide=None)
-  -> (trainable, Uplink, losses).
+  -> (trainable, Uplink, losses): one client's S local ZO steps under lax.scan, pure and jittable.
+  round is 1-based (make_round); the local model stays with the client, the Uplink is what it sends.
 
   batches: {name: [S, B, ...]}; losses: float32 [S] (the mean loss of each step's probes);
   guide: the round's ZGR guidance (zoo.Guidance), None for plain directions.

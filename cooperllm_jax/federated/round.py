@@ -10,7 +10,7 @@ who fuse a round into a larger step of their own.
 """
 
 import functools
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
@@ -19,8 +19,10 @@ import numpy as np
 from cooperllm_jax import mesh as mesh_lib
 from cooperllm_jax.config import Aggregation
 from cooperllm_jax.federated.channel import Channel, Received
-from cooperllm_jax.federated.clients import Uplink, make_clients_fn
+from cooperllm_jax.federated.clients import ClientUpdate, Uplink, make_clients_fn
 from cooperllm_jax.federated.edge import edge_replay
+from cooperllm_jax.tree_math import PyTree
+from cooperllm_jax.zoo.guided import Guidance
 
 
 class RoundOutput(NamedTuple):
@@ -35,12 +37,17 @@ class Round:
   -> RoundOutput; `trainable` is donated unless donate=False.
 
   batches {name: [C, S, B, ...]}; counts float32 [C] (FedAvg weights); clients int32 [C];
-  extra: further client_update args (e.g. FwdLLM's previous update); guide: the round's ZGR
-  guidance, used by every client and by the edge's replay. backend='loop' runs one jitted call
-  per client (for debugging); with a mesh the clients are split over its 'clients' axis.
+  round_index: 1-based, as the CLI numbers rounds (round 0 is the starting model's evaluation);
+  the probe keys are functions of (seed, round, client, step, probe), so the same numbering gives
+  the same bits. extra: further client_update args (e.g. FwdLLM's previous update); guide: the
+  round's ZGR guidance (make_guidance), used by every client and by the edge's replay.
+  backend='loop' runs one jitted call per client (for debugging); with a mesh the clients are
+  split over its 'clients' axis. `distribution` must be the Estimator's (the edge regenerates its
+  directions).
   """
 
-  def __init__(self, client_update, *, seed: int, chunk: int = 1, mesh=None, backend='map',
+  def __init__(self, client_update: ClientUpdate, *, seed: int, chunk: int = 1,
+               mesh: Optional[jax.sharding.Mesh] = None, backend: str = 'map',
                distribution: str = 'gaussian', shared: bool = False,
                aggregation: Aggregation = Aggregation(), channel: Channel = Channel(),
                donate: bool = True):
@@ -58,13 +65,15 @@ class Round:
 
     self._edge = jax.jit(edge_fn, donate_argnums=0 if donate else ())
 
-  def edge(self, trainable, uplinks: Uplink, client_weights, lr, guide=None):
+  def edge(self, trainable: PyTree, uplinks: Uplink, client_weights: jax.Array, lr: float,
+           guide: Optional[Guidance] = None) -> PyTree:
     """The edge's update of the global trainable weights from one round's received uplinks; the
     ledger replay (experiments/replay.py) calls this same function."""
     return self._edge(trainable, uplinks, client_weights, lr, guide)
 
-  def local_training(self, trainable, frozen, batches, clients, round_index, lr, *extra,
-                     guide=None):
+  def local_training(self, trainable: PyTree, frozen: PyTree, batches: dict, clients: jax.Array,
+                     round_index: jax.Array, lr: float, *extra: Any,
+                     guide: Optional[Guidance] = None) -> tuple[Uplink, jax.Array]:
     """(uplinks [C, S, P, ...], losses [C, S]) of the sampled clients' local training."""
     if self.backend == 'map':
       return self.clients(trainable, frozen, batches, clients, round_index, lr, *extra,
@@ -78,8 +87,9 @@ class Round:
       outs.append((uplink, losses))
     return jax.tree.map(lambda *xs: jnp.stack(xs), *outs)
 
-  def __call__(self, trainable, frozen, batches, counts, clients, round_index, lr, *extra,
-               guide=None) -> RoundOutput:
+  def __call__(self, trainable: PyTree, frozen: PyTree, batches: dict, counts: Any, clients: Any,
+               round_index: int, lr: float, *extra: Any,
+               guide: Optional[Guidance] = None) -> RoundOutput:
     ids = np.asarray(clients, np.int32)
     args = (batches, jnp.asarray(counts, jnp.float32), jnp.asarray(ids), jnp.int32(round_index))
     if self.mesh is not None:

@@ -1,6 +1,6 @@
 """What every model shares: the perturbation hooks and the classification loss."""
 
-from typing import Any, Optional, Protocol
+from typing import Any, Callable, Optional, Protocol
 
 import jax
 import jax.numpy as jnp
@@ -56,11 +56,11 @@ def classification_loss(logits, labels, weight=None):
   return (nll * weight).sum() / jnp.maximum(weight.sum(), 1.0)
 
 
-def make_loss(model):
-  """loss(params, batch, perturb=None) -> float32 mean cross-entropy of the model's class logits,
-  masked by batch['weight'] when present."""
+def make_loss(model: Any) -> Callable[..., jax.Array]:
+  """loss(params, batch, perturb=None) -> float32 mean cross-entropy of the model's class logits
+  (an Encoder's or a Decoder's), masked by batch['weight'] when present."""
 
-  def loss(params, batch, perturb: Optional[Perturb] = None):
+  def loss(params: Params, batch: dict, perturb: Optional[Perturb] = None) -> jax.Array:
     return classification_loss(model.logits(params, batch, perturb), batch['labels'],
                                batch.get('weight'))
 

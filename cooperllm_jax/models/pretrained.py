@@ -10,8 +10,10 @@ from typing import Optional, Sequence, Union
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from cooperllm_jax import assets
+from cooperllm_jax.data.tokenize import tokenize_texts
 from cooperllm_jax.errors import ConfigError, LoaderError
 from cooperllm_jax.models import gguf as gguf_lib
 from cooperllm_jax.models import hf
@@ -28,6 +30,7 @@ TOKENIZER_FILES = ('tokenizer.json', 'vocab.txt', 'vocab.json', 'tokenizer.model
 
 @dataclasses.dataclass
 class Pretrained:
+  """A loaded model: its pure functions, params pytree, tokenizer and pad id."""
   model: Model
   params: dict
   tokenizer: object          # a `tokenizers.Tokenizer`
@@ -47,6 +50,15 @@ class Pretrained:
       usable -= cfg.pad_token_id + 1
     if max_length > usable:
       raise ConfigError(f'max_length={max_length} exceeds the {usable} positions of {self.source}')
+
+  def tokenize(self, texts: Sequence[str], *, max_length: int,
+               suffix: Optional[str] = None) -> dict[str, np.ndarray]:
+    """data.tokenize_texts with this model's tokenizer and pad id, after check_max_length: int32
+    {input_ids, attention_mask} [N, max_length]. A decoder's `suffix` is the cue its label words
+    are scored after (e.g. '\\nTopic:')."""
+    self.check_max_length(max_length)
+    return tokenize_texts(self.tokenizer, texts, max_length=max_length, pad_id=self.pad_id,
+                          suffix=suffix)
 
 
 def resolve(name_or_path: str) -> pathlib.Path:

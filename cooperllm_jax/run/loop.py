@@ -1,10 +1,14 @@
-"""`train_and_evaluate(config, workdir)`: one federated run, importable; flags live in experiments/.
+"""`train_and_evaluate(config, workdir)`: one federated run, importable; the flags are the CLI's
+(cooperllm_jax/train.py), never read here.
 
 Loads the model and data named by the config, partitions the data over simulated clients, runs the
 rounds of the configured algorithm and writes to `workdir`: config.json, partition.npz,
 metrics.jsonl (one line per round: accuracy, loss, bytes up/down, passes, client memory, wall time,
 and the simulated wall clock of the configured devices, sim_round_s / sim_time_s: system/clock.py),
-TensorBoard events (tb/), accuracy.png and summary.json. Returns the summary dict.
+TensorBoard events (tb/, the same scalars grouped as train/, test/, comm/, sim/, cloud/),
+accuracy.png (reporting.plot_run) and summary.json (the result, the chance level, and what produced
+it: run/provenance.py). Returns the summary dict. Rounds are numbered from 1; round 0 is the
+pretrained model's evaluation.
 
 The loop itself is short: everything around a round is a hook (run/hooks.py) over one RunState
 (run/state.py). Checkpoints (orbax, every `checkpoint_every` rounds; `resume=True` goes on from the
@@ -13,17 +17,19 @@ the model from it), the channel's faults and DP, and the divergence guard: see t
 """
 
 import json
+import os
 import pathlib
 import time
-from typing import Callable, Optional
+from typing import Callable, Optional, Union
 
 import jax
+import ml_collections
 import numpy as np
 
 from cooperllm_jax import checkpoint as checkpoint_lib
 from cooperllm_jax import config as config_lib
 from cooperllm_jax.errors import CheckpointError, ConfigError
-from cooperllm_jax.evaluation import evaluate
+from cooperllm_jax.evaluation import evaluate, majority_rate
 from cooperllm_jax.federated import client_data
 from cooperllm_jax.federated import registry
 from cooperllm_jax.federated.accounting import DownlinkTracker
@@ -32,6 +38,7 @@ from cooperllm_jax.models import count_params
 from cooperllm_jax.reporting import MetricWriter, NullWriter, to_json, truncate_metrics
 from cooperllm_jax.run import hooks as hooks_lib
 from cooperllm_jax.run import workdir as workdir_lib
+from cooperllm_jax.run.provenance import provenance
 from cooperllm_jax.run.guard import DivergenceGuard
 from cooperllm_jax.run.state import RunState
 from cooperllm_jax.run.task import Task, load_task
@@ -75,11 +82,13 @@ def start_state(cfg, task: Task, algorithm) -> RunState:
                   DivergenceGuard.of(cfg.guard))
 
 
-def train_and_evaluate(config, workdir, overwrite: bool = False, log=print,
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: Union[str, os.PathLike],
+                       overwrite: bool = False, log: Callable[[str], None] = print,
                        progress: Optional[Callable] = None, resume: bool = False) -> dict:
-  """Runs config (a ConfigDict) in workdir; `progress(iterable)` may wrap the rounds (e.g. tqdm).
-  resume=True continues the run in workdir from its newest good checkpoint (same training config
-  required)."""
+  """Runs config (a ConfigDict of cooperllm_jax/configs/default.py's layout) in workdir and returns
+  the summary; `log` takes each progress line, `progress(iterable)` may wrap the rounds (e.g.
+  tqdm). resume=True continues the run in workdir from its newest good checkpoint (same training
+  config required)."""
   cfg = config_lib.parse(config)
   primary = jax.process_index() == 0  # a multi-process run: all compute, process 0 writes
   workdir = open_workdir(config, workdir, overwrite, resume, primary)
@@ -108,7 +117,8 @@ def train_and_evaluate(config, workdir, overwrite: bool = False, log=print,
   if run.guard is not None:
     run.guard.reference = before['loss']   # a blow-up is judged against the starting model
   title = f'{cfg.algorithm} on {task.dataset.name} with {cfg.model.name}'
-  with (MetricWriter(workdir, title=title, tensorboard=cfg.tensorboard) if primary
+  chance = majority_rate(task.labels, task.partition.test)
+  with (MetricWriter(workdir, title=title, tensorboard=cfg.tensorboard, chance=chance) if primary
         else NullWriter()) as writer:
     if not resume:
       writer.write({'round': 0, 'test_accuracy': before['accuracy'], 'test_loss': before['loss'],
@@ -130,11 +140,12 @@ def train_and_evaluate(config, workdir, overwrite: bool = False, log=print,
              'accuracy_after': ran.row['test_accuracy'] if ran else evaluation(run)['accuracy'],
              'val_accuracy_after': ran.row.get('val_accuracy') if ran else None,
              'test_examples': before['examples'], 'validation_examples': len(validation),
+             'chance_accuracy': chance,
              'train_seconds': run.seconds_before + time.perf_counter() - started,
              'client_memory_bytes': client_memory, 'sim_time_s': run.clock.elapsed,
              'system': {'clients': cfg.system.clients, 'edge': cfg.system.edge,
                         'cloud': cfg.system.cloud, 'pipelined': bool(cfg.system.pipelined)},
-             'backend': jax.default_backend()}
+             'backend': jax.default_backend(), **provenance()}
   if primary:
     (workdir / 'summary.json').write_text(to_json(summary, indent=2))
   return summary

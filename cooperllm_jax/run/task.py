@@ -55,15 +55,13 @@ class Task:
 def load_task(cfg: config_lib.RunConfig, needs_public: bool = False) -> Task:
   """The task of a run config; needs_public: also cut the cloud's public set (config.Cloud)."""
   m, d = cfg.model, cfg.data
-  dataset = data_lib.load_dataset(d.dataset)
+  dataset = data_lib.load_dataset(d.dataset, **d.file_options)
   pre = load_pretrained(m.name, num_labels=dataset.num_classes,
                         label_words=list(m.label_words or dataset.label_names),
                         dtype=m.dtype, param_dtype=m.param_dtype, pooling=m.pooling,
                         seed=cfg.seed)
-  pre.check_max_length(d.max_length)
   suffix = m.prompt_suffix if pre.is_decoder else None
-  arrays = data_lib.tokenize_texts(pre.tokenizer, dataset.texts, max_length=d.max_length,
-                                   pad_id=pre.pad_id, suffix=suffix)
+  arrays = pre.tokenize(dataset.texts, max_length=d.max_length, suffix=suffix)
   partition = data_lib.make_partition(
       dataset.labels, num_clients=d.num_clients, scheme=d.partition, alpha=d.dirichlet_alpha,
       test_fraction=d.test_fraction, public_fraction=d.public_fraction,
@@ -73,8 +71,8 @@ def load_task(cfg: config_lib.RunConfig, needs_public: bool = False) -> Task:
   if needs_public:
     c = cfg.cloud
     if c.public_dataset:
-      public_arrays, public_labels = _other_public(c.public_dataset, dataset, pre, d.max_length,
-                                                   suffix)
+      public_arrays, public_labels = _other_public(c.public_dataset, dataset, pre,
+                                                   d.max_length, suffix)
       pool = np.arange(len(public_labels))
     else:
       public_arrays, public_labels, pool = arrays, dataset.labels, partition.public
@@ -95,6 +93,5 @@ def _other_public(names: str, private, pre, max_length: int, suffix) -> tuple[di
                         f'{list(part.label_names)}, the clients\' {private.name} '
                         f'{private.num_classes} {list(private.label_names)}')
   texts = [t for part in parts for t in part.texts]
-  arrays = data_lib.tokenize_texts(pre.tokenizer, texts, max_length=max_length, pad_id=pre.pad_id,
-                                   suffix=suffix)
-  return arrays, np.concatenate([part.labels for part in parts])
+  return pre.tokenize(texts, max_length=max_length, suffix=suffix), np.concatenate(
+      [part.labels for part in parts])

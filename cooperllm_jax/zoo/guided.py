@@ -49,6 +49,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+from jax.typing import ArrayLike
 
 from cooperllm_jax.zoo import keys as keys_lib
 
@@ -80,12 +81,16 @@ class Guidance(NamedTuple):
   step_v: jax.Array
 
 
-def make_guidance(basis, valid, alpha, beta=1.0, probe_v=DEFAULT_PROBE_V, step_v=1.0) -> Guidance:
+def make_guidance(basis: dict, valid: ArrayLike, alpha: ArrayLike, beta: ArrayLike = 1.0,
+                  probe_v: ArrayLike = DEFAULT_PROBE_V, step_v: ArrayLike = 1.0) -> Guidance:
+  """A Guidance from an orthonormal basis (pool.orthonormalize's (basis, valid)) and the mixing:
+  alpha = 1 or an empty basis is plain ZO; step_v = step_ratio(lr_V, lr) sets the first-order rate
+  lr_V of the step along V."""
   f = lambda x: jnp.asarray(x, jnp.float32)
   return Guidance(basis, f(valid), f(alpha), f(beta), f(probe_v), f(step_v))
 
 
-def step_ratio(lr_v, lr):
+def step_ratio(lr_v: ArrayLike, lr: ArrayLike) -> jax.Array:
   """step_v = lr_V / lr (0 where lr is 0: nothing moves then anyway)."""
   lr = jnp.asarray(lr, jnp.float32)
   return jnp.where(lr > 0, jnp.asarray(lr_v, jnp.float32) / jnp.where(lr > 0, lr, 1.0), 0.0)

@@ -33,6 +33,7 @@ from typing import Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.typing import ArrayLike
 
 from cooperllm_jax.models.spec import path_hash
 
@@ -40,11 +41,11 @@ DISTRIBUTIONS = ('gaussian', 'rademacher', 'gaussian_hash', 'rademacher_hash')
 ADDRESS_FIELDS = ('round', 'client', 'step', 'probe')
 
 
-def root_key(seed) -> jax.Array:
+def root_key(seed: ArrayLike) -> jax.Array:
   return jax.random.key(seed, impl='threefry2x32')
 
 
-def address_key(seed, address: Sequence) -> jax.Array:
+def address_key(seed: ArrayLike, address: Sequence[ArrayLike]) -> jax.Array:
   """The probe key of address = (round, client, step, probe); ints or traced int32 scalars."""
   key = root_key(seed)
   for field in address:
@@ -52,7 +53,7 @@ def address_key(seed, address: Sequence) -> jax.Array:
   return key
 
 
-def address_keys(seed, addresses: jax.Array) -> jax.Array:
+def address_keys(seed: ArrayLike, addresses: jax.Array) -> jax.Array:
   """Probe keys for int32 addresses of shape [..., 4] (vmapped address_key)."""
   flat = addresses.reshape(-1, len(ADDRESS_FIELDS))
   keys = jax.vmap(lambda a: address_key(seed, tuple(a)))(flat)

@@ -8,9 +8,11 @@ from typing import Optional
 
 import jax
 import jax.numpy as jnp
+from jax.typing import ArrayLike
 
 from cooperllm_jax.kernels.fused_perturb import fused_perturb
 from cooperllm_jax.models.spec import path_str
+from cooperllm_jax.tree_math import PyTree
 from cooperllm_jax.zoo import guided
 from cooperllm_jax.zoo import keys as keys_lib
 from cooperllm_jax.zoo.guided import Guidance, direction
@@ -151,7 +153,7 @@ def apply_direction(tree, key: jax.Array, coef, distribution: str = 'gaussian',
       lambda path, x: _update_leaf(path, x, key, coef, distribution, guide), tree)
 
 
-def coefficients(lr, scalars, weights):
+def coefficients(lr: ArrayLike, scalars: ArrayLike, weights: ArrayLike) -> ArrayLike:
   """Update coefficients lr * (weight * g) of ledger entries: the one formula the client's step and
   the edge's replay share (weight is 1/P for a P-probe average, 0 for padding)."""
   return lr * (weights * scalars)
@@ -167,8 +169,8 @@ def apply_directions(tree, keys: jax.Array, coefs: jax.Array, distribution: str 
   return jax.lax.fori_loop(0, coefs.shape[0], body, tree)
 
 
-def replay(tree, seed, addresses: jax.Array, coefs: jax.Array, distribution: str = 'gaussian',
-           guide: Optional[Guidance] = None):
+def replay(tree: PyTree, seed: ArrayLike, addresses: jax.Array, coefs: jax.Array,
+           distribution: str = 'gaussian', guide: Optional[Guidance] = None) -> PyTree:
   """The edge's replay of a ledger: addresses int32 [N, 4], coefs float32 [N] (already lr- and
   weight-scaled), under the round's guidance if any. Entries with coef 0 (padding, rejected
   scalars) leave the tree unchanged."""

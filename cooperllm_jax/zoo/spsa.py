@@ -17,8 +17,10 @@ from typing import Callable, Optional
 
 import jax
 import jax.numpy as jnp
+from jax.typing import ArrayLike
 
 from cooperllm_jax.errors import ConfigError
+from cooperllm_jax.tree_math import PyTree
 from cooperllm_jax.zoo import keys as keys_lib
 from cooperllm_jax.zoo.guided import Guidance
 from cooperllm_jax.zoo.perturb import IMPLS, Perturbation, apply_directions, coefficients
@@ -27,7 +29,9 @@ from cooperllm_jax.zoo.trainable import Subset, overlay, trainable_paths
 SCHEMES = ('central', 'one_sided')
 
 # loss_fn(params, batch, perturb) -> float32 scalar; params = overlay(frozen, trainable).
-LossFn = Callable
+LossFn = Callable[..., jax.Array]
+# step(trainable, frozen, batch, keys [P], lr, guide=None) -> (trainable, g [P], loss).
+ZOStep = Callable[..., tuple[PyTree, jax.Array, jax.Array]]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,7 +66,7 @@ class Estimator:
   def forwards_per_step(self) -> int:
     return self.forwards(self.probes, 1)
 
-  def forwards(self, probes, steps):
+  def forwards(self, probes: ArrayLike, steps: ArrayLike) -> ArrayLike:
     """Forward passes of `probes` probes over `steps` local steps (one-sided: + L(theta) a step);
     works on integers and integer arrays alike."""
     return 2 * probes if self.scheme == 'central' else probes + steps
@@ -113,7 +117,7 @@ def make_estimate(loss_fn: LossFn, est: Estimator, subset: Subset = Subset()):
   return estimate
 
 
-def make_zo_step(loss_fn: LossFn, est: Estimator, subset: Subset = Subset()):
+def make_zo_step(loss_fn: LossFn, est: Estimator, subset: Subset = Subset()) -> ZOStep:
   """step(trainable, frozen, batch, keys[P], lr, guide=None) -> (trainable, g [P], loss), pure and
   jittable.
 

@@ -16,13 +16,14 @@ Modes:
 """
 
 import dataclasses
-from typing import Tuple
+from typing import Optional, Tuple
 
 import jax
 import jax.numpy as jnp
 
 from cooperllm_jax.errors import ConfigError
 from cooperllm_jax.models.spec import path_hash, path_str
+from cooperllm_jax.tree_math import PyTree
 
 MODES = ('full', 'bitfit', 'head', 'lora')
 BODY_GROUPS = ('embed', 'layers')
@@ -88,7 +89,7 @@ class Subset:
       return head or path[-1] == 'bias'
     return head  # head, lora
 
-  def split(self, params, key=None):
+  def split(self, params: PyTree, key: Optional[jax.Array] = None) -> tuple[PyTree, PyTree]:
     """(trainable, frozen), disjoint. LoRA needs `key` to initialize A (B starts at zero, so the
     model is unchanged at step 0)."""
     trainable = _select(params, self._keep)
@@ -118,7 +119,7 @@ class Subset:
       raise ConfigError(f'trainable mode {self.mode!r} selects no parameters of this model')
     return trainable, frozen
 
-  def materialize(self, frozen, trainable):
+  def materialize(self, frozen: PyTree, trainable: PyTree) -> PyTree:
     """Plain model params (LoRA merged) for evaluation, checkpoints and the next round."""
     merged = overlay(frozen, trainable)
     if self.mode == 'lora':

@@ -1,4 +1,5 @@
-"""What the entry points share: every user-facing failure is one `error:` line and exit 2.
+"""What the entry points share: every user-facing failure is one `error:` line and exit 2, and
+absl logging shows this project's INFO lines but only the warnings of the libraries below it.
 
 absl prints a usage dump and exits 1 on a flag it cannot parse, and ml_collections raises (at
 import, when it reads the overrides of the default config, or later, when a --config file that
@@ -9,13 +10,25 @@ tracebacks), and `main_errors` does the same for CooperErrors and file-system er
 
 import contextlib
 import inspect
+import logging as py_logging
+import pathlib
 import sys
 import traceback
 
 from absl import app
 from absl import flags
+from absl import logging
 
 from cooperllm_jax.errors import CooperError
+
+
+# Sources whose INFO records are shown: this package and, in a checkout, experiments/.
+_OWN = tuple(str(pathlib.Path(__file__).parent.parent / d) for d in ('cooperllm_jax', 'experiments'))
+
+
+def _own_info(record: py_logging.LogRecord) -> bool:
+  """Warnings from anyone, INFO only from our code: orbax logs every checkpoint step at INFO."""
+  return record.levelno >= py_logging.WARNING or record.pathname.startswith(_OWN)
 
 
 def fail(message: str):
@@ -74,7 +87,8 @@ def main_errors():
 
 
 def run(main, config_flag=None):
-  """app.run(main) with flag errors (and a --config that fails to load) as one line, exit 2."""
+  """app.run(main) with flag errors (and a --config that fails to load) as one line, exit 2, and
+  logging at INFO for our code (warnings for the libraries)."""
   def parse(argv):
     with flag_errors():
       rest = flags.FLAGS(argv)
@@ -83,5 +97,9 @@ def run(main, config_flag=None):
       if len(rest) > 1:
         raise flags.Error(f'unexpected arguments: {rest[1:]}')
     return rest
+  def main_logging(argv):
+    logging.set_verbosity(logging.INFO)
+    logging.get_absl_handler().addFilter(_own_info)
+    return main(argv)
   sys.unraisablehook = _unraisable
-  app.run(main, flags_parser=parse)
+  app.run(main_logging, flags_parser=parse)

@@ -1,0 +1,1 @@
+"""Config files shipped with the package (ml_collections `get_config()` modules)."""
