@@ -6,20 +6,24 @@ way, three seeds, on settings where the private data differs from the public dat
   python -m experiments.benchmark --workdir=workdir/benchmark_quick --quick          # minutes
 
 Stages, in order (--stage=all runs the three):
-  sweep   every method of a setting at each learning rate of its grid (5 log-spaced values), seed 0.
-          The rate is picked by the final accuracy on a validation split held out of the clients'
-          data (data.validation_fraction); the test split is never looked at. A pick at the edge
-          of the grid is flagged in the table (the grid should be widened there).
-  seeds   the picked rate at seeds 0, 1, 2 (seed 0 is the sweep's run).
+  sweep   every method of a setting at each value of its knob's grid (5 log-spaced values), seed
+          0: the learning rate, but for cooperllm, whose plain part runs at FedMeZO's picked rate
+          and whose own rate lr_V (the step along the cloud's subspace) is swept. The value is
+          picked by the final accuracy on a validation split held out of the clients' data
+          (data.validation_fraction); the test split is never looked at. A pick at the edge of
+          the grid is flagged in the table (the grid should be widened there).
+  seeds   the picked values at seeds 0, 1, 2 (seed 0 is the sweep's run).
   report  workdir/<setting>/table.md|json: final test accuracy as mean and 95% t-interval over the
           seeds; rounds, client forward passes and simulated seconds to the target (the best final
           mean accuracy among the baselines, cloud_only and warm_start included); bytes per
           client and round; accuracy.png / accuracy_vs_time.png (seed means).
 
-Every run lives in workdir/<setting>/runs/<method>/lr=<lr>/seed=<seed>/. A finished run whose
-config matches is read back, not rerun; an interrupted one resumes from its newest checkpoint, so
-the sweep spans sessions. warm_start's cloud rounds use cloud_only's picked rate, so cloud_only is
-swept first; its cloud phase is the first half of the rounds. --quick shrinks every setting (rounds, clients, grid, seeds) to check the pipeline.
+Every run lives in workdir/<setting>/runs/<method>/<knob>=<value>/seed=<seed>/. A finished run
+whose config matches is read back, not rerun; an interrupted one resumes from its newest
+checkpoint, so the sweep spans sessions. A method that takes another's pick (cooperllm: FedMeZO's
+rate; warm_start: cloud_only's rate for its cloud phase, the first half of the rounds; the ZGR
+ablations: cooperllm's picks) is swept after it. --quick shrinks every setting (rounds, clients,
+grid, seeds) to check the pipeline.
 """
 
 import json
@@ -47,8 +51,14 @@ _CACHE = flags.DEFINE_string('compilation_cache', 'workdir/jax_cache',
                              "'' = off.")
 
 
-def run_dir(root: pathlib.Path, method: str, lr: float, seed: int) -> pathlib.Path:
-  return root / 'runs' / method / f'lr={lr:g}' / f'seed={seed}'
+def knob_name(method: str) -> str:
+  """The short name of a method's swept knob: lr, lr_v."""
+  knob = METHODS[method].knob
+  return 'lr' if knob == 'learning_rate' else knob.rsplit('.', 1)[-1]
+
+
+def run_dir(root: pathlib.Path, method: str, value: float, seed: int) -> pathlib.Path:
+  return root / 'runs' / method / f'{knob_name(method)}={value:g}' / f'seed={seed}'
 
 
 def run_one(path: pathlib.Path, algorithm: str, overrides: tuple) -> dict:
@@ -91,30 +101,38 @@ def final_validation(path: pathlib.Path) -> float:
 
 
 def sweep(plan: Plan, root: pathlib.Path) -> dict:
-  """Runs each method's grid at the first seed and picks its rate; sweep.json (each rate's final
+  """Runs each method's grid at the first seed and picks its value; sweep.json (each value's final
   validation accuracy and the pick) keeps the methods swept before (--methods runs a few)."""
   record = read_sweep(root) if (root / 'sweep.json').exists() else {}
-  picked = {m: r['picked'] for m, r in record.items()}
-  # cloud_only first (warm_start's cloud rounds need its pick), the ablations last (they take
-  # the pick of the method they vary).
-  for method in sorted(plan.methods, key=lambda m: (m != 'cloud_only',
-                                                    METHODS[m].rate_of is not None)):
+  pending = list(plan.methods)
+  # Earlier picks count unless this call sweeps the method again or its knob has changed since.
+  picked = {m: r['picked'] for m, r in record.items()
+            if m in METHODS and r.get('knob', 'learning_rate') == METHODS[m].knob}
+  done = lambda: set(picked) - set(pending)
+  while pending:   # a method runs once the methods whose picks it takes are picked
+    ready = [m for m in pending if METHODS[m].depends_on() <= done()]
+    if not ready:
+      method = pending[0]
+      missing = sorted(METHODS[method].depends_on() - done())
+      raise ConfigError(f'{plan.name}: {method} runs at the picks of {", ".join(missing)}: '
+                        f'sweep {missing[0]} first (add it to --methods)')
+    method = ready[0]
     source, grid = METHODS[method].rate_of, plan.grid(method)
-    if source and source not in picked:
-      raise ConfigError(f'{plan.name}: {method} runs at {source}\'s picked rate: sweep {source} '
-                        'first (add it to --methods)')
     scores = {}
-    for lr in (picked[source],) if source else grid:
-      path = run_dir(root, method, lr, plan.seeds[0])
-      run_one(path, *plan.variant(method, lr, plan.seeds[0], picked))
-      scores[lr] = final_validation(path)
-    best = max(scores, key=lambda lr: (scores[lr], -lr))   # ties: the smaller rate
+    for value in (picked[source],) if source else grid:
+      path = run_dir(root, method, value, plan.seeds[0])
+      run_one(path, *plan.variant(method, value, plan.seeds[0], picked))
+      scores[value] = final_validation(path)
+    best = max(scores, key=lambda v: (scores[v], -v))   # ties: the smaller value
     picked[method] = best
-    record[method] = {'val_accuracy': {f'{lr:g}': v for lr, v in scores.items()},
+    pending.remove(method)
+    record[method] = {'knob': METHODS[method].knob,
+                      'val_accuracy': {f'{v:g}': a for v, a in scores.items()},
                       'picked': best, 'rate_of': source,
                       'at_grid_edge': (record[source]['at_grid_edge'] if source
                                        else best in (grid[0], grid[-1]))}
-    print(f'{plan.name}: {method} picks lr {best:g} (validation {scores[best]:.4f})', flush=True)
+    print(f'{plan.name}: {method} picks {METHODS[method].knob}={best:g} (validation '
+          f'{scores[best]:.4f})', flush=True)
     root.mkdir(parents=True, exist_ok=True)
     (root / 'sweep.json').write_text(json.dumps(record, indent=1))
   return record
@@ -132,7 +150,7 @@ def seeds(plan: Plan, root: pathlib.Path, record: dict) -> None:
   picked = {m: r['picked'] for m, r in record.items()}
   for method in plan.methods:
     if method not in picked:
-      raise ConfigError(f'{plan.name}: {method} has no picked rate in sweep.json: sweep it first')
+      raise ConfigError(f'{plan.name}: {method} has no pick in sweep.json: sweep it first')
     for seed in plan.seeds:
       run_one(run_dir(root, method, picked[method], seed),
               *plan.variant(method, picked[method], seed, picked))
@@ -147,6 +165,13 @@ def interval(values) -> tuple[float, float]:
   return float(v.mean()), float(stats.t.ppf(0.975, len(v) - 1) * v.std(ddof=1) / math.sqrt(len(v)))
 
 
+def _tuned(method: str, record: dict) -> str:
+  """'lr=0.001', or 'lr_v=1 (learning_rate=0.001 from fedmezo)' for a method that takes picks."""
+  taken = ', '.join(f'{key}={record[source]["picked"]:g} from {source}'
+                    for key, source in METHODS[method].needs if source in record)
+  return f'{knob_name(method)}={record[method]["picked"]:g}' + (f' ({taken})' if taken else '')
+
+
 def _to_target(rows: list[dict], target: float) -> Optional[dict]:
   return next((m for m in rows if m.get('test_accuracy', -1.0) >= target - 1e-9), None)
 
@@ -156,12 +181,12 @@ def report(plan: Plan, root: pathlib.Path, record: dict) -> str:
   from cooperllm_jax.reporting import plot_accuracy  # pylint: disable=g-import-not-at-top
   runs = {}
   for method in plan.methods:
-    lr = record[method]['picked']
-    paths = [run_dir(root, method, lr, s) for s in plan.seeds]
+    value = record[method]['picked']
+    paths = [run_dir(root, method, value, s) for s in plan.seeds]
     missing = [p for p in paths if not (p / 'summary.json').exists()]
     if missing:
       raise ConfigError(f'{plan.name}: {missing[0]} has not finished: run --stage=seeds first')
-    runs[method] = (lr, [json.loads((p / 'summary.json').read_text()) for p in paths],
+    runs[method] = (value, [json.loads((p / 'summary.json').read_text()) for p in paths],
                     [metrics_of(p) for p in paths])
   finals = {m: interval([s['accuracy_after'] for s in summaries])
             for m, (_, summaries, _) in runs.items()}
@@ -169,13 +194,13 @@ def report(plan: Plan, root: pathlib.Path, record: dict) -> str:
   target_by = max(baselines, key=lambda m: finals[m][0]) if baselines else None
   target = finals[target_by][0] if target_by else None
   rows = []
-  for method, (lr, summaries, metrics) in runs.items():
+  for method, (_, summaries, metrics) in runs.items():
     hits = [_to_target(ms, target) if target is not None else None for ms in metrics]
     trained = [[m for m in ms if m['round'] > 0] for ms in metrics]
     forwards = [np.cumsum([m['forwards'] for m in t]) for t in trained]
     reached = [h for h in hits if h is not None]
     rows.append(dict(
-        method=method, lr=lr, at_grid_edge=record[method]['at_grid_edge'],
+        method=method, tuned=_tuned(method, record), at_grid_edge=record[method]['at_grid_edge'],
         seeds=len(summaries), accuracy_before=float(np.mean([s['accuracy_before']
                                                               for s in summaries])),
         accuracy=finals[method][0], accuracy_ci95=finals[method][1],
@@ -193,19 +218,19 @@ def report(plan: Plan, root: pathlib.Path, record: dict) -> str:
                                              for t in trained for m in t])),
         train_seconds=float(np.mean([s['train_seconds'] for s in summaries]))))
   lines = [f'# {plan.name}', '', plan.setting.about + '.', '',
-           f'{plan.rounds} rounds; learning rates picked on the validation split (seed '
+           f'{plan.rounds} rounds; the tuned values picked on the validation split (seed '
            f'{plan.seeds[0]}); test accuracy over seeds {", ".join(map(str, plan.seeds))}: mean '
            '± half-width of the 95% t-interval. Target: '
            + (f'{target:.4f} ({target_by}\'s mean final accuracy, the best baseline); rounds, '
               'client forwards and simulated seconds to it are seed means, shown only when every '
               'seed reaches it (reached: seeds that did).' if target_by else 'none.')
-           + ' *: the picked rate is at the edge of the grid.', '',
-           '| method | lr | test accuracy | validation | reached | rounds to target | '
+           + ' *: the pick is at the edge of its grid.', '',
+           '| method | tuned | test accuracy | validation | reached | rounds to target | '
            'client forwards to target | sim s to target | up B/client/round | '
            'down B/client/round | train s (CPU) |', '| --- ' * 11 + '|']
   fmt = lambda v, f: '—' if v is None else f.format(v)
   for r in rows:
-    lines.append(f'| {r["method"]} | {r["lr"]:g}{"*" if r["at_grid_edge"] else ""} | '
+    lines.append(f'| {r["method"]} | {r["tuned"]}{"*" if r["at_grid_edge"] else ""} | '
                  f'{r["accuracy"]:.4f} ± {r["accuracy_ci95"]:.4f} | {r["val_accuracy"]:.4f} | '
                  f'{r["reached"]} | {fmt(r["rounds_to_target"], "{:.1f}")} | '
                  f'{fmt(r["forwards_to_target"], "{:,.0f}")} | '

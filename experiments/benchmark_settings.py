@@ -22,43 +22,58 @@ _LORA = ('zo.trainable=lora',)
 # Learning-rate grids (5 values, half a decade apart) by method family: the ZO rate moves the
 # scalar-weighted directions, the BP rate is AdamW's. A setting may replace them (full
 # fine-tuning's ZO rate is orders smaller: the step grows with the trained dimension).
-GRIDS = {'zo': (1e-4, 3e-4, 1e-3, 3e-3, 1e-2), 'bp': (1e-4, 3e-4, 1e-3, 3e-3, 1e-2)}
+GRIDS = {'zo': (1e-4, 3e-4, 1e-3, 3e-3, 1e-2), 'bp': (1e-4, 3e-4, 1e-3, 3e-3, 1e-2),
+         'lr_v': (0.1, 0.3, 1.0, 3.0, 10.0)}
 SEEDS = (0, 1, 2)
 
 
 @dataclasses.dataclass(frozen=True)
 class Method:
+  """How a method is run and tuned: `knob` (a config key) is swept over the grid `family`;
+  `needs` takes other config keys from other methods' picks; an ablation (`rate_of`) is not swept
+  but runs at that method's pick."""
   algorithm: str                # registered name
   overrides: tuple = ()
-  family: str = 'zo'            # its learning-rate grid
-  rate_of: Optional[str] = None  # an ablation: no sweep of its own, this method's picked rate
+  family: str = 'zo'
+  knob: str = 'learning_rate'
+  needs: tuple = ()             # (config key, method whose pick it takes)
+  rate_of: Optional[str] = None
+  cloud_phase: bool = False     # warm_start: the first half of the rounds are the cloud's
+
+  def depends_on(self) -> set:
+    return {m for _, m in self.needs} | ({self.rate_of} if self.rate_of else set())
 
 
+# cooperllm's plain part runs at FedMeZO's picked rate (alpha = 1 is FedMeZO); what it adds, the
+# first-order step along the cloud's subspace, is tuned by its own rate lr_V (zoo/guided.py).
 COOPERLLM = ('zgr.alpha=0.5', 'zgr.adaptive=False')   # pinned: the runs keep their config
+_GUIDED = dict(family='lr_v', knob='zgr.lr_v', needs=(('learning_rate', 'fedmezo'),))
 METHODS = {
     'cloud_only': Method('cloud_only', family='bp'),
-    'cooperllm': Method('cooperllm', COOPERLLM),
+    'cooperllm': Method('cooperllm', COOPERLLM, **_GUIDED),
     'fedmezo': Method('fedmezo'),
-    'warm_start': Method('warm_start'),
+    'warm_start': Method('warm_start', needs=(('cloud.learning_rate', 'cloud_only'),),
+                         cloud_phase=True),
     'fedkseed': Method('fedkseed'),
     'decomfl': Method('decomfl'),
     'fwdllm': Method('fwdllm', ('zo.probes=4',)),
     'fedavg_bp': Method('fedavg_bp', family='bp'),
-    # ZGR ablations at cooperllm's picked rate: the mixing weight, and a cloud without signal.
-    'cooperllm_adaptive': Method('cooperllm', ('zgr.adaptive=True',), rate_of='cooperllm'),
+    # ZGR ablations at cooperllm's picks: the mixing weight, and a cloud without signal.
+    'cooperllm_adaptive': Method('cooperllm', ('zgr.adaptive=True',), rate_of='cooperllm',
+                                 **_GUIDED),
     'cooperllm_alpha=0.25': Method('cooperllm', ('zgr.alpha=0.25', 'zgr.adaptive=False'),
-                                   rate_of='cooperllm'),
+                                   rate_of='cooperllm', **_GUIDED),
     'cooperllm_alpha=0.75': Method('cooperllm', ('zgr.alpha=0.75', 'zgr.adaptive=False'),
-                                   rate_of='cooperllm'),
+                                   rate_of='cooperllm', **_GUIDED),
     'cooperllm_shuffled_adaptive': Method('cooperllm', ('zgr.adaptive=True',
                                                         'cloud.shuffle_labels=True'),
-                                          rate_of='cooperllm'),
+                                          rate_of='cooperllm', **_GUIDED),
     'cooperllm_shuffled': Method('cooperllm', COOPERLLM + ('cloud.shuffle_labels=True',),
-                                 rate_of='cooperllm'),
+                                 rate_of='cooperllm', **_GUIDED),
 }
 MAIN_METHODS = ('cloud_only', 'cooperllm', 'fedmezo', 'warm_start', 'fedkseed', 'decomfl',
                 'fwdllm', 'fedavg_bp')
-ZGR_CHECKS = ('cooperllm', 'fedmezo', 'cooperllm_adaptive', 'cooperllm_alpha=0.25',
+ZGR_CHECKS = ('fedmezo', 'cooperllm', 'cooperllm_adaptive', 'cooperllm_alpha=0.25',
               'cooperllm_alpha=0.75', 'cooperllm_shuffled_adaptive', 'cooperllm_shuffled')
 
 
@@ -139,16 +154,18 @@ class Plan:
   def grid(self, method: str) -> tuple:
     return self.grids[METHODS[method].family]
 
-  def variant(self, method: str, lr: float, seed: int, picked: dict) -> tuple:
-    """(algorithm, overrides) of one run; warm_start's cloud rounds take cloud_only's pick."""
+  def variant(self, method: str, value: float, seed: int, picked: dict) -> tuple:
+    """(algorithm, overrides) of one run: the method's knob at `value`, the keys it needs at the
+    picks of the methods it depends on."""
     m = METHODS[method]
-    overrides = self.overrides + m.overrides + (f'learning_rate={lr}', f'seed={seed}')
-    if method == 'warm_start':
-      if 'cloud_only' not in picked:
-        raise ConfigError(f'{self.name}: warm_start needs cloud_only\'s picked rate: sweep '
-                          'cloud_only first (add it to --methods)')
-      overrides += (f'cloud.learning_rate={picked["cloud_only"]}',
-                    f'warm.rounds={max(1, self.rounds // 2)}')
+    overrides = self.overrides + m.overrides + (f'{m.knob}={value}', f'seed={seed}')
+    for key, source in m.needs:
+      if source not in picked:
+        raise ConfigError(f'{self.name}: {method} takes {key} from {source}\'s pick: sweep '
+                          f'{source} first (add it to --methods)')
+      overrides += (f'{key}={picked[source]}',)
+    if m.cloud_phase:
+      overrides += (f'warm.rounds={max(1, self.rounds // 2)}',)
     return m.algorithm, overrides
 
   @property

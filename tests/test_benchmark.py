@@ -40,43 +40,60 @@ def _lr(path):
 
 
 def test_sweep_picks_on_validation_and_feeds_dependants(tmp_path, monkeypatch):
-  # Validation peaks at 1e-3 for ZO methods and at 3e-4 for cloud_only; the ablation runs once.
-  peak = lambda path: -abs(np.log10(_lr(path)) - (np.log10(3e-4) if 'cloud_only' in str(path)
-                                                  else -3.0))
+  # Validation peaks at lr 1e-3 for ZO methods, 3e-4 for cloud_only and lr_V 1 for cooperllm.
+  def peak(path):
+    value = _lr(path)
+    best = 3e-4 if 'cloud_only' in str(path) else 1.0 if 'lr_v=' in str(path) else 1e-3
+    return -abs(np.log10(value) - np.log10(best))
   calls = _fake_runs(monkeypatch, peak)
-  plan = benchmark_settings.Plan.of('bbc_minilm_lora', methods=('cooperllm_adaptive', 'cooperllm'))
+  plan = benchmark_settings.Plan.of('bbc_minilm_lora',
+                                    methods=('cooperllm_adaptive', 'cooperllm', 'fedmezo'))
   record = benchmark.sweep(plan, tmp_path)
-  assert record['cooperllm']['picked'] == 1e-3 and not record['cooperllm']['at_grid_edge']
-  assert record['cooperllm_adaptive'] == {'val_accuracy': {'0.001': 0.0}, 'picked': 1e-3,
-                                          'rate_of': 'cooperllm', 'at_grid_edge': False}
-  assert [c[0].parts[-3] for c in calls] == ['cooperllm'] * 5 + ['cooperllm_adaptive']
-  assert 'zgr.adaptive=True' in calls[-1][2] and 'learning_rate=0.001' in calls[-1][2]
+  assert record['fedmezo']['picked'] == 1e-3 and not record['fedmezo']['at_grid_edge']
+  assert record['cooperllm']['picked'] == 1.0 and record['cooperllm']['knob'] == 'zgr.lr_v'
+  assert record['cooperllm_adaptive']['picked'] == 1.0
+  assert record['cooperllm_adaptive']['rate_of'] == 'cooperllm'
+  # Dependencies first: fedmezo's rate feeds cooperllm, whose picks feed the ablation.
+  assert [c[0].parts[-3] for c in calls] == ['fedmezo'] * 5 + ['cooperllm'] * 5 + [
+      'cooperllm_adaptive']
+  assert all('learning_rate=0.001' in c[2] for c in calls[5:])
+  assert [c[0].parts[-2] for c in calls[5:10]] == ['lr_v=0.1', 'lr_v=0.3', 'lr_v=1', 'lr_v=3',
+                                                   'lr_v=10']
+  assert 'zgr.adaptive=True' in calls[-1][2] and 'zgr.lr_v=1.0' in calls[-1][2]
 
   calls.clear()
   plan = benchmark_settings.Plan.of('rt_shifted_minilm_lora', methods=('warm_start', 'cloud_only'))
   record = benchmark.sweep(plan, tmp_path / 'rt')
   assert [c[0].parts[-3] for c in calls] == ['cloud_only'] * 5 + ['warm_start'] * 5
   assert record['cloud_only']['picked'] == 3e-4
-  assert all('cloud.learning_rate=0.0003' in c[2] for c in calls[5:])
+  assert all('cloud.learning_rate=0.0003' in c[2] and 'warm.rounds=20' in c[2] for c in calls[5:])
   # sweep.json keeps what an earlier call swept.
-  benchmark.sweep(benchmark_settings.Plan.of('rt_shifted_minilm_lora', methods=('fedmezo',)), tmp_path / 'rt')
+  benchmark.sweep(benchmark_settings.Plan.of('rt_shifted_minilm_lora', methods=('fedmezo',)),
+                  tmp_path / 'rt')
   assert set(json.loads((tmp_path / 'rt' / 'sweep.json').read_text())) == {
       'cloud_only', 'warm_start', 'fedmezo'}
 
 
 def test_sweep_edge_ties_and_missing_dependency(tmp_path, monkeypatch):
   _fake_runs(monkeypatch, lambda path: 0.9 if _lr(path) >= 3e-3 else 0.5)
-  record = benchmark.sweep(benchmark_settings.Plan.of('bbc_minilm_lora', methods=('fedmezo',)), tmp_path)
+  plan = benchmark_settings.Plan.of('bbc_minilm_lora', methods=('fedmezo',))
+  record = benchmark.sweep(plan, tmp_path)
   assert record['fedmezo']['picked'] == 3e-3          # the tie goes to the smaller rate
   _fake_runs(monkeypatch, lambda path: _lr(path))
-  record = benchmark.sweep(benchmark_settings.Plan.of('bbc_minilm_lora', methods=('fedmezo',)), tmp_path)
+  record = benchmark.sweep(plan, tmp_path)
   assert record['fedmezo']['picked'] == 1e-2 and record['fedmezo']['at_grid_edge']
   with pytest.raises(ConfigError, match='sweep cooperllm first'):
     benchmark.sweep(benchmark_settings.Plan.of('bbc_minilm_lora', methods=('cooperllm_shuffled',)),
-                    tmp_path / 'other')
+                    tmp_path)
   with pytest.raises(ConfigError, match='sweep cloud_only first'):
     benchmark.sweep(benchmark_settings.Plan.of('rt_shifted_minilm_lora', methods=('warm_start',)),
                     tmp_path / 'other')
+  # A pick made under another knob (an older sweep.json) is not taken.
+  (tmp_path / 'sweep.json').write_text(json.dumps({
+      'fedmezo': {'picked': 1e-3}, 'cooperllm': {'picked': 1e-3, 'knob': 'learning_rate'}}))
+  with pytest.raises(ConfigError, match='sweep cooperllm first'):
+    benchmark.sweep(benchmark_settings.Plan.of('bbc_minilm_lora', methods=('cooperllm_shuffled',)),
+                    tmp_path)
 
 
 def _write_run(path, finals, forwards=10):
@@ -100,6 +117,9 @@ def test_report_intervals_and_time_to_target(tmp_path):
     for seed, finals in zip(plan.seeds, per_seed):
       _write_run(benchmark.run_dir(tmp_path, method, 1e-3, seed), finals)
   record = {m: {'picked': 1e-3, 'at_grid_edge': m == 'fedmezo'} for m in curves}
+  for method, per_seed in curves.items():     # cooperllm's runs live under its knob, lr_v
+    for seed in plan.seeds:
+      assert (benchmark.run_dir(tmp_path, method, 1e-3, seed) / 'summary.json').exists()
   table = benchmark.report(plan, tmp_path, record)
   rows = {r['method']: r for r in json.loads((tmp_path / 'table.json').read_text())['rows']}
   n = len(plan.seeds)
@@ -113,7 +133,8 @@ def test_report_intervals_and_time_to_target(tmp_path):
   assert rows['cooperllm']['rounds_to_target'] == pytest.approx(np.mean(hits))
   assert rows['cooperllm']['forwards_to_target'] == pytest.approx(10 * np.mean(hits))
   assert rows['cooperllm']['sim_s_to_target'] == pytest.approx(2.0 * np.mean(hits))
-  assert '1e-3*' not in table and '0.001*' in table     # fedmezo's edge pick is flagged
+  assert '| fedmezo | lr=0.001* |' in table                # the edge pick is flagged
+  assert '| cooperllm | lr_v=0.001 (learning_rate=0.001 from fedmezo) |' in table
   assert (tmp_path / 'accuracy.png').exists() and (tmp_path / 'accuracy_vs_time.png').exists()
 
 
@@ -163,7 +184,8 @@ def test_every_setting_and_method_is_a_valid_config():
       plan = benchmark_settings.Plan.of(name, quick=quick)
       for method in plan.methods:
         algorithm, overrides = plan.variant(method, 1e-3, 0, {'cloud_only': 1e-3,
-                                                               'cooperllm': 1e-3})
+                                                               'fedmezo': 1e-3,
+                                                               'cooperllm': 1.0})
         config = demo.get_config(algorithm)
         for o in overrides:
           apply_override(config, o)

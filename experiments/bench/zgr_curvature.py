@@ -39,7 +39,7 @@ def measure(setting: str, trainable: str) -> dict:
   from experiments.configs import demo  # pylint: disable=g-import-not-at-top
   from experiments.variants import apply_override  # pylint: disable=g-import-not-at-top
   plan = Plan.of(setting, methods=('cooperllm',))
-  algorithm, overrides = plan.variant('cooperllm', 1e-3, 0, {})
+  algorithm, overrides = plan.variant('cooperllm', 0.1, 0, {'fedmezo': 1e-3})  # rates unused
   config = demo.get_config(algorithm)
   for o in overrides + (f'zo.trainable={trainable}',):
     apply_override(config, o)
