@@ -11,7 +11,8 @@ round's C * S * P ledger entries as well as the clients' local steps.
 
 Beside the speed, per client count: the forward-pass floor (a client-step runs
 Estimator.forwards_per_step forwards of one [B, T] batch; `over_floor` is the round's time over
-that many forwards, timed in the same process just before), the process's peak resident memory
+that many forwards, timed in the same process just before; the clients' vmapped chunks can beat
+it, their matmuls being --chunk times larger), the process's peak resident memory
 during the timed rounds (host), and XLA's plan for the clients' jitted call (device): both should
 stay flat as the clients grow, since the clients run in a lax.map of --chunk at a time and only
 their [C, S, P] scalars leave it. Prints one JSON object on stdout, progress on stderr; --plot
@@ -145,7 +146,7 @@ def plot(report, path):
   fig, (speed, memory) = plt.subplots(1, 2, figsize=(10, 4))
   speed.plot(clients, [r['client_steps_per_s'] for r in rows], 'o-', label='measured')
   speed.plot(clients, [r['floor_client_steps_per_s'] for r in rows], 'k--',
-             label='forward floor')
+             label='2 forwards of one batch per client-step')
   speed.set(xscale='log', xlabel='clients per round', ylabel='client-steps / s', ylim=(0, None))
   speed.legend()
   mib = lambda b: b / 2 ** 20
