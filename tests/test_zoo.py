@@ -23,6 +23,7 @@ from cooperllm_jax.federated import clients as fzo
 from cooperllm_jax.models import Decoder, DecoderConfig, Encoder, EncoderConfig
 from cooperllm_jax.models.common import make_loss
 from cooperllm_jax.models.spec import is_spec, path_str
+from cooperllm_jax.zoo.perturb import Perturbation
 from helpers import Q_D, flat, quadratic_loss, quadratic_setup, t_test_rejects
 
 DISTS = ('gaussian', 'rademacher')
@@ -423,6 +424,24 @@ def test_hook_equals_explicitly_perturbed_copy(name, mode):
   assert base == pytest.approx(plain, rel=1e-6, abs=1e-7)
   # The perturbation is visible (a no-op hook would pass the equalities above).
   assert abs(hooked - plain) > 1e-5
+
+
+def test_hoist_perturbs_the_vectors_whole_and_leaves_the_rest_to_the_hooks():
+  trainable = np_params(MODELS['encoder'])
+  key = zoo.address_key(3, (1, 2, 3, 4))
+  pert = Perturbation(frozenset(paths(trainable)), key, 0.05, 'gaussian_hash')
+  hoisted, rest = pert.hoist(trainable)
+  before, after = leaves_by_path(trainable), leaves_by_path(hoisted)
+  z = leaves_by_path(zoo.tree_direction(key, trainable, 'gaussian_hash'))
+  # Vectors: rank 1, or rank 2 in the stacked layers (one vector per layer).
+  vectors = {p for p, x in before.items() if x.ndim - p.startswith('layers/') <= 1}
+  assert {'layers/attn/q/bias', 'layers/attn_norm/scale', 'embed/norm/bias'} <= vectors
+  assert 'layers/attn/q/kernel' not in vectors and 'embed/position' not in vectors
+  assert rest.paths == pert.paths - vectors
+  for p, x in before.items():
+    want = x + np.float32(0.05) * z[p] if p in vectors else x
+    np.testing.assert_array_equal(after[p], want, err_msg=p)
+  assert Perturbation(pert.paths).hoist(trainable) == (trainable, Perturbation(pert.paths))
 
 
 # ------------------------------------------------------------------------------------------------

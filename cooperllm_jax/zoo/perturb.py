@@ -22,6 +22,8 @@ from cooperllm_jax.zoo.trainable import merge_lora
 IMPLS = ('xla', 'pallas')
 # The fused kernel's blocks in the client: powers of two (GPU), rows up to 512 columns wide.
 PALLAS_BLOCK_ROWS, PALLAS_MAX_BLOCK_COLS = 32, 512
+# The group models/common.scan_layers hooks one layer at a time: its leaves are stacked [layers, ...].
+STACKED = 'layers'
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,7 +34,8 @@ class Perturbation:
   for the layer being computed (inside lax.scan) or for the embedding rows looked up, and folds LoRA
   adapters into their kernels. key=None only merges LoRA (the unperturbed loss). With `guide`, z is
   ZGR's guided direction (zoo/guided.py) instead of the plain one. Frozen leaves kept quantized
-  (zoo/quantized.py) are dequantized here, a layer or the looked-up rows at a time.
+  (zoo/quantized.py) are dequantized here, a layer or the looked-up rows at a time. `hoist` takes
+  the trainable vectors (biases, norms) out of the hooks: they are perturbed before the forward.
 
   impl='pallas' perturbs 2-D trainable weights (a layer's slice of a stacked leaf, a rank-2 leaf)
   with the fused kernel (kernels/fused_perturb.py), which draws the same z bit for bit in the layout
@@ -49,6 +52,29 @@ class Perturbation:
   def __post_init__(self):
     if self.impl not in IMPLS:
       raise ValueError(f'perturbation impl must be one of {IMPLS}, got {self.impl!r}')
+
+  def hoist(self, trainable):
+    """(trainable with its vectors perturbed, the Perturbation of the other leaves).
+
+    Vectors are the leaves a forward pass uses one vector at a time (biases, norm scales: rank 1,
+    or rank 2 in the stacked layers). Their z is cheap elementwise integer work that XLA on CPU fuses
+    into the consumer that broadcasts the vector over the tokens, recomputing it once per token
+    (MiniLM: ~6x the hash evaluations of all its layer kernels). Perturbed here, whole, before the
+    forward pass (the whole-leaf draw: the bits of the per-layer one), each z is made once.
+    """
+    if self.key is None:
+      return trainable, self
+    done = set()
+
+    def one(path, x):
+      path = tuple(getattr(k, 'key', k) for k in path)
+      if x.ndim - (path[0] == STACKED) > 1 or path_str(path) not in self.paths:
+        return x
+      done.add(path_str(path))
+      return self._add(x, direction(self.key, path, x.shape, None, self.distribution, self.guide))
+
+    trainable = jax.tree_util.tree_map_with_path(one, trainable)
+    return trainable, dataclasses.replace(self, paths=self.paths - done)
 
   def _add(self, x, z):
     return (x.astype(jnp.float32) + self.scale * z).astype(jnp.promote_types(x.dtype, jnp.float32))

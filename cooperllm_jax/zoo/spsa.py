@@ -78,6 +78,7 @@ def loss_at(loss_fn: LossFn, trainable, frozen, batch, key, scale, distribution=
   With `guide`, z is the guided direction (ZGR); impl picks XLA or the fused Pallas kernel."""
   pert = Perturbation(trainable_paths(trainable), key, scale, distribution, subset.lora_scale,
                       guide, impl)
+  trainable, pert = pert.hoist(trainable)
   return loss_fn(overlay(frozen, trainable), batch, pert).astype(jnp.float32)
 
 

@@ -1,14 +1,25 @@
 r"""Simulated client-steps per second of one federated round, for several clients per call.
 
   python -m experiments.bench.client_throughput --clients=1,8,64 --chunk=8 --local_steps=2
+  python -m experiments.bench.client_throughput --clients=20,100,1000 --trainable=lora \
+      --local_steps=1 --rounds=1 --plot=experiments/results/client_throughput_cpu.png
 
 Runs the algorithm object API (make_algorithm / init / run_round) on synthetic batches
 {name: [C, S, B, T]}: one warm-up round (compiles), then --rounds timed rounds, each blocked on the
 new state. client-steps/s = C * S / seconds per round, so it includes the edge's replay of the
-round's C * S * P ledger entries as well as the clients' local steps. Prints one JSON object on
-stdout, progress on stderr.
+round's C * S * P ledger entries as well as the clients' local steps.
+
+Beside the speed, per client count: the forward-pass floor (a client-step runs
+Estimator.forwards_per_step forwards of one [B, T] batch; `over_floor` is the round's time over
+that many forwards, timed in the same process just before; the clients' vmapped chunks can beat
+it, their matmuls being --chunk times larger), the process's peak resident memory
+during the timed rounds (host), and XLA's plan for the clients' jitted call (device): both should
+stay flat as the clients grow, since the clients run in a lax.map of --chunk at a time and only
+their [C, S, P] scalars leave it. Prints one JSON object on stdout, progress on stderr; --plot
+also draws the curve.
 """
 
+import pathlib
 import statistics
 import time
 
@@ -19,6 +30,9 @@ import jax.numpy as jnp
 import ml_collections
 
 from cooperllm_jax.federated.algorithms import make_algorithm
+from cooperllm_jax.memory import memory_of
+from cooperllm_jax.models.common import make_loss
+from cooperllm_jax.zoo.spsa import loss_at
 from experiments.bench import common
 from experiments.configs import demo
 
@@ -33,6 +47,8 @@ _ALGORITHM = flags.DEFINE_string('algorithm', 'fedmezo', 'fedmezo, fedkseed, dec
 _TRAINABLE = flags.DEFINE_string('trainable', 'full', 'Trainable subset: full, bitfit, head, lora.')
 _BACKEND = flags.DEFINE_enum('backend', 'map', ['map', 'loop'], 'client_backend.')
 _PROBES = flags.DEFINE_integer('probes', 1, 'SPSA probes per local step.')
+_PLOT = flags.DEFINE_string('plot', None, 'Also draw client-steps/s and memory against clients '
+                            '(a matplotlib png at this path).')
 
 
 def config() -> ml_collections.ConfigDict:
@@ -47,8 +63,38 @@ def config() -> ml_collections.ConfigDict:
   return c
 
 
+def peak_rss_reset():
+  """Starts a new peak of this process's resident memory (Linux: /proc/self/clear_refs)."""
+  pathlib.Path('/proc/self/clear_refs').write_text('5')
+
+
+def peak_rss_bytes() -> int:
+  """This process's peak resident memory since the last peak_rss_reset (VmHWM)."""
+  for line in pathlib.Path('/proc/self/status').read_text().splitlines():
+    if line.startswith('VmHWM:'):
+      return int(line.split()[1]) * 1024
+  raise RuntimeError('no VmHWM in /proc/self/status')
+
+
+def forward_seconds(alg, state, batch, repeats=5):
+  """(wall, CPU) seconds of one forward pass of the clients' model on one [B, T] batch, the
+  trainable weights merged as the clients' forwards merge them; min over `repeats` calls."""
+  loss = make_loss(alg.model)
+  fn = jax.jit(lambda t, f, b: loss_at(loss, t, f, b, None, 0.0, subset=alg.subset))
+  args = (state['trainable'], state['frozen'], batch)
+  jax.block_until_ready(fn(*args))
+  wall, cpu = [], []
+  for _ in range(repeats):
+    start, cpu_start = time.perf_counter(), time.process_time()
+    jax.block_until_ready(fn(*args))
+    wall.append(time.perf_counter() - start)
+    cpu.append(time.process_time() - cpu_start)
+  return min(wall), min(cpu)
+
+
 def bench_clients(alg, params, vocab_size, num_clients):
-  """Seconds per round of num_clients clients: a warm-up round, then --rounds timed ones."""
+  """Seconds per round of num_clients clients: a warm-up round, then --rounds timed ones; the
+  forward-pass floor and the host and device memory beside them."""
   steps = _LOCAL_STEPS.value
   batches = common.synthetic_batch(vocab_size, (num_clients, steps, _BATCH.value), _SEQ.value)
   counts = jnp.full((num_clients,), steps * _BATCH.value, jnp.float32)
@@ -59,22 +105,62 @@ def bench_clients(alg, params, vocab_size, num_clients):
   state, _ = alg.run_round(state, batches, counts, clients, 0)
   jax.block_until_ready(state)
   first = time.perf_counter() - start
+  fwd_s, fwd_cpu = forward_seconds(alg, state, jax.tree.map(lambda x: x[0, 0], batches))
   times, cpu = [], []
+  peak_rss_reset()
   for r in range(1, _ROUNDS.value + 1):
     start, cpu_start = time.perf_counter(), time.process_time()
     state, _ = alg.run_round(state, batches, counts, clients, r)
     jax.block_until_ready(state)
     times.append(time.perf_counter() - start)
     cpu.append(time.process_time() - cpu_start)
+  rss = peak_rss_bytes()
   median = statistics.median(times)
+  device = memory_of(alg.round.clients.lower(state['trainable'], state['frozen'], batches,
+                                             clients, jnp.int32(0), state['lr']).compile())
+  forwards = int(alg.est.forwards(_PROBES.value, 1)) * num_clients * steps
   # CPU seconds of this process (all its threads) per round: the work done, whatever share of the
   # cores other processes left it (wall time on a shared machine depends on that share).
   out = {'clients': num_clients, 'client_steps': num_clients * steps,
          'round': common.summary(times), 'cpu_s_per_round': statistics.median(cpu),
-         'warmup_round_s': first, 'client_steps_per_s': num_clients * steps / median}
+         'warmup_round_s': first, 'client_steps_per_s': num_clients * steps / median,
+         'forward': {'wall_s': fwd_s, 'cpu_s': fwd_cpu, 'forwards_per_round': forwards},
+         'floor_client_steps_per_s': num_clients * steps / (forwards * fwd_s),
+         'over_floor': median / (forwards * fwd_s),
+         'over_floor_cpu': statistics.median(cpu) / (forwards * fwd_cpu),
+         'peak_rss_bytes': rss, 'clients_call_memory': device}
   common.log(f'  {num_clients} clients: {median:.3f} s/round, '
-             f'{out["client_steps_per_s"]:.2f} client-steps/s')
+             f'{out["client_steps_per_s"]:.2f} client-steps/s ({out["over_floor"]:.2f}x the '
+             f'forward floor), peak RSS {rss / 2**20:.0f} MiB, clients call '
+             f'{device["peak_bytes"] / 2**20:.0f} MiB')
   return out
+
+
+def plot(report, path):
+  """client-steps/s (and the forward floor) and the memory peaks against clients per round."""
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use('Agg')
+  from matplotlib import pyplot as plt  # pylint: disable=g-import-not-at-top
+  rows = report['results']
+  clients = [r['clients'] for r in rows]
+  fig, (speed, memory) = plt.subplots(1, 2, figsize=(10, 4))
+  speed.plot(clients, [r['client_steps_per_s'] for r in rows], 'o-', label='measured')
+  speed.plot(clients, [r['floor_client_steps_per_s'] for r in rows], 'k--',
+             label='2 forwards of one batch per client-step')
+  speed.set(xscale='log', xlabel='clients per round', ylabel='client-steps / s', ylim=(0, None))
+  speed.legend()
+  mib = lambda b: b / 2 ** 20
+  memory.plot(clients, [mib(r['peak_rss_bytes']) for r in rows], 'o-', label='peak RSS (host)')
+  memory.plot(clients, [mib(r['clients_call_memory']['peak_bytes']) for r in rows], 's-',
+              label="clients' call (XLA plan)")
+  memory.set(xscale='log', xlabel='clients per round', ylabel='MiB', ylim=(0, None))
+  memory.legend()
+  c = report['config']
+  fig.suptitle(f"{c['model']} {c['trainable']}, {c['algorithm']}, {c['local_steps']} local "
+               f"step(s) of {c['batch']} x {c['seq']}, chunk {c['chunk']} "
+               f"({report['env']['backend']}, {report['env']['cpus']} cores)")
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
 
 
 def main(argv):
@@ -92,6 +178,8 @@ def main(argv):
             'results': [bench_clients(alg, pre.params, pre.model.cfg.vocab_size, int(c))
                         for c in _CLIENTS.value]}
   report['env']['loadavg_end'] = common.environment()['loadavg']
+  if _PLOT.value:
+    plot(report, _PLOT.value)
   common.emit(report)
 
 
