@@ -38,7 +38,7 @@ from absl import logging
 import jax
 import numpy as np
 
-from cooperllm_jax.errors import ConfigError, CooperError
+from cooperllm_jax.errors import ConfigError, CooperError, TrainingError
 from experiments.benchmark_settings import METHODS, QUICK, SETTINGS, Plan
 
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Directory of the runs and tables.', required=True)
@@ -61,9 +61,16 @@ def run_dir(root: pathlib.Path, method: str, value: float, seed: int) -> pathlib
   return root / 'runs' / method / f'{knob_name(method)}={value:g}' / f'seed={seed}'
 
 
-def run_one(path: pathlib.Path, algorithm: str, overrides: tuple) -> dict:
+def diverged_marker(path: pathlib.Path) -> pathlib.Path:
+  """Where a run that the divergence guard gave up on is recorded (beside its directory: the run
+  directory holds only what a run writes)."""
+  return path.parent / f'{path.name}.diverged.json'
+
+
+def run_one(path: pathlib.Path, algorithm: str, overrides: tuple) -> Optional[dict]:
   """The summary of one run in `path`: read back when finished with this config, resumed when
-  interrupted after a checkpoint, else (re)started."""
+  interrupted after a checkpoint, else (re)started. None: the run diverged (the guard gave up
+  after its rollbacks), now or before with this config."""
   import ml_collections  # pylint: disable=g-import-not-at-top
   from experiments.configs import demo  # pylint: disable=g-import-not-at-top
   from experiments.variants import apply_override  # pylint: disable=g-import-not-at-top
@@ -72,19 +79,31 @@ def run_one(path: pathlib.Path, algorithm: str, overrides: tuple) -> dict:
   config = demo.get_config(algorithm)
   for o in overrides:
     apply_override(config, o)
-  try:   # the same run when the parsed configs agree (a field added since then takes its default)
-    saved = ml_collections.ConfigDict(json.loads((path / 'config.json').read_text()))
-    same = config_lib.parse(saved) == config_lib.parse(config)
-  except (OSError, ValueError, CooperError):
-    same = False
+  def same_as(read):   # the parsed configs agree (a field added since takes its default)
+    try:
+      return config_lib.parse(ml_collections.ConfigDict(read())) == config_lib.parse(config)
+    except (OSError, ValueError, KeyError, CooperError):
+      return False
+  saved_json = lambda: json.loads((path / 'config.json').read_text())
+  same, marker = same_as(saved_json), diverged_marker(path)
   if same and (path / 'summary.json').exists():
     return json.loads((path / 'summary.json').read_text())
+  if same_as(lambda: json.loads(json.loads(marker.read_text())['config'])):
+    return None
+  saved = ml_collections.ConfigDict(saved_json()) if same else None
   checkpoints = path / 'checkpoints'
   resume = same and checkpoints.is_dir() and any(checkpoints.iterdir())
   print(f'{"resuming" if resume else "running"} {path}', flush=True)
-  return train_and_evaluate(config if not resume else saved, path,
-                            overwrite=not resume and path.exists(), resume=resume,
-                            log=lambda msg: None)
+  marker.unlink(missing_ok=True)
+  try:
+    return train_and_evaluate(config if not resume else saved, path,
+                              overwrite=not resume and path.exists(), resume=resume,
+                              log=lambda msg: None)
+  except TrainingError as e:
+    marker.parent.mkdir(parents=True, exist_ok=True)
+    marker.write_text(json.dumps({'error': str(e), 'config': config.to_json()}))
+    print(f'diverged: {path}: {e}', flush=True)
+    return None
 
 
 def metrics_of(path: pathlib.Path) -> list[dict]:
@@ -92,8 +111,11 @@ def metrics_of(path: pathlib.Path) -> list[dict]:
   return read_metrics(path / 'metrics.jsonl')
 
 
-def final_validation(path: pathlib.Path) -> float:
-  """The last evaluated row's validation accuracy (what the sweep picks by)."""
+def final_validation(path: pathlib.Path) -> Optional[float]:
+  """The last evaluated row's validation accuracy (what the sweep picks by); None for a run that
+  diverged."""
+  if diverged_marker(path).exists():
+    return None
   rows = [m for m in metrics_of(path) if m.get('val_accuracy') is not None]
   if not rows:
     raise ConfigError(f'{path}: no validation accuracy logged (validation_fraction = 0?)')
@@ -105,9 +127,7 @@ def sweep(plan: Plan, root: pathlib.Path) -> dict:
   validation accuracy and the pick) keeps the methods swept before (--methods runs a few)."""
   record = read_sweep(root) if (root / 'sweep.json').exists() else {}
   pending = list(plan.methods)
-  # Earlier picks count unless this call sweeps the method again or its knob has changed since.
-  picked = {m: r['picked'] for m, r in record.items()
-            if m in METHODS and r.get('knob', 'learning_rate') == METHODS[m].knob}
+  picked = picks(record)   # earlier picks count unless this call sweeps the method again
   done = lambda: set(picked) - set(pending)
   while pending:   # a method runs once the methods whose picks it takes are picked
     ready = [m for m in pending if METHODS[m].depends_on() <= done()]
@@ -123,11 +143,12 @@ def sweep(plan: Plan, root: pathlib.Path) -> dict:
       path = run_dir(root, method, value, plan.seeds[0])
       run_one(path, *plan.variant(method, value, plan.seeds[0], picked))
       scores[value] = final_validation(path)
-    best = max(scores, key=lambda v: (scores[v], -v))   # ties: the smaller value
+    # A diverged value ranks last; ties go to the smaller value.
+    best = max(scores, key=lambda v: (-1.0 if scores[v] is None else scores[v], -v))
     picked[method] = best
     pending.remove(method)
     record[method] = {'knob': METHODS[method].knob,
-                      'val_accuracy': {f'{v:g}': a for v, a in scores.items()},
+                      'val_accuracy': {f'{v:g}': a for v, a in scores.items()},  # None: diverged
                       'picked': best, 'rate_of': source,
                       'at_grid_edge': (record[source]['at_grid_edge'] if source
                                        else best in (grid[0], grid[-1]))}
@@ -146,8 +167,14 @@ def read_sweep(root: pathlib.Path) -> dict:
         from None
 
 
+def picks(record: dict) -> dict:
+  """{method: picked value} of the sweep.json entries made with the method's current knob."""
+  return {m: r['picked'] for m, r in record.items()
+          if m in METHODS and r.get('knob', 'learning_rate') == METHODS[m].knob}
+
+
 def seeds(plan: Plan, root: pathlib.Path, record: dict) -> None:
-  picked = {m: r['picked'] for m, r in record.items()}
+  picked = picks(record)
   for method in plan.methods:
     if method not in picked:
       raise ConfigError(f'{plan.name}: {method} has no pick in sweep.json: sweep it first')
@@ -179,15 +206,19 @@ def _to_target(rows: list[dict], target: float) -> Optional[dict]:
 def report(plan: Plan, root: pathlib.Path, record: dict) -> str:
   """table.md / table.json / plots of the seeds' runs at the picked rates."""
   from cooperllm_jax.reporting import plot_accuracy  # pylint: disable=g-import-not-at-top
-  runs = {}
+  runs, diverged = {}, {}
   for method in plan.methods:
     value = record[method]['picked']
     paths = [run_dir(root, method, value, s) for s in plan.seeds]
-    missing = [p for p in paths if not (p / 'summary.json').exists()]
+    missing = [p for p in paths
+               if not (p / 'summary.json').exists() and not diverged_marker(p).exists()]
     if missing:
       raise ConfigError(f'{plan.name}: {missing[0]} has not finished: run --stage=seeds first')
-    runs[method] = (value, [json.loads((p / 'summary.json').read_text()) for p in paths],
-                    [metrics_of(p) for p in paths])
+    finished = [p for p in paths if (p / 'summary.json').exists()]
+    diverged[method] = len(paths) - len(finished)   # reported beside the finished seeds' figures
+    if finished:
+      runs[method] = (value, [json.loads((p / 'summary.json').read_text()) for p in finished],
+                      [metrics_of(p) for p in finished])
   finals = {m: interval([s['accuracy_after'] for s in summaries])
             for m, (_, summaries, _) in runs.items()}
   baselines = [m for m in runs if m != 'cooperllm']
@@ -201,7 +232,7 @@ def report(plan: Plan, root: pathlib.Path, record: dict) -> str:
     reached = [h for h in hits if h is not None]
     rows.append(dict(
         method=method, tuned=_tuned(method, record), at_grid_edge=record[method]['at_grid_edge'],
-        seeds=len(summaries), accuracy_before=float(np.mean([s['accuracy_before']
+        seeds=len(summaries), diverged=diverged[method], accuracy_before=float(np.mean([s['accuracy_before']
                                                               for s in summaries])),
         accuracy=finals[method][0], accuracy_ci95=finals[method][1],
         accuracy_per_seed=[s['accuracy_after'] for s in summaries],
@@ -224,15 +255,16 @@ def report(plan: Plan, root: pathlib.Path, record: dict) -> str:
            + (f'{target:.4f} ({target_by}\'s mean final accuracy, the best baseline); rounds, '
               'client forwards and simulated seconds to it are seed means, shown only when every '
               'seed reaches it (reached: seeds that did).' if target_by else 'none.')
-           + ' *: the pick is at the edge of its grid.', '',
-           '| method | tuned | test accuracy | validation | reached | rounds to target | '
+           + ' *: the pick is at the edge of its grid. Seeds that diverged (the guard gave up) are '
+           'counted, not averaged; a method with none finished has no row.', '',
+           '| method | tuned | test accuracy | validation | diverged | reached | rounds to target | '
            'client forwards to target | sim s to target | up B/client/round | '
-           'down B/client/round | train s (CPU) |', '| --- ' * 11 + '|']
+           'down B/client/round | train s (CPU) |', '| --- ' * 12 + '|']
   fmt = lambda v, f: '—' if v is None else f.format(v)
   for r in rows:
     lines.append(f'| {r["method"]} | {r["tuned"]}{"*" if r["at_grid_edge"] else ""} | '
                  f'{r["accuracy"]:.4f} ± {r["accuracy_ci95"]:.4f} | {r["val_accuracy"]:.4f} | '
-                 f'{r["reached"]} | {fmt(r["rounds_to_target"], "{:.1f}")} | '
+                 f'{r["diverged"]} | {r["reached"]} | {fmt(r["rounds_to_target"], "{:.1f}")} | '
                  f'{fmt(r["forwards_to_target"], "{:,.0f}")} | '
                  f'{fmt(r["sim_s_to_target"], "{:,.1f}")} | {r["bytes_up_per_client"]:,.0f} | '
                  f'{r["bytes_down_per_client"]:,.0f} | {r["train_seconds"]:.0f} |')

@@ -138,6 +138,38 @@ def test_report_intervals_and_time_to_target(tmp_path):
   assert (tmp_path / 'accuracy.png').exists() and (tmp_path / 'accuracy_vs_time.png').exists()
 
 
+def test_a_diverged_run_ranks_last_is_recorded_and_not_rerun(tmp_path, monkeypatch):
+  """The guard giving up on one rate is a result of the sweep (that rate is too large), not a
+  crash of the sweep; the marker sits beside the run directory and stops a rerun."""
+  from cooperllm_jax.errors import TrainingError  # pylint: disable=g-import-not-at-top
+  from cooperllm_jax import run as run_lib  # pylint: disable=g-import-not-at-top
+  calls = []
+
+  def fake_train(config, path, **kw):
+    calls.append(config.learning_rate)
+    if config.learning_rate > 0.02:
+      raise TrainingError('training loss spiked; lower learning_rate')
+    path.mkdir(parents=True, exist_ok=True)
+    (path / 'config.json').write_text(config.to_json())
+    _write_run(path / 'x', [config.learning_rate * 10])   # metrics of a finished run
+    for name in ('metrics.jsonl', 'summary.json'):
+      (path / 'x' / name).rename(path / name)
+    return json.loads((path / 'summary.json').read_text())
+
+  monkeypatch.setattr(run_lib, 'train_and_evaluate', fake_train)
+  plan = benchmark_settings.Plan.of('bbc_minilm_lora', methods=('fedmezo',))
+  record = benchmark.sweep(plan, tmp_path)
+  assert record['fedmezo']['val_accuracy'] == {'0.001': 0.01, '0.003': 0.03, '0.01': 0.1,
+                                               '0.03': None, '0.1': None}
+  assert record['fedmezo']['picked'] == 1e-2
+  marker = benchmark.diverged_marker(benchmark.run_dir(tmp_path, 'fedmezo', 3e-2, 0))
+  assert 'spiked' in json.loads(marker.read_text())['error']
+  assert not (marker.parent / 'seed=0' / 'diverged.json').exists()
+  calls.clear()
+  benchmark.sweep(plan, tmp_path)
+  assert calls == []                                     # nothing reran, diverged or finished
+
+
 def test_report_refuses_unfinished_runs(tmp_path):
   plan = benchmark_settings.Plan.of('bbc_minilm_lora', methods=('fedmezo',), quick=True)
   with pytest.raises(ConfigError, match='has not finished'):
