@@ -73,8 +73,8 @@ METHODS = {
     'cooperllm_shuffled': Method('cooperllm', COOPERLLM + ('cloud.shuffle_labels=True',),
                                  rate_of='cooperllm', **_GUIDED),
 }
-MAIN_METHODS = ('cloud_only', 'cooperllm', 'fedmezo', 'warm_start', 'fedkseed', 'decomfl',
-                'fwdllm', 'fedavg_bp')
+MAIN_METHODS = ('cloud_only', 'cooperllm', 'cooperllm_adaptive', 'fedmezo', 'warm_start',
+                'fedkseed', 'decomfl', 'fwdllm', 'fedavg_bp')
 ZGR_CHECKS = ('fedmezo', 'cooperllm', 'cooperllm_adaptive', 'cooperllm_alpha=0.25',
               'cooperllm_alpha=0.75', 'cooperllm_shuffled_adaptive', 'cooperllm_shuffled')
 
