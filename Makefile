@@ -46,7 +46,7 @@ reproduce: setup
 	$(BIN)/python -m experiments.reproduce --workdir=workdir/reproduce
 
 reproduce-quick: setup
-	$(BIN)/python -m experiments.benchmark --workdir=workdir/benchmark_quick --quick
+	$(BIN)/python -m experiments.benchmark --workdir=workdir/benchmark_quick --quick --settings=rt_shifted_minilm_lora
 
 bench: setup
 	$(BIN)/python -m experiments.bench.zo_step

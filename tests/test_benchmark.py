@@ -179,6 +179,10 @@ def test_report_refuses_unfinished_runs(tmp_path):
 def test_quick_mode_end_to_end_and_resume(tmp_path):
   """`make reproduce-quick`'s command: every stage on the real model and data; a second call reads
   every finished run back instead of rerunning it."""
+  make = (REPO / 'Makefile').read_text()
+  recipe = make[make.index('\nreproduce-quick:'):].split('\n')[2]
+  assert '-m experiments.benchmark ' in recipe and recipe.endswith(
+      '--quick --settings=rt_shifted_minilm_lora'), recipe      # what this test runs
   cmd = [sys.executable, '-m', 'experiments.benchmark', f'--workdir={tmp_path}', '--quick',
          '--settings=rt_shifted_minilm_lora', f'--compilation_cache={tmp_path / "cache"}']
   env = dict(os.environ, PYTHONPATH=str(REPO))
