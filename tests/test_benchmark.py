@@ -40,26 +40,26 @@ def _lr(path):
 
 
 def test_sweep_picks_on_validation_and_feeds_dependants(tmp_path, monkeypatch):
-  # Validation peaks at lr 1e-2 for ZO methods, 3e-4 for cloud_only and lr_V 1 for cooperllm.
+  # Validation peaks at lr 1e-2 for ZO methods, 3e-4 for cloud_only and lr_V 0.1 for cooperllm.
   def peak(path):
     value = _lr(path)
-    best = 3e-4 if 'cloud_only' in str(path) else 1.0 if 'lr_v=' in str(path) else 1e-2
+    best = 3e-4 if 'cloud_only' in str(path) else 0.1 if 'lr_v=' in str(path) else 1e-2
     return -abs(np.log10(value) - np.log10(best))
   calls = _fake_runs(monkeypatch, peak)
   plan = benchmark_settings.Plan.of('bbc_minilm_lora',
                                     methods=('cooperllm_adaptive', 'cooperllm', 'fedmezo'))
   record = benchmark.sweep(plan, tmp_path)
   assert record['fedmezo']['picked'] == 1e-2 and not record['fedmezo']['at_grid_edge']
-  assert record['cooperllm']['picked'] == 1.0 and record['cooperllm']['knob'] == 'zgr.lr_v'
-  assert record['cooperllm_adaptive']['picked'] == 1.0
+  assert record['cooperllm']['picked'] == 0.1 and record['cooperllm']['knob'] == 'zgr.lr_v'
+  assert record['cooperllm_adaptive']['picked'] == 0.1
   assert record['cooperllm_adaptive']['rate_of'] == 'cooperllm'
   # Dependencies first: fedmezo's rate feeds cooperllm, whose picks feed the ablation.
   assert [c[0].parts[-3] for c in calls] == ['fedmezo'] * 5 + ['cooperllm'] * 5 + [
       'cooperllm_adaptive']
   assert all('learning_rate=0.01' in c[2] for c in calls[5:])
-  assert [c[0].parts[-2] for c in calls[5:10]] == ['lr_v=0.1', 'lr_v=0.3', 'lr_v=1', 'lr_v=3',
-                                                   'lr_v=10']
-  assert 'zgr.adaptive=True' in calls[-1][2] and 'zgr.lr_v=1.0' in calls[-1][2]
+  assert [c[0].parts[-2] for c in calls[5:10]] == ['lr_v=0.01', 'lr_v=0.03', 'lr_v=0.1',
+                                                   'lr_v=0.3', 'lr_v=1']
+  assert 'zgr.adaptive=True' in calls[-1][2] and 'zgr.lr_v=0.1' in calls[-1][2]
 
   calls.clear()
   plan = benchmark_settings.Plan.of('rt_shifted_minilm_lora', methods=('warm_start', 'cloud_only'))
