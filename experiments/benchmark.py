@@ -20,9 +20,10 @@ Stages, in order (--stage=all runs the three):
 
 Every run lives in workdir/<setting>/runs/<method>/<knob>=<value>/seed=<seed>/. A finished run
 whose config matches is read back, not rerun; an interrupted one resumes from its newest
-checkpoint, so the sweep spans sessions. A method that takes another's pick (cooperllm: FedMeZO's
-rate; warm_start: cloud_only's rate for its cloud phase, the first half of the rounds; the ZGR
-ablations: cooperllm's picks) is swept after it. --quick shrinks every setting (rounds, clients,
+checkpoint, so the sweep spans sessions. A method that takes another's pick (cooperllm and
+warm_start: FedMeZO's rate for their ZO part, while cooperllm sweeps lr_V and warm_start the AdamW
+rate of its cloud phase, the first half of the rounds; the ZGR ablations: cooperllm's picks) is
+swept after it. --quick shrinks every setting (rounds, clients,
 grid, seeds) to check the pipeline.
 """
 
@@ -52,9 +53,10 @@ _CACHE = flags.DEFINE_string('compilation_cache', 'workdir/jax_cache',
 
 
 def knob_name(method: str) -> str:
-  """The short name of a method's swept knob: lr, lr_v."""
+  """The short name of a method's swept knob: lr, lr_v, cloud_lr."""
   knob = METHODS[method].knob
-  return 'lr' if knob == 'learning_rate' else knob.rsplit('.', 1)[-1]
+  return {'learning_rate': 'lr', 'cloud.learning_rate': 'cloud_lr'}.get(knob,
+                                                                     knob.rsplit('.', 1)[-1])
 
 
 def run_dir(root: pathlib.Path, method: str, value: float, seed: int) -> pathlib.Path:

@@ -55,8 +55,11 @@ METHODS = {
     'cloud_only': Method('cloud_only', family='bp'),
     'cooperllm': Method('cooperllm', COOPERLLM, **_GUIDED),
     'fedmezo': Method('fedmezo'),
-    'warm_start': Method('warm_start', needs=(('cloud.learning_rate', 'cloud_only'),),
-                         cloud_phase=True),
+    # warm_start's ZO phase runs at FedMeZO's picked rate; its cloud phase (half the rounds, so
+    # half cloud_only's steps) is tuned by its own AdamW rate, which for the shorter phase is
+    # not cloud_only's pick.
+    'warm_start': Method('warm_start', family='bp', knob='cloud.learning_rate',
+                         needs=(('learning_rate', 'fedmezo'),), cloud_phase=True),
     'fedkseed': Method('fedkseed'),
     'decomfl': Method('decomfl'),
     'fwdllm': Method('fwdllm', ('zo.probes=4',)),

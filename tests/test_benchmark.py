@@ -43,7 +43,8 @@ def test_sweep_picks_on_validation_and_feeds_dependants(tmp_path, monkeypatch):
   # Validation peaks at lr 1e-2 for ZO methods, 3e-4 for cloud_only and lr_V 0.1 for cooperllm.
   def peak(path):
     value = _lr(path)
-    best = 3e-4 if 'cloud_only' in str(path) else 0.1 if 'lr_v=' in str(path) else 1e-2
+    best = (3e-4 if 'cloud_lr=' in str(path) or 'cloud_only' in str(path) else
+            0.1 if 'lr_v=' in str(path) else 1e-2)
     return -abs(np.log10(value) - np.log10(best))
   calls = _fake_runs(monkeypatch, peak)
   plan = benchmark_settings.Plan.of('bbc_minilm_lora',
@@ -62,13 +63,15 @@ def test_sweep_picks_on_validation_and_feeds_dependants(tmp_path, monkeypatch):
   assert 'zgr.adaptive=True' in calls[-1][2] and 'zgr.lr_v=0.1' in calls[-1][2]
 
   calls.clear()
-  plan = benchmark_settings.Plan.of('rt_shifted_minilm_lora', methods=('warm_start', 'cloud_only'))
+  plan = benchmark_settings.Plan.of('rt_shifted_minilm_lora', methods=('warm_start', 'fedmezo'))
   record = benchmark.sweep(plan, tmp_path / 'rt')
-  assert [c[0].parts[-3] for c in calls] == ['cloud_only'] * 5 + ['warm_start'] * 5
-  assert record['cloud_only']['picked'] == 3e-4
-  assert all('cloud.learning_rate=0.0003' in c[2] and 'warm.rounds=20' in c[2] for c in calls[5:])
+  assert [c[0].parts[-3] for c in calls] == ['fedmezo'] * 5 + ['warm_start'] * 5
+  assert [c[0].parts[-2] for c in calls[5:]] == [f'cloud_lr={v:g}' for v in
+                                                 benchmark_settings.GRIDS['bp']]
+  assert record['warm_start']['picked'] == 3e-4          # 'cloud_only' is not in its path
+  assert all('learning_rate=0.01' in c[2] and 'warm.rounds=20' in c[2] for c in calls[5:])
   # sweep.json keeps what an earlier call swept.
-  benchmark.sweep(benchmark_settings.Plan.of('rt_shifted_minilm_lora', methods=('fedmezo',)),
+  benchmark.sweep(benchmark_settings.Plan.of('rt_shifted_minilm_lora', methods=('cloud_only',)),
                   tmp_path / 'rt')
   assert set(json.loads((tmp_path / 'rt' / 'sweep.json').read_text())) == {
       'cloud_only', 'warm_start', 'fedmezo'}
@@ -85,7 +88,7 @@ def test_sweep_edge_ties_and_missing_dependency(tmp_path, monkeypatch):
   with pytest.raises(ConfigError, match='sweep cooperllm first'):
     benchmark.sweep(benchmark_settings.Plan.of('bbc_minilm_lora', methods=('cooperllm_shuffled',)),
                     tmp_path)
-  with pytest.raises(ConfigError, match='sweep cloud_only first'):
+  with pytest.raises(ConfigError, match='sweep fedmezo first'):
     benchmark.sweep(benchmark_settings.Plan.of('rt_shifted_minilm_lora', methods=('warm_start',)),
                     tmp_path / 'other')
   # A pick made under another knob (an older sweep.json) is not taken.
