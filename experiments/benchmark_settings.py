@@ -142,20 +142,20 @@ class Plan:
   grids: dict
   seeds: tuple
   overrides: tuple
+  rounds: int
 
   @classmethod
   def of(cls, name: str, methods=(), quick: bool = False) -> 'Plan':
     s = SETTINGS[name]
     methods = tuple(methods) or (QUICK['methods'] if quick else s.methods)
-    grids = s.grids or GRIDS
-    overrides = s.overrides + (f'rounds={s.rounds}', f'eval_every={s.eval_every}')
-    seeds = SEEDS
+    grids, seeds, extra = s.grids or GRIDS, SEEDS, ()
+    rounds, eval_every = s.rounds, s.eval_every
     if quick:
       grids = {k: g[len(g) // 2:len(g) // 2 + QUICK['grid']] for k, g in grids.items()}
-      overrides = s.overrides + QUICK['overrides'] + (f'rounds={QUICK["rounds"]}',
-                                                      f'eval_every={QUICK["eval_every"]}')
-      seeds = QUICK['seeds']
-    return cls(name, s, methods, grids, seeds, overrides)
+      rounds, eval_every, seeds, extra = (QUICK['rounds'], QUICK['eval_every'], QUICK['seeds'],
+                                          QUICK['overrides'])
+    overrides = s.overrides + extra + (f'rounds={rounds}', f'eval_every={eval_every}')
+    return cls(name, s, methods, grids, seeds, overrides, rounds)
 
   def grid(self, method: str) -> tuple:
     return self.grids[METHODS[method].family]
@@ -173,7 +173,3 @@ class Plan:
     if m.cloud_phase:
       overrides += (f'warm.rounds={max(1, self.rounds // 2)}',)
     return m.algorithm, overrides
-
-  @property
-  def rounds(self) -> int:
-    return int(next(o for o in reversed(self.overrides) if o.startswith('rounds=')).split('=')[1])
