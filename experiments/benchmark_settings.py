@@ -119,7 +119,7 @@ SETTINGS = {
     'bbc_minilm_lora': Setting(
         'BBC News on 10 clients, in-domain public set; MiniLM, LoRA (q, v; rank 8) + head',
         ('validation_fraction=0.1', 'zo.trainable=lora', 'zo.distribution=gaussian',
-         'ledger=False', 'tensorboard=False'), 20, 5, ZGR_CHECKS),
+         'ledger=False', 'tensorboard=False'), 20, 5, ZGR_CHECKS + ('cloud_only',)),
     'bbc_minilm_full': Setting(
         'BBC News on 10 clients, in-domain public set; MiniLM, every weight trained',
         ('validation_fraction=0.1', 'zo.trainable=full', 'zo.distribution=gaussian',
