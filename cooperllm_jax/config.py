@@ -148,10 +148,10 @@ class ZGR:
   """Guided probes z = beta (sqrt(alpha) v + probe_v sqrt(1-alpha) V u), steps along V at the
   first-order rate lr_v (zoo/guided.py: both free of d)."""
   alpha: float = 0.5            # share of the random part; 1 = plain ZO (FedMeZO)
-  adaptive: bool = False        # set alpha each round from lambda* (estimated online)
+  adaptive: bool = False        # alpha and the V step's weight from the edge's estimates
   alpha_min: float = 0.05       # adaptive alpha's range (both parts must stay estimable)
   alpha_max: float = 0.95
-  ema: float = 0.8              # smoothing of the adaptive estimates across rounds
+  ema: float = 0.8              # forgetting factor of the adaptive estimates' pooling
   pool_size: int = 1            # m: the last m cloud directions span V
   refresh: int = 1              # the cloud computes a new direction every `refresh` rounds
   beta: float = 1.0             # scale of z's plain part (1 with alpha = 1: plain ZO)

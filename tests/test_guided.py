@@ -242,12 +242,12 @@ def test_guided_steps_descend_far_faster_than_plain_zo_on_a_large_quadratic():
   plain, guided_ratio = run(1.0, informed), run(0.5, informed)
   orthogonal = lambda g: cloud_noise - (cloud_noise @ g) / (g @ g) * g
   useless_fixed = run(0.5, orthogonal)
-  alpha, weight, _ = mixing.adaptive_mixing(1.0, 0.0, 1, 1, step_v)
+  alpha, weight, _ = mixing.adaptive_mixing(0.0, 1e-6, 1.0, step_v, 0.5)   # |V^T grad|^2 ~ 0 for sure
   useless = run(alpha, orthogonal, weight)
   print(f"loss ratio after {steps} steps: plain {plain:.4f}, guided {guided_ratio:.4f}, useless "
         f"{useless_fixed:.4f} (fixed weights), {useless:.4f} (adaptive: alpha {float(alpha):.2f}, "
         f"weight {float(weight):.2f})")
   assert plain > 0.95, plain                           # 40 plain steps barely move
   assert guided_ratio < 0.2, guided_ratio              # guided: a large cut
-  assert float(weight) == 0.0 and float(alpha) == pytest.approx(0.95)
+  assert float(weight) < 0.01 and float(alpha) == pytest.approx(0.95)
   assert useless < 1.0, useless                        # a useless cloud, weighed out: descends

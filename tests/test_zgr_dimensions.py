@@ -139,22 +139,57 @@ def test_estimates_from_a_rounds_uplinks_with_fedavg_weights():
 
 
 def test_adaptive_mixing_weighs_out_a_cloud_that_misses_the_gradient():
-  """From the probes' estimates alone: a cloud holding ~64% of the private gradient gets a small
-  alpha and a large weight on the step along V; one orthogonal to it gets alpha_max and ~0."""
+  """From the probes' estimates alone: a cloud holding ~64% of the private gradient keeps the
+  trusted alpha and the full step along V; for one orthogonal to it the step's weight is ~0, and
+  once the estimate rules out a cloud worth its probe share (more rounds: a smaller SE), alpha
+  goes to alpha_max."""
   d, n = 10 ** 3, 1024
   lr = 1.0 / ((d + 2) * 2.0)
   step_v = float(guided.step_ratio(guided.DEFAULT_LR_V, lr))
-  out = {}
+  out, est = {}, {}
   for cos in (0.8, 0.0):
     pb, guide, h, grad_sq = _setup('quadratic', d, cos=cos)
     keys = _keys(n)
-    e = mixing.regression(_scalars(pb, guide, keys), mixing.subspace_draws(keys, M), guide)
-    out[cos] = [float(x) for x in mixing.adaptive_mixing(e.grad_sq, e.proj_sq, M, 4, step_v)]
+    e = est[cos] = mixing.regression(_scalars(pb, guide, keys), mixing.subspace_draws(keys, M),
+                                     guide)
+    out[cos] = [float(x) for x in mixing.adaptive_mixing(e.proj_sq, e.proj_sq_se, e.grad_sq,
+                                                         step_v, 0.5)]
   print('adaptive (alpha, weight, share):', out)
   (alpha_good, weight_good, share_good), (alpha_bad, weight_bad, share_bad) = out[0.8], out[0.0]
   assert abs(share_good - 0.64) < 0.1 and share_bad < 0.05
-  assert alpha_good <= 0.3 and weight_good > 0.3
-  assert alpha_bad == pytest.approx(0.95) and weight_bad < 0.1
+  assert alpha_good == pytest.approx(0.5) and weight_good > 0.95
+  assert weight_bad < 0.1
+  # The same zero estimate with the SE of many more rounds: |V^T grad|^2 + 2 SE is below the
+  # break-even step_v |h|^2 = (alpha_max - 0.5) |grad|^2, so the probe's energy goes back to v.
+  e = est[0.0]
+  se = 0.1 * 0.45 * float(e.grad_sq) / step_v
+  alpha, weight, _ = mixing.adaptive_mixing(0.0, se, e.grad_sq, step_v, 0.5)
+  assert float(alpha) == pytest.approx(0.95) and float(weight) < 0.01
+
+
+def test_precision_pooling_against_a_direct_sum():
+  """mixing.accumulate / pooled: the precision-weighted mean with forgetting and its SE, against
+  the weighted sum written out; a round 100x noisier barely moves the pooled estimate."""
+  x, se, decay = np.array([1.0, 2.0, 50.0]), np.array([0.5, 0.4, 40.0]), 0.8
+  running = {'w': 0.0, 'x': 0.0, 'q': 0.0}
+  for xi, si in zip(x, se):
+    running = mixing.accumulate(running, jnp.float32(xi), jnp.float32(si), decay)
+  w = decay ** np.arange(len(x))[::-1] / se ** 2
+  mean, err = mixing.pooled(running)
+  assert float(mean) == pytest.approx(np.sum(w * x) / np.sum(w), rel=1e-5)
+  assert float(err) == pytest.approx(np.sqrt(np.sum(w ** 2 * se ** 2)) / np.sum(w), rel=1e-5)
+  assert abs(float(mean) - 1.6) < 0.1
+  empty_mean, empty_se = mixing.pooled({'w': 0.0, 'x': 0.0, 'q': 0.0})
+  assert float(empty_mean) == 0.0 and np.isinf(float(empty_se))
+
+
+def test_adaptive_mixing_keeps_measuring_while_the_cloud_may_be_useful():
+  """A first noisy estimate near 0 does not send alpha to alpha_max (from there the estimate is
+  ~r(alpha) times noisier, and the rule would never come back); the weight waits for evidence."""
+  alpha, weight, _ = mixing.adaptive_mixing(0.05, 0.1, 3.0, 10.0, 0.5)
+  assert float(alpha) == pytest.approx(0.5) and float(weight) < 0.1
+  alpha, weight, _ = mixing.adaptive_mixing(0.5, 0.1, 3.0, 10.0, 0.5)    # 5 SE: established
+  assert float(alpha) == pytest.approx(0.5) and float(weight) > 0.97
 
 
 def _train(pb, steps, guide_fn, lr, probes=1):

@@ -482,16 +482,33 @@ def test_cooperllm_refresh_keeps_the_basis_between_refreshes():
 
 
 def test_cooperllm_adaptive_alpha_is_set_from_the_estimates():
-  h = history('cooperllm', zgr=(('adaptive', True),))
-  alphas = [r.metrics['alpha'] for r in h['results']]
-  assert alphas[0] == pytest.approx(0.5)                       # no estimate before round 1
-  assert all(0.05 - 1e-6 <= a <= 0.95 + 1e-6 for a in alphas)
-  assert len(set(np.round(alphas[1:], 6))) >= 1 and alphas[1] != alphas[0]
-  steps = [r.metrics['cloud_step_v'] for r in h['results']]
-  assert steps[0] == 0                     # no estimate yet: no step along V
-  for r in h['results']:
+  """Each round's (alpha, weight on the V step) is adaptive_mixing of the rounds before, pooled by
+  precision with forgetting zgr.ema: recomputed here in numpy from the logged estimates."""
+  from cooperllm_jax.zoo import guided, mixing  # pylint: disable=g-import-not-at-top
+  h = history('cooperllm', rounds=4, zgr=(('adaptive', True),))
+  alg, rs = h['alg'], h['results']
+  z = alg.guidance.zgr
+  assert rs[0].metrics['alpha'] == pytest.approx(z.alpha)      # no estimate before round 1
+  assert rs[0].metrics['cloud_step_v'] == 0                      # ... and no step along V
+  step_v = float(guided.step_ratio(z.lr_v, alg.zo.lr))
+  for r in range(1, len(rs)):
+    pooled = {}
+    for key in ('proj_sq', 'grad_sq'):
+      k = np.arange(r)[::-1]                                     # rounds ago, newest 0
+      x = np.array([rs[i].metrics[key] for i in range(r)], np.float64)
+      se = np.array([rs[i].metrics[key + '_se'] for i in range(r)], np.float64)
+      w = z.ema ** k / se ** 2
+      pooled[key] = (np.sum(w * x) / np.sum(w), np.sqrt(np.sum(w * w * se ** 2)) / np.sum(w))
+    alpha, weight, _ = mixing.adaptive_mixing(pooled['proj_sq'][0], pooled['proj_sq'][1],
+                                              pooled['grad_sq'][0], step_v, z.alpha, z.beta,
+                                              z.alpha_max)
+    assert rs[r].metrics['alpha'] == pytest.approx(float(alpha), abs=1e-5)
+    assert rs[r].metrics['cloud_step_v'] == pytest.approx(float(weight) * step_v, rel=1e-4)
+    assert z.alpha - 1e-6 <= rs[r].metrics['alpha'] <= z.alpha_max + 1e-6
+  for r in rs:
     assert r.metrics['grad_sq'] > 0 and r.metrics['grad_sq_se'] > 0
     assert 0.0 <= r.metrics['cloud_share'] <= 1.0
+  _replays_the_edge(h, len(rs))
 
 
 def test_cooperllm_quantized_guidance_bytes_and_replay():

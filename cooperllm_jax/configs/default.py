@@ -84,7 +84,7 @@ def get_config(algorithm: str = 'cooperllm') -> ml_collections.ConfigDict:
   c.zgr.adaptive = False        # alpha and the V step's weight from the round's scalars
   c.zgr.alpha_min = 0.05        # adaptive alpha's range (both parts must stay estimable)
   c.zgr.alpha_max = 0.95
-  c.zgr.ema = 0.8               # smoothing of the adaptive estimates across rounds
+  c.zgr.ema = 0.8               # forgetting factor of the adaptive estimates' pooling
   c.zgr.pool_size = 1           # m: the last m cloud directions span V
   c.zgr.refresh = 1             # the cloud computes a new direction every `refresh` rounds
   c.zgr.beta = 1.0              # scale of z's plain part (1 with alpha = 1: plain ZO)

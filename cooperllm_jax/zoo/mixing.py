@@ -32,16 +32,20 @@ O(eps^2) bias.
 Everything here is a deterministic function of (scalars, addresses, weights, V's hyperparameters),
 so every replay of the edge's decision is exact.
 
-The rule for alpha (`adaptive_mixing`), derived in its docstring, trades the plain part's progress
-against the subspace step's, and shrinks the step along V by the one-step optimal factor
-|h|^2 / (|h|^2 + noise): a cloud whose subspace does not hold the private gradient (|h|^2 ~ 0) gets
-alpha -> alpha_max and weight -> 0.
+Across rounds the estimates are pooled by precision (`accumulate`): a round run at a large alpha
+puts little energy into V, and its |V^T grad|^2 is ~(a/b)^2 times noisier, so an unweighted
+average would let it swamp the informative rounds. The rule for alpha and for the weight on the
+step along V (`adaptive_mixing`, derived in its docstring) keeps the configured alpha (where lr_V
+was tuned) while the pooled estimate leaves room for a useful cloud, and moves the probe's energy
+back to the plain part (alpha -> alpha_max, weight -> 0) once it shows that the cloud's subspace
+holds too little of the private gradient to pay for its share.
 """
 
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+from jax.scipy.special import ndtr
 
 from cooperllm_jax.zoo import guided
 from cooperllm_jax.zoo import keys as keys_lib
@@ -107,34 +111,65 @@ def from_uplinks(uplinks, counts, guide: guided.Guidance, seed, distribution: st
   return regression(uplinks.scalars, subspace_draws(keys, m, distribution), guide, w)
 
 
-def adaptive_mixing(grad_sq, proj_sq, m, probes, step_v, beta=1.0, probe_v=1.0,
-                    lo: float = 0.05, hi: float = 0.95, grid: int = 91):
-  """(alpha, weight, cloud_share): the next round's probe share and the factor on the step along V.
+# Confidence (in standard errors) of the rule's two one-sided tests: the weight on the V step
+# needs |V^T grad|^2 > 0 at this many SE; the configured alpha is kept while the estimate plus this
+# many SE could still pay for the V step's probe share.
+CONFIDENCE_Z = 2.0
 
-  Model (per step of P probes, rates lr and lr_V = step_v lr, |grad|^2 = G, rho^2 = |h|^2 / G the
-  cloud subspace's share of the private gradient, clipped to [0, 1]):
-    plain part:  expected decrease lr a^2 G = lr beta^2 alpha G (its noise is at most plain ZO's,
-                 which lr already keeps stable);
-    V part:      the step -lr_V c V h_hat_P with h_hat_P the P-probe mean of g u / b, whose noise
-                 is tr Cov = (m (a/b)^2 G + (m + 1) |h|^2) / P = T(alpha) G / P; with the rate at
-                 the stability limit (lr_V L_V = 1) the expected decrease
-                 lr_V (c |h|^2 - c^2 (|h|^2 + tr Cov) / 2) is largest at
-                 c* = rho^2 / (rho^2 + T / P), and is then lr_V G rho^4 / (2 (rho^2 + T / P)).
-  alpha maximizes the sum, beta^2 alpha / step_v + rho^4 / (2 (rho^2 + T(alpha) / P)), over a grid
-  on [lo, hi] (deterministic), and weight = c*(alpha). The paper's lambda* = d sigma^2 /
-  (d sigma^2 + |b|^2 + tau^2) weighs a biased cloud gradient against ZO noise; here the step along V
-  is the private gradient's own (unbiased) projection, so what a misleading cloud costs is probe
-  energy and the noise of a step along directions that do not descend: rho -> 0 gives c* -> 0 and
-  alpha -> hi, rho -> 1 with step_v >> 1 (lr_V >> lr, large d) gives alpha -> lo and c* -> 1 as P
-  grows.
+
+def accumulate(running: dict, estimate, se, decay) -> dict:
+  """Pools a round's estimate (standard error se) into running {'w', 'x', 'q'} by precision with
+  exponential forgetting `decay`: w = sum decay^k / se_k^2, x = sum decay^k x_k / se_k^2,
+  q = sum decay^2k / se_k^2, so the pooled mean x / w has standard error sqrt(q) / w."""
+  precision = 1.0 / jnp.maximum(jnp.square(se), 1e-30)
+  return {'w': decay * running['w'] + precision,
+          'x': decay * running['x'] + precision * estimate,
+          'q': decay ** 2 * running['q'] + precision}
+
+
+def pooled(running: dict):
+  """(mean, standard error) of an accumulate() state (0, inf before any estimate)."""
+  w = running['w']
+  seen = w > 0
+  safe = jnp.where(seen, w, 1.0)
+  return (jnp.where(seen, running['x'] / safe, 0.0),
+          jnp.where(seen, jnp.sqrt(running['q']) / safe, jnp.inf))
+
+
+def adaptive_mixing(proj_sq, proj_sq_se, grad_sq, step_v, alpha_trusted, beta=1.0,
+                    hi: float = 0.95, grid: int = 91):
+  """(alpha, weight, cloud_share): the next round's probe share and the factor on the step along V,
+  from the pooled |V^T grad|^2 = H (standard error S) and |grad|^2 = G.
+
+  At weight c the step along V moves the loss by -lr_V c H in expectation (first order; its mean
+  does not depend on alpha, zoo/guided.py), the plain part by -lr beta^2 alpha G; the V step's
+  noise per coordinate grows as c^2 (a/b)^2 = c^2 r(alpha), r(alpha) = alpha / (1 - alpha) (over
+  probe_v^2, fixed). lr_V was tuned at the configured alpha_trusted with c = 1, so that noise is
+  the budget: c <= c_max(alpha) = min(1, sqrt(r(alpha_trusted) / r(alpha))). alpha maximizes the
+  first-order decrease per lr,
+
+      beta^2 alpha G + step_v c_max(alpha) (H + Z S),   step_v = lr_V / lr,
+
+  over a grid on [alpha_trusted, hi], with the optimistic H + Z S: while the estimate cannot yet
+  rule out a useful cloud the probes keep measuring it at alpha_trusted (a larger alpha makes the
+  estimate ~r(alpha) times noisier, and a rule that leaves on a noisy first estimate never comes
+  back). The weight is pessimistic, c = Phi(H / S - Z) c_max(alpha): the V step runs in full only
+  once H > 0 is established at Z SE. A cloud whose subspace misses the private gradient (H ~ 0)
+  thus gets alpha -> hi (the plain part's full share: FedMeZO at 0.95 lr) and a weight ~0; one
+  that holds it keeps alpha_trusted and c -> 1. The paper's lambda* = d sigma^2 /
+  (d sigma^2 + |b|^2 + tau^2) weighs a biased cloud gradient against the ZO noise; here the step
+  along V is the private gradient's own (unbiased) projection, so a misleading cloud can cost only
+  probe energy and noise, which is what the rule weighs.
   """
+  alpha_trusted = jnp.minimum(jnp.float32(alpha_trusted), hi)
+  alphas = alpha_trusted + (hi - alpha_trusted) * jnp.linspace(0.0, 1.0, grid, dtype=jnp.float32)
+  r = lambda x: x / (1.0 - x)
+  c_max = jnp.minimum(1.0, jnp.sqrt(r(alpha_trusted) / r(alphas)))
+  finite_se = jnp.where(jnp.isfinite(proj_sq_se), proj_sq_se, 0.0)
+  optimistic = jnp.where(jnp.isfinite(proj_sq_se), proj_sq + CONFIDENCE_Z * finite_se, jnp.inf)
+  value = beta ** 2 * alphas * grad_sq + step_v * c_max * jnp.maximum(optimistic, 0.0)
+  i = jnp.argmax(jnp.where(jnp.isfinite(value), value, jnp.finfo(jnp.float32).max))
+  t = jnp.where(finite_se > 0, proj_sq / jnp.where(finite_se > 0, finite_se, 1.0), 0.0)
+  weight = ndtr(t - CONFIDENCE_Z) * c_max[i]
   rho2 = jnp.clip(proj_sq / jnp.maximum(grad_sq, 1e-30), 0.0, 1.0)
-  alphas = jnp.linspace(lo, hi, grid, dtype=jnp.float32)
-  ratio = alphas / ((1.0 - alphas) * probe_v ** 2)                   # (a / b)^2
-  noise = (m * ratio + (m + 1) * rho2) / probes
-  value = beta ** 2 * alphas / jnp.maximum(step_v, 1e-30) + rho2 ** 2 / (
-      2.0 * jnp.maximum(rho2 + noise, 1e-30))
-  i = jnp.argmax(value)
-  alpha = alphas[i]
-  weight = rho2 / jnp.maximum(rho2 + noise[i], 1e-30)
-  return alpha, weight, rho2
+  return alphas[i], weight, rho2

@@ -21,11 +21,13 @@ each round's guidance before the clients run and learns from their scalars after
 
 Adaptive mixing (zgr.adaptive): after each round the edge regresses the scalars on the probes'
 subspace draws u (zoo/mixing.py), which estimates the private gradient's projection |V^T grad|^2
-and its norm |grad|^2 without the old estimator's d/m amplification; EMAs of the two set the next
-round's alpha and the weight on the step along V (mixing.adaptive_mixing), so a cloud whose
-subspace does not hold the private gradient loses its step. Before the first estimate alpha is the
-middle of [alpha_min, alpha_max] and the weight 0: the cloud earns its step from private scalars.
-Everything is a function of what the edge has, so the replay stays exact.
+and its norm |grad|^2 with standard errors and without the old estimator's d/m amplification;
+pooled across rounds by precision (zgr.ema is the forgetting factor), they set the next round's
+alpha and the weight on the step along V (mixing.adaptive_mixing): zgr.alpha (clipped to
+[alpha_min, alpha_max]) while the cloud may be useful, alpha_max and a weight ~0 once the
+estimate shows its subspace misses the private gradient. Before the first estimate alpha is
+zgr.alpha and the weight 0: the cloud earns its step from private scalars. Everything is a
+function of what the edge has, so the replay stays exact.
 
 Quantized guidance: the clients and the edge's replay both use the decoded V, so replay stays exact.
 The decoded V is not exactly orthonormal (each entry is off by an unbiased rounding error, about
@@ -126,8 +128,8 @@ class CloudGuidance:
     # the start so the state's structure (checkpoints, memory analysis) never changes.
     state['guidance'] = self._guidance(state['pool'].directions, jnp.zeros(m), self.zgr.alpha)
     _, state['downlink'] = self._downlink(state['pool'].directions, 0)
-    state['mixing'] = {'grad_sq': jnp.float32(0), 'proj_sq': jnp.float32(0),
-                       'tau_sq': jnp.float32(0), 'seen': jnp.int32(0)}
+    empty = {'w': jnp.float32(0), 'x': jnp.float32(0), 'q': jnp.float32(0)}
+    state['mixing'] = {'grad_sq': empty, 'proj_sq': empty, 'tau_sq': jnp.float32(0)}
     if self.cloud.lag:
       state['pending'] = {'direction': jax.tree.map(jnp.zeros_like, trainable),
                           'tau_sq': jnp.float32(0), 'ready': jnp.bool_(False)}
@@ -155,19 +157,20 @@ class CloudGuidance:
     return guided.make_guidance(basis, valid, alpha, z.beta, z.probe_v,
                                 guided.step_ratio(weight * z.lr_v, self.zo.lr))
 
-  def _mixing(self, state, valid, clients: int):
-    """(alpha, weight on the step along V) for this round: fixed, or from the EMA'd estimates."""
+  def _mixing(self, state):
+    """(alpha, weight on the step along V) for this round: fixed, or from the pooled estimates."""
     z = self.zgr
     if not z.adaptive:
       return jnp.float32(z.alpha), jnp.float32(1.0)
+    trusted = min(max(z.alpha, z.alpha_min), z.alpha_max)
     mix = state['mixing']
+    proj_sq, proj_sq_se = mixing.pooled(mix['proj_sq'])
+    grad_sq, _ = mixing.pooled(mix['grad_sq'])
     alpha, weight, _ = mixing.adaptive_mixing(
-        mix['grad_sq'], mix['proj_sq'], jnp.maximum(valid.sum(), 1.0),
-        self.zo.est.probes * clients, guided.step_ratio(z.lr_v, self.zo.lr), z.beta, z.probe_v,
-        z.alpha_min, z.alpha_max)
-    seen = mix['seen'] > 0
-    return (jnp.where(seen, alpha, 0.5 * (z.alpha_min + z.alpha_max)),
-            jnp.where(seen, weight, 0.0))
+        proj_sq, proj_sq_se, grad_sq, guided.step_ratio(z.lr_v, self.zo.lr), trusted, z.beta,
+        z.alpha_max)
+    seen = mix['proj_sq']['w'] > 0
+    return jnp.where(seen, alpha, jnp.float32(trusted)), jnp.where(seen, weight, 0.0)
 
   def refreshes(self, round_index: int) -> bool:
     """Whether the cloud computes a new direction in this round."""
@@ -197,7 +200,7 @@ class CloudGuidance:
       basis, valid = state['guidance'].basis, state['guidance'].valid
     if tau_sq is not None:
       state['mixing'] = dict(state['mixing'], tau_sq=jnp.float32(tau_sq))
-    state['guidance'] = self._guidance(basis, valid, *self._mixing(state, valid, len(clients)))
+    state['guidance'] = self._guidance(basis, valid, *self._mixing(state))
     return state
 
   def after_round(self, state, result: RoundResult) -> None:
@@ -257,9 +260,9 @@ class CloudGuidance:
     result.metrics['guidance_rel_error'] = float(state['downlink']['rel_error'])
 
   def _update_mixing(self, state, result: RoundResult, counts):
-    """EMA of the private gradient's estimated |grad|^2 and |V^T grad|^2 (zoo/mixing.py), logged
-    with the round. counts: the weights of the uploads the edge used (a round none arrived in
-    tells nothing)."""
+    """Pools the round's estimates of the private gradient's |grad|^2 and |V^T grad|^2
+    (zoo/mixing.py) into the running ones, logged with the round. counts: the weights of the
+    uploads the edge used (a round none arrived in tells nothing)."""
     guide = state['guidance']
     result.metrics.update(alpha=float(guide.alpha), basis_rank=int(guide.valid.sum()),
                           cloud_step_v=float(guide.step_v))
@@ -268,11 +271,10 @@ class CloudGuidance:
     est = self._estimate(jax.tree.map(jnp.asarray, result.uplink),
                          jnp.asarray(counts, jnp.float32), guide, self.zo.seed,
                          distribution=self.zo.est.distribution)
-    mix = state['mixing']
-    decay = jnp.where(mix['seen'] == 0, 0.0, self.zgr.ema)
-    state['mixing'] = dict(mix, grad_sq=decay * mix['grad_sq'] + (1 - decay) * est.grad_sq,
-                           proj_sq=decay * mix['proj_sq'] + (1 - decay) * est.proj_sq,
-                           seen=mix['seen'] + 1)
+    mix, decay = state['mixing'], jnp.float32(self.zgr.ema)
+    state['mixing'] = dict(
+        mix, grad_sq=mixing.accumulate(mix['grad_sq'], est.grad_sq, est.grad_sq_se, decay),
+        proj_sq=mixing.accumulate(mix['proj_sq'], est.proj_sq, est.proj_sq_se, decay))
     grad_sq = max(float(est.grad_sq), 1e-30)
     result.metrics.update(
         grad_sq=float(est.grad_sq), grad_sq_se=float(est.grad_sq_se),
