@@ -148,9 +148,7 @@ class ZGR:
   """Guided probes z = beta (sqrt(alpha) v + probe_v sqrt(1-alpha) V u), steps along V at the
   first-order rate lr_v (zoo/guided.py: both free of d)."""
   alpha: float = 0.5            # share of the random part; 1 = plain ZO (FedMeZO)
-  adaptive: bool = False        # alpha and the V step's weight from the edge's estimates
-  alpha_min: float = 0.05       # adaptive alpha's range (both parts must stay estimable)
-  alpha_max: float = 0.95
+  adaptive: bool = False        # the V step's weight from the edge's estimates
   ema: float = 0.8              # forgetting factor of the adaptive estimates' pooling
   pool_size: int = 1            # m: the last m cloud directions span V
   refresh: int = 1              # the cloud computes a new direction every `refresh` rounds
@@ -165,9 +163,6 @@ class ZGR:
   def __post_init__(self):
     _positive('zgr.', self, 'pool_size', 'refresh')
     _check(0.0 <= self.alpha <= 1.0, f'zgr.alpha must be in [0, 1], got {self.alpha}')
-    _check(0.0 < self.alpha_min <= self.alpha_max < 1.0,
-           f'zgr.alpha_min/alpha_max must satisfy 0 < min <= max < 1 (both parts must stay '
-           f'estimable), got {self.alpha_min}, {self.alpha_max}')
     _check(_finite(self.beta) and self.beta > 0, f'zgr.beta must be > 0, got {self.beta}')
     _check(_finite(self.probe_v) and self.probe_v > 0,
            f'zgr.probe_v must be > 0, got {self.probe_v}')
@@ -434,8 +429,20 @@ def _plain(value):
   return tuple(value) if isinstance(value, list) else value
 
 
+# Fields of earlier versions that config.json files of finished runs still hold: accepted at the
+# value they always had (so those runs stay comparable and resumable), an error otherwise.
+_RETIRED = {'zgr.': {'alpha_min': (0.05, 'the adaptive mixing no longer moves alpha'),
+                     'alpha_max': (0.95, 'the adaptive mixing no longer moves alpha')}}
+
+
 def _section(cls, values: dict, where: str):
   names = {f.name for f in dataclasses.fields(cls)}
+  values = dict(values)
+  for key, (old, why) in _RETIRED.get(where, {}).items():
+    if key in values:
+      value = values.pop(key)
+      if value != old:
+        raise ConfigError(f'config field {where}{key} was removed ({why}); got {value!r}')
   for key in values:
     if key not in names:
       raise _unknown(key, names, where)

@@ -130,17 +130,19 @@ def test_guided_estimate_is_unbiased_for_the_documented_scaling(quadratic, alpha
     if np.linalg.norm(wrong - expect) > 0.1 * np.linalg.norm(expect):
       assert t_test_rejects(mean, se, wrong)
 
-  # The update direction: E[g z_step] = a^2 grad + rho V V^T grad (a first-order step at rate
-  # rho lr = lr_V along the projection), whatever the probe's scales.
-  a2s, rho_s = (float(x) for x in guided.step_expectation(guide))
-  expect_step = a2s * grad + rho_s * proj @ grad
-  np.testing.assert_allclose(a2s, beta ** 2 * alpha, rtol=1e-6)
-  np.testing.assert_allclose(rho_s, rho if alpha < 1 else 0.0, rtol=1e-6)
+  # The update direction: E[g z_step] = beta^2 grad + rho V V^T grad (MeZO's step at the plain
+  # rate whatever alpha, plus a first-order step at rate rho lr = lr_V along the projection).
+  c_s, rho_s = (float(x) for x in guided.step_expectation(guide))
+  expect_step = beta ** 2 * (alpha > 0) * grad + (rho if alpha < 1 else 0.0) * proj @ grad
+  np.testing.assert_allclose([c_s, rho_s], [beta ** 2 * (alpha > 0), rho * (alpha < 1)], rtol=1e-6)
   shat = g[:, None] * zs
   mean, se = shat.mean(0), shat.std(0, ddof=1) / math.sqrt(N)
   assert not t_test_rejects(mean, se, expect_step)
-  for wrong in (expect, a2s * grad, -expect_step):
-    assert t_test_rejects(mean, se, wrong)
+  # The form before (plain step alpha times MeZO's), no subspace step, a sign flip: rejected.
+  for wrong in (expect, beta ** 2 * alpha * grad + rho * proj @ grad, beta ** 2 * grad,
+                -expect_step):
+    if np.linalg.norm(wrong - expect_step) > 0.1 * np.linalg.norm(expect_step):
+      assert t_test_rejects(mean, se, wrong)
 
 
 def test_pool_basis_is_orthonormal_spans_newest_and_drops_dependent_directions():
@@ -208,8 +210,8 @@ def test_guided_steps_descend_far_faster_than_plain_zo_on_a_large_quadratic():
   the step along V at the default first-order rate DEFAULT_LR_V) cut the loss many times more than
   40 plain ZO steps. A useless direction (orthogonal to every step's gradient) at those fixed
   weights is a pure random walk along V (no restoring force: h = 0 at every step) and raises the
-  loss; the adaptive mixing (zoo/mixing.py) given the cloud's share (0 here) moves alpha to its
-  maximum and the step along V to zero, and the loss still descends."""
+  loss; the adaptive mixing (zoo/mixing.py), given an estimate of the cloud's share below 0,
+  takes the step along V away, and the loss still descends."""
   d, steps = 2000, 40
   rng = np.random.default_rng(0)
   lam = jnp.asarray(rng.uniform(0.5, 2.0, d), jnp.float32)
@@ -242,12 +244,13 @@ def test_guided_steps_descend_far_faster_than_plain_zo_on_a_large_quadratic():
   plain, guided_ratio = run(1.0, informed), run(0.5, informed)
   orthogonal = lambda g: cloud_noise - (cloud_noise @ g) / (g @ g) * g
   useless_fixed = run(0.5, orthogonal)
-  alpha, weight, _ = mixing.adaptive_mixing(0.0, 1e-6, 1.0, step_v, 0.5)   # |V^T grad|^2 ~ 0 for sure
+  weight, _ = mixing.adaptive_mixing(-0.05, 0.01, 1.0)   # |V^T grad|^2 ~ 0: 5 SE below 0
+  alpha = 0.5
   useless = run(alpha, orthogonal, weight)
   print(f"loss ratio after {steps} steps: plain {plain:.4f}, guided {guided_ratio:.4f}, useless "
         f"{useless_fixed:.4f} (fixed weights), {useless:.4f} (adaptive: alpha {float(alpha):.2f}, "
         f"weight {float(weight):.2f})")
   assert plain > 0.95, plain                           # 40 plain steps barely move
   assert guided_ratio < 0.2, guided_ratio              # guided: a large cut
-  assert float(weight) < 0.01 and float(alpha) == pytest.approx(0.95)
+  assert float(weight) < 0.01
   assert useless < 1.0, useless                        # a useless cloud, weighed out: descends

@@ -81,9 +81,7 @@ def get_config(algorithm: str = 'cooperllm') -> ml_collections.ConfigDict:
   # along V at the first-order rate lr_v (zoo/guided.py).
   c.zgr = ml_collections.ConfigDict()
   c.zgr.alpha = 0.5             # share of the random part; 1 = plain ZO (FedMeZO)
-  c.zgr.adaptive = False        # alpha and the V step's weight from the round's scalars
-  c.zgr.alpha_min = 0.05        # adaptive alpha's range (both parts must stay estimable)
-  c.zgr.alpha_max = 0.95
+  c.zgr.adaptive = False        # the V step's weight from the edge's estimates
   c.zgr.ema = 0.8               # forgetting factor of the adaptive estimates' pooling
   c.zgr.pool_size = 1           # m: the last m cloud directions span V
   c.zgr.refresh = 1             # the cloud computes a new direction every `refresh` rounds

@@ -19,7 +19,7 @@ E[(v . x)^2] = |x|^2 either way). That is a linear regression of g on u with kno
 * |grad|^2: sum_p w_p r_p^2 / (k a^2): E[sum w r^2 | u] = k a^2 |grad|^2 exactly for homoskedastic
             e (the exact degrees-of-freedom correction for weighted LS), standard error from the
             spread of the squared residuals. The amplification of the noise is 1 / a^2 =
-            1 / (beta^2 alpha), bounded by 1 / alpha_min: the old estimate (E[g^2] - c |h|^2) / a^2
+            1 / (beta^2 alpha): the old estimate (E[g^2] - c |h|^2) / a^2
             multiplied it by c / a^2 = (1 - alpha) d / (m alpha) because the cloud part of every
             scalar was d/m times louder than the plain part.
 
@@ -34,11 +34,9 @@ so every replay of the edge's decision is exact.
 
 Across rounds the estimates are pooled by precision (`accumulate`): a round run at a large alpha
 puts little energy into V, and its |V^T grad|^2 is ~(a/b)^2 times noisier, so an unweighted
-average would let it swamp the informative rounds. The rule for alpha and for the weight on the
-step along V (`adaptive_mixing`, derived in its docstring) keeps the configured alpha (where lr_V
-was tuned) while the pooled estimate leaves room for a useful cloud, and moves the probe's energy
-back to the plain part (alpha -> alpha_max, weight -> 0) once it shows that the cloud's subspace
-holds too little of the private gradient to pay for its share.
+average would let it swamp the informative rounds. The weight on the step along V
+(`adaptive_mixing`) is the probability, given the pooled estimate, that the cloud's subspace
+holds private gradient at all.
 """
 
 from typing import NamedTuple
@@ -111,12 +109,6 @@ def from_uplinks(uplinks, counts, guide: guided.Guidance, seed, distribution: st
   return regression(uplinks.scalars, subspace_draws(keys, m, distribution), guide, w)
 
 
-# Confidence (in standard errors) of the rule's two one-sided tests: the weight on the V step
-# needs |V^T grad|^2 > 0 at this many SE; the configured alpha is kept while the estimate plus this
-# many SE could still pay for the V step's probe share.
-CONFIDENCE_Z = 2.0
-
-
 def accumulate(running: dict, estimate, se, decay) -> dict:
   """Pools a round's estimate (standard error se) into running {'w', 'x', 'q'} by precision with
   exponential forgetting `decay`: w = sum decay^k / se_k^2, x = sum decay^k x_k / se_k^2,
@@ -136,40 +128,27 @@ def pooled(running: dict):
           jnp.where(seen, jnp.sqrt(running['q']) / safe, jnp.inf))
 
 
-def adaptive_mixing(proj_sq, proj_sq_se, grad_sq, step_v, alpha_trusted, beta=1.0,
-                    hi: float = 0.95, grid: int = 91):
-  """(alpha, weight, cloud_share): the next round's probe share and the factor on the step along V,
-  from the pooled |V^T grad|^2 = H (standard error S) and |grad|^2 = G.
+def adaptive_mixing(proj_sq, proj_sq_se, grad_sq):
+  """(weight, cloud_share): the factor on the step along V, Phi(H / S) for the pooled
+  |V^T grad|^2 = H with standard error S (1/2 before any estimate), and H / |grad|^2 clipped to
+  [0, 1] (logged).
 
-  At weight c the step along V moves the loss by -lr_V c H in expectation (first order; its mean
-  does not depend on alpha, zoo/guided.py), the plain part by -lr beta^2 alpha G; the V step's
-  noise per coordinate grows as c^2 (a/b)^2 = c^2 r(alpha), r(alpha) = alpha / (1 - alpha) (over
-  probe_v^2, fixed). lr_V was tuned at the configured alpha_trusted with c = 1, so that noise is
-  the budget: c <= c_max(alpha) = min(1, sqrt(r(alpha_trusted) / r(alpha))). alpha maximizes the
-  first-order decrease per lr,
-
-      beta^2 alpha G + step_v c_max(alpha) (H + Z S),   step_v = lr_V / lr,
-
-  over a grid on [alpha_trusted, hi], with the optimistic H + Z S: while the estimate cannot yet
-  rule out a useful cloud the probes keep measuring it at alpha_trusted (a larger alpha makes the
-  estimate ~r(alpha) times noisier, and a rule that leaves on a noisy first estimate never comes
-  back). The weight is pessimistic, c = Phi(H / S - Z) c_max(alpha): the V step runs in full only
-  once H > 0 is established at Z SE. A cloud whose subspace misses the private gradient (H ~ 0)
-  thus gets alpha -> hi (the plain part's full share: FedMeZO at 0.95 lr) and a weight ~0; one
-  that holds it keeps alpha_trusted and c -> 1. The paper's lambda* = d sigma^2 /
-  (d sigma^2 + |b|^2 + tau^2) weighs a biased cloud gradient against the ZO noise; here the step
-  along V is the private gradient's own (unbiased) projection, so a misleading cloud can cost only
-  probe energy and noise, which is what the rule weighs.
+  Why this and not more. Both parts of z_step are unbiased steps at their own rates
+  (zoo/guided.py): the plain part is MeZO's whatever alpha, the V part the private gradient's own
+  projection at lr_V. So a cloud whose subspace misses the private gradient cannot steer the
+  model: it costs the V step's noise, lr_V^2 m (a/b)^2 |grad|^2 per step, which is small at a
+  tuned lr_V. Phi(H / S), the posterior probability that H > 0 under a flat prior, takes the
+  step away from such a cloud as evidence accrues and leaves it to one that holds private
+  gradient. A rule that waits for significance (weight Phi(H / S - 2)) is not usable at our
+  scale: on BBC News LoRA, with in-domain public data whose guided step lifts validation accuracy
+  from 0.42 to 0.85, the pooled estimate after 7 rounds of 32 scalars was 0.04 +- 0.07 (|grad|^2
+  ~ 2.5), indistinguishable from a cloud with shuffled labels. alpha stays the configured one:
+  with the plain step independent of alpha, alpha only trades the plain estimate's noise
+  ((b/a)^2 |h|^2) against the V estimate's ((a/b)^2 |grad|^2), a trade whose terms are weighted by
+  the loss's unknown curvatures. The paper's lambda* = d sigma^2 / (d sigma^2 + |b|^2 + tau^2)
+  weighs a biased cloud gradient against the ZO noise, which this step does not have.
   """
-  alpha_trusted = jnp.minimum(jnp.float32(alpha_trusted), hi)
-  alphas = alpha_trusted + (hi - alpha_trusted) * jnp.linspace(0.0, 1.0, grid, dtype=jnp.float32)
-  r = lambda x: x / (1.0 - x)
-  c_max = jnp.minimum(1.0, jnp.sqrt(r(alpha_trusted) / r(alphas)))
-  finite_se = jnp.where(jnp.isfinite(proj_sq_se), proj_sq_se, 0.0)
-  optimistic = jnp.where(jnp.isfinite(proj_sq_se), proj_sq + CONFIDENCE_Z * finite_se, jnp.inf)
-  value = beta ** 2 * alphas * grad_sq + step_v * c_max * jnp.maximum(optimistic, 0.0)
-  i = jnp.argmax(jnp.where(jnp.isfinite(value), value, jnp.finfo(jnp.float32).max))
-  t = jnp.where(finite_se > 0, proj_sq / jnp.where(finite_se > 0, finite_se, 1.0), 0.0)
-  weight = ndtr(t - CONFIDENCE_Z) * c_max[i]
+  t = jnp.where(jnp.isfinite(proj_sq_se) & (proj_sq_se > 0),
+                proj_sq / jnp.where(proj_sq_se > 0, proj_sq_se, 1.0), 0.0)
   rho2 = jnp.clip(proj_sq / jnp.maximum(grad_sq, 1e-30), 0.0, 1.0)
-  return alphas[i], weight, rho2
+  return ndtr(t), rho2

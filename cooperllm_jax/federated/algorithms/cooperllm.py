@@ -22,11 +22,9 @@ each round's guidance before the clients run and learns from their scalars after
 Adaptive mixing (zgr.adaptive): after each round the edge regresses the scalars on the probes'
 subspace draws u (zoo/mixing.py), which estimates the private gradient's projection |V^T grad|^2
 and its norm |grad|^2 with standard errors and without the old estimator's d/m amplification;
-pooled across rounds by precision (zgr.ema is the forgetting factor), they set the next round's
-alpha and the weight on the step along V (mixing.adaptive_mixing): zgr.alpha (clipped to
-[alpha_min, alpha_max]) while the cloud may be useful, alpha_max and a weight ~0 once the
-estimate shows its subspace misses the private gradient. Before the first estimate alpha is
-zgr.alpha and the weight 0: the cloud earns its step from private scalars. Everything is a
+pooled across rounds by precision (zgr.ema is the forgetting factor), they set the weight on the
+next round's step along V to the probability that the cloud's subspace holds private gradient
+(mixing.adaptive_mixing; 1/2 before the first estimate). alpha stays zgr.alpha. Everything is a
 function of what the edge has, so the replay stays exact.
 
 Quantized guidance: the clients and the edge's replay both use the decoded V, so replay stays exact.
@@ -158,19 +156,15 @@ class CloudGuidance:
                                 guided.step_ratio(weight * z.lr_v, self.zo.lr))
 
   def _mixing(self, state):
-    """(alpha, weight on the step along V) for this round: fixed, or from the pooled estimates."""
+    """(alpha, weight on the step along V) for this round: the weight fixed at 1, or from the
+    pooled estimates."""
     z = self.zgr
     if not z.adaptive:
       return jnp.float32(z.alpha), jnp.float32(1.0)
-    trusted = min(max(z.alpha, z.alpha_min), z.alpha_max)
-    mix = state['mixing']
-    proj_sq, proj_sq_se = mixing.pooled(mix['proj_sq'])
-    grad_sq, _ = mixing.pooled(mix['grad_sq'])
-    alpha, weight, _ = mixing.adaptive_mixing(
-        proj_sq, proj_sq_se, grad_sq, guided.step_ratio(z.lr_v, self.zo.lr), trusted, z.beta,
-        z.alpha_max)
-    seen = mix['proj_sq']['w'] > 0
-    return jnp.where(seen, alpha, jnp.float32(trusted)), jnp.where(seen, weight, 0.0)
+    proj_sq, proj_sq_se = mixing.pooled(state['mixing']['proj_sq'])
+    grad_sq, _ = mixing.pooled(state['mixing']['grad_sq'])
+    weight, _ = mixing.adaptive_mixing(proj_sq, proj_sq_se, grad_sq)
+    return jnp.float32(z.alpha), weight
 
   def refreshes(self, round_index: int) -> bool:
     """Whether the cloud computes a new direction in this round."""
