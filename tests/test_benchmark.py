@@ -58,8 +58,8 @@ def test_sweep_picks_on_validation_and_feeds_dependants(tmp_path, monkeypatch):
   assert [c[0].parts[-3] for c in calls] == ['fedmezo'] * 5 + ['cooperllm'] * 5 + [
       'cooperllm_adaptive']
   assert all('learning_rate=0.01' in c[2] for c in calls[5:])
-  assert [c[0].parts[-2] for c in calls[5:10]] == ['lr_v=0.01', 'lr_v=0.03', 'lr_v=0.1',
-                                                   'lr_v=0.3', 'lr_v=1']
+  assert [c[0].parts[-2] for c in calls[5:10]] == [f'lr_v={v:g}' for v in
+                                                   benchmark_settings.GRIDS['lr_v']]
   assert 'zgr.adaptive=True' in calls[-1][2] and 'zgr.lr_v=0.1' in calls[-1][2]
 
   calls.clear()
