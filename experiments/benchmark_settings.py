@@ -66,15 +66,16 @@ METHODS = {
     'fwdllm': Method('fwdllm', ('zo.probes=4',)),
     'fedavg_bp': Method('fedavg_bp', family='bp'),
     # ZGR ablations at cooperllm's picks: the mixing weight, and a cloud without signal.
-    'cooperllm_adaptive': Method('cooperllm', ('zgr.adaptive=True',), rate_of='cooperllm',
-                                 **_GUIDED),
+    # Adaptive cooperllm shrinks the V step by the measured noise (zoo/mixing.py), so its lr_V is
+    # a rate at full signal and is swept on its own.
+    'cooperllm_adaptive': Method('cooperllm', ('zgr.adaptive=True',), **_GUIDED),
     'cooperllm_alpha=0.25': Method('cooperllm', ('zgr.alpha=0.25', 'zgr.adaptive=False'),
                                    rate_of='cooperllm', **_GUIDED),
     'cooperllm_alpha=0.75': Method('cooperllm', ('zgr.alpha=0.75', 'zgr.adaptive=False'),
                                    rate_of='cooperllm', **_GUIDED),
     'cooperllm_shuffled_adaptive': Method('cooperllm', ('zgr.adaptive=True',
                                                         'cloud.shuffle_labels=True'),
-                                          rate_of='cooperllm', **_GUIDED),
+                                          rate_of='cooperllm_adaptive', **_GUIDED),
     'cooperllm_shuffled': Method('cooperllm', COOPERLLM + ('cloud.shuffle_labels=True',),
                                  rate_of='cooperllm', **_GUIDED),
 }

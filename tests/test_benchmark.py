@@ -53,14 +53,14 @@ def test_sweep_picks_on_validation_and_feeds_dependants(tmp_path, monkeypatch):
   assert record['fedmezo']['picked'] == 1e-2 and not record['fedmezo']['at_grid_edge']
   assert record['cooperllm']['picked'] == 0.1 and record['cooperllm']['knob'] == 'zgr.lr_v'
   assert record['cooperllm_adaptive']['picked'] == 0.1
-  assert record['cooperllm_adaptive']['rate_of'] == 'cooperllm'
-  # Dependencies first: fedmezo's rate feeds cooperllm, whose picks feed the ablation.
-  assert [c[0].parts[-3] for c in calls] == ['fedmezo'] * 5 + ['cooperllm'] * 5 + [
-      'cooperllm_adaptive']
+  assert record['cooperllm_adaptive']['rate_of'] is None     # its own lr_V sweep
+  # Dependencies first: fedmezo's rate feeds both cooperllm sweeps (in the order asked for).
+  assert [c[0].parts[-3] for c in calls] == ['fedmezo'] * 5 + ['cooperllm_adaptive'] * 5 + [
+      'cooperllm'] * 5
   assert all('learning_rate=0.01' in c[2] for c in calls[5:])
-  assert [c[0].parts[-2] for c in calls[5:10]] == [f'lr_v={v:g}' for v in
-                                                   benchmark_settings.GRIDS['lr_v']]
-  assert 'zgr.adaptive=True' in calls[-1][2] and 'zgr.lr_v=0.1' in calls[-1][2]
+  assert [c[0].parts[-2] for c in calls[10:15]] == [f'lr_v={v:g}' for v in
+                                                    benchmark_settings.GRIDS['lr_v']]
+  assert all('zgr.adaptive=True' in c[2] for c in calls[5:10])
 
   calls.clear()
   plan = benchmark_settings.Plan.of('rt_shifted_minilm_lora', methods=('warm_start', 'fedmezo'))

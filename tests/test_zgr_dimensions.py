@@ -139,32 +139,26 @@ def test_estimates_from_a_rounds_uplinks_with_fedavg_weights():
 
 
 def test_adaptive_mixing_weighs_out_a_cloud_that_misses_the_gradient():
-  """From the probes' estimates alone: a cloud holding ~64% of the private gradient gets the full
-  step along V; one orthogonal to it a weight near 1/2 from one round of 1024 probes (its
-  estimate straddles 0), and ~0 once the pooled rounds place it below 0."""
+  """From the probes' estimates alone (one round of 1024 probes): a cloud holding ~64% of the
+  private gradient keeps most of the step along V, one orthogonal to it ~none; the weight is the
+  one-step optimal shrinkage H / (H + (m r G + (m + 1) H) / P), checked at known (H, G)."""
   d, n = 10 ** 3, 1024
-  out, est = {}, {}
+  out = {}
   for cos in (0.8, 0.0):
     pb, guide, h, grad_sq = _setup('quadratic', d, cos=cos)
     keys = _keys(n)
-    e = est[cos] = mixing.regression(_scalars(pb, guide, keys), mixing.subspace_draws(keys, M),
-                                     guide)
-    out[cos] = [float(x) for x in mixing.adaptive_mixing(e.proj_sq, e.proj_sq_se, e.grad_sq)]
+    e = mixing.regression(_scalars(pb, guide, keys), mixing.subspace_draws(keys, M), guide)
+    out[cos] = [float(x) for x in mixing.adaptive_mixing(e.proj_sq, e.grad_sq, M, 4, ALPHA)]
   print('adaptive (weight, share):', out)
   (weight_good, share_good), (weight_bad, share_bad) = out[0.8], out[0.0]
   assert abs(share_good - 0.64) < 0.1 and share_bad < 0.05
-  assert weight_good > 0.999
-  assert 0.02 < weight_bad < 0.98
-  running = {'w': 0.0, 'x': 0.0, 'q': 0.0}
-  for rep in range(16):      # 16 rounds of 1024 probes each, pooled
-    keys = _keys(n, rep=rep + 1)
-    e = mixing.regression(_scalars(pb, guide, keys), mixing.subspace_draws(keys, M), guide)
-    running = mixing.accumulate(running, e.proj_sq, e.proj_sq_se, 1.0)
-  mean, se = mixing.pooled(running)
-  assert abs(float(mean)) < 3 * float(se)          # unbiased at 0: the evidence is symmetric
-  # |V^T grad|^2 is 0 here, so the pooled estimate is below 0 half the time; at 2 SE below:
-  weight, _ = mixing.adaptive_mixing(-2 * se, se, e.grad_sq)
-  assert float(weight) == pytest.approx(0.0228, abs=1e-3)
+  assert weight_good > 0.3 and weight_bad < 0.05          # 0.39 at the true share, P = 4
+  # Known inputs: H = 0.64, G = 1, m = 2, P = 4, alpha 0.5 (r = 1): 0.64 / (0.64 + (2 + 3 * 0.64) / 4).
+  weight, _ = mixing.adaptive_mixing(0.64, 1.0, 2, 4, 0.5)
+  assert float(weight) == pytest.approx(0.64 / (0.64 + (2 + 3 * 0.64) / 4), rel=1e-6)
+  # Noise grows with G (the trained dimension's batch-gradient energy): the weight falls.
+  assert float(mixing.adaptive_mixing(0.08, 2.5, 1, 4, 0.5)[0]) < 0.15
+  assert float(mixing.adaptive_mixing(-0.1, 1.0, 1, 4, 0.5)[0]) == 0.0       # H < 0 counts as 0
 
 
 def test_precision_pooling_against_a_direct_sum():

@@ -484,25 +484,28 @@ def test_cooperllm_refresh_keeps_the_basis_between_refreshes():
 def test_cooperllm_adaptive_weight_is_set_from_the_pooled_estimates():
   """Each round's weight on the V step is adaptive_mixing of the rounds before, pooled by precision
   with forgetting zgr.ema: recomputed here in numpy from the logged estimates. alpha stays put."""
-  from scipy import stats  # pylint: disable=g-import-not-at-top
   from cooperllm_jax.zoo import guided  # pylint: disable=g-import-not-at-top
   h = history('cooperllm', rounds=4, zgr=(('adaptive', True),))
   alg, rs = h['alg'], h['results']
   z = alg.guidance.zgr
   step_v = float(guided.step_ratio(z.lr_v, alg.zo.lr))
-  assert rs[0].metrics['cloud_step_v'] == pytest.approx(0.5 * step_v)   # no estimate yet: 1/2
+  assert rs[0].metrics['cloud_step_v'] == 0                     # no estimate yet: no V step
   weights = []
   for r in range(1, len(rs)):
     k = np.arange(r)[::-1]                                       # rounds ago, newest 0
-    x = np.array([rs[i].metrics['proj_sq'] for i in range(r)], np.float64)
-    se = np.array([rs[i].metrics['proj_sq_se'] for i in range(r)], np.float64)
-    w = z.ema ** k / se ** 2
-    mean, err = np.sum(w * x) / np.sum(w), np.sqrt(np.sum(w * w * se ** 2)) / np.sum(w)
-    weights.append(stats.norm.cdf(mean / err))
+    pooled = {}
+    for key in ('proj_sq', 'grad_sq'):
+      x = np.array([rs[i].metrics[key] for i in range(r)], np.float64)
+      se = np.array([rs[i].metrics[key + '_se'] for i in range(r)], np.float64)
+      w = z.ema ** k / se ** 2
+      pooled[key] = np.sum(w * x) / np.sum(w)
+    h2, m, probes = max(pooled['proj_sq'], 0.0), rs[r].metrics['basis_rank'], 2 * len(CLIENT_IDS)
+    ratio = z.alpha / (1 - z.alpha)
+    weights.append(h2 / (h2 + (m * ratio * pooled['grad_sq'] + (m + 1) * h2) / probes))
     assert rs[r].metrics['cloud_step_v'] == pytest.approx(weights[-1] * step_v, rel=1e-3,
                                                           abs=1e-6)
   assert all(r.metrics['alpha'] == pytest.approx(z.alpha) for r in rs)
-  assert len(set(np.round(weights, 4))) > 1                      # it moves with the evidence
+  assert max(weights) > 0                                        # the cloud earns a step here
   for r in rs:
     assert r.metrics['grad_sq'] > 0 and r.metrics['grad_sq_se'] > 0
     assert 0.0 <= r.metrics['cloud_share'] <= 1.0

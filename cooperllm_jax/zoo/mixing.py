@@ -35,15 +35,15 @@ so every replay of the edge's decision is exact.
 Across rounds the estimates are pooled by precision (`accumulate`): a round run at a large alpha
 puts little energy into V, and its |V^T grad|^2 is ~(a/b)^2 times noisier, so an unweighted
 average would let it swamp the informative rounds. The weight on the step along V
-(`adaptive_mixing`) is the probability, given the pooled estimate, that the cloud's subspace
-holds private gradient at all.
+(`adaptive_mixing`) is its one-step optimal shrinkage under the measured noise, so the step's
+effective rate follows the signal-to-noise ratio of the scalars, which grows with the trained
+dimension through |grad|^2 (the per-batch gradient's energy) even though the scales are d-free.
 """
 
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-from jax.scipy.special import ndtr
 
 from cooperllm_jax.zoo import guided
 from cooperllm_jax.zoo import keys as keys_lib
@@ -128,27 +128,32 @@ def pooled(running: dict):
           jnp.where(seen, jnp.sqrt(running['q']) / safe, jnp.inf))
 
 
-def adaptive_mixing(proj_sq, proj_sq_se, grad_sq):
-  """(weight, cloud_share): the factor on the step along V, Phi(H / S) for the pooled
-  |V^T grad|^2 = H with standard error S (1/2 before any estimate), and H / |grad|^2 clipped to
-  [0, 1] (logged).
+def adaptive_mixing(proj_sq, grad_sq, m, probes, alpha, probe_v=1.0):
+  """(weight, cloud_share): the factor on the step along V and H / G clipped to [0, 1] (logged),
+  from the pooled |V^T grad|^2 = H and |grad|^2 = G.
 
-  Why this and not more. Both parts of z_step are unbiased steps at their own rates
-  (zoo/guided.py): the plain part is MeZO's whatever alpha, the V part the private gradient's own
-  projection at lr_V. So a cloud whose subspace misses the private gradient cannot steer the
-  model: it costs the V step's noise, lr_V^2 m (a/b)^2 |grad|^2 per step, which is small at a
-  tuned lr_V. Phi(H / S), the posterior probability that H > 0 under a flat prior, takes the
-  step away from such a cloud as evidence accrues and leaves it to one that holds private
-  gradient. A rule that waits for significance (weight Phi(H / S - 2)) is not usable at our
-  scale: on BBC News LoRA, with in-domain public data whose guided step lifts validation accuracy
-  from 0.42 to 0.85, the pooled estimate after 7 rounds of 32 scalars was 0.04 +- 0.07 (|grad|^2
-  ~ 2.5), indistinguishable from a cloud with shuffled labels. alpha stays the configured one:
-  with the plain step independent of alpha, alpha only trades the plain estimate's noise
-  ((b/a)^2 |h|^2) against the V estimate's ((a/b)^2 |grad|^2), a trade whose terms are weighted by
-  the loss's unknown curvatures. The paper's lambda* = d sigma^2 / (d sigma^2 + |b|^2 + tau^2)
-  weighs a biased cloud gradient against the ZO noise, which this step does not have.
+  The step along V is -lr_V c V h_P with h_P the mean over the update's P probes of g u / b, an
+  unbiased estimate of h = V^T grad whose noise is tr Cov = (m r G + (m + 1) H) / P,
+  r = (a / b)^2 = alpha / ((1 - alpha) probe_v^2) (zoo/guided.py). Along V the loss falls by
+  lr_V (c H - lr_V L_V c^2 (H + tr Cov) / 2) in expectation, which is largest at
+  c* = H / (lr_V L_V (H + tr Cov)); with lr_V on the scale of the curvature along V
+  (lr_V L_V ~ 1: zgr.lr_v is then the step's rate with a noise-free estimate),
+
+      c* = H / (H + (m r G + (m + 1) H) / P)        (H < 0 is taken as 0).
+
+  A cloud whose subspace misses the private gradient (H ~ 0) gets c* ~ 0; one that holds it gets
+  c* -> 1 as the probes' noise m r G / P falls below H. The noise grows with the trained
+  dimension through G (on BBC News, MiniLM, G ~ 2.5 with LoRA, ~40 times H), which is why one
+  fixed lr_V cannot serve a head and LoRA alike and this factor can: the effective rate
+  lr_V c* follows the measured signal-to-noise ratio. The paper's lambda* = d sigma^2 /
+  (d sigma^2 + |b|^2 + tau^2) weighs a biased cloud gradient against the ZO noise; the step along
+  V here is the private gradient's own (unbiased) projection, so only its noise needs weighing.
+  alpha stays the configured one: with the plain step independent of alpha, alpha only trades the
+  plain estimate's noise against the V estimate's, weighted by curvatures the edge does not know.
   """
-  t = jnp.where(jnp.isfinite(proj_sq_se) & (proj_sq_se > 0),
-                proj_sq / jnp.where(proj_sq_se > 0, proj_sq_se, 1.0), 0.0)
+  h2 = jnp.maximum(proj_sq, 0.0)
+  r = alpha / ((1.0 - alpha) * probe_v ** 2)
+  noise = (m * r * grad_sq + (m + 1) * h2) / probes
+  weight = h2 / jnp.maximum(h2 + noise, 1e-30)
   rho2 = jnp.clip(proj_sq / jnp.maximum(grad_sq, 1e-30), 0.0, 1.0)
-  return ndtr(t), rho2
+  return weight, rho2

@@ -23,9 +23,11 @@ Adaptive mixing (zgr.adaptive): after each round the edge regresses the scalars 
 subspace draws u (zoo/mixing.py), which estimates the private gradient's projection |V^T grad|^2
 and its norm |grad|^2 with standard errors and without the old estimator's d/m amplification;
 pooled across rounds by precision (zgr.ema is the forgetting factor), they set the weight on the
-next round's step along V to the probability that the cloud's subspace holds private gradient
-(mixing.adaptive_mixing; 1/2 before the first estimate). alpha stays zgr.alpha. Everything is a
-function of what the edge has, so the replay stays exact.
+next round's step along V to its one-step optimal shrinkage under the measured noise
+(mixing.adaptive_mixing; 0 before the first estimate), so a cloud whose subspace misses the
+private gradient loses its step and the step's effective rate follows the scalars'
+signal-to-noise ratio. alpha stays zgr.alpha. Everything is a function of what the edge has, so
+the replay stays exact.
 
 Quantized guidance: the clients and the edge's replay both use the decoded V, so replay stays exact.
 The decoded V is not exactly orthonormal (each entry is off by an unbiased rounding error, about
@@ -155,16 +157,18 @@ class CloudGuidance:
     return guided.make_guidance(basis, valid, alpha, z.beta, z.probe_v,
                                 guided.step_ratio(weight * z.lr_v, self.zo.lr))
 
-  def _mixing(self, state):
+  def _mixing(self, state, valid, clients: int):
     """(alpha, weight on the step along V) for this round: the weight fixed at 1, or from the
-    pooled estimates."""
+    pooled estimates (0 before the first)."""
     z = self.zgr
     if not z.adaptive:
       return jnp.float32(z.alpha), jnp.float32(1.0)
-    proj_sq, proj_sq_se = mixing.pooled(state['mixing']['proj_sq'])
+    proj_sq, _ = mixing.pooled(state['mixing']['proj_sq'])
     grad_sq, _ = mixing.pooled(state['mixing']['grad_sq'])
-    weight, _ = mixing.adaptive_mixing(proj_sq, proj_sq_se, grad_sq)
-    return jnp.float32(z.alpha), weight
+    weight, _ = mixing.adaptive_mixing(proj_sq, grad_sq, jnp.maximum(valid.sum(), 1.0),
+                                       self.zo.est.probes * clients, z.alpha, z.probe_v)
+    seen = state['mixing']['proj_sq']['w'] > 0
+    return jnp.float32(z.alpha), jnp.where(seen, weight, 0.0)
 
   def refreshes(self, round_index: int) -> bool:
     """Whether the cloud computes a new direction in this round."""
@@ -194,7 +198,7 @@ class CloudGuidance:
       basis, valid = state['guidance'].basis, state['guidance'].valid
     if tau_sq is not None:
       state['mixing'] = dict(state['mixing'], tau_sq=jnp.float32(tau_sq))
-    state['guidance'] = self._guidance(basis, valid, *self._mixing(state))
+    state['guidance'] = self._guidance(basis, valid, *self._mixing(state, valid, len(clients)))
     return state
 
   def after_round(self, state, result: RoundResult) -> None:
