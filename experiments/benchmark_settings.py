@@ -125,7 +125,8 @@ SETTINGS = {
     'bbc_minilm_full': Setting(
         'BBC News on 10 clients, in-domain public set; MiniLM, every weight trained',
         ('validation_fraction=0.1', 'zo.trainable=full', 'zo.distribution=gaussian',
-         'ledger=False', 'tensorboard=False'), 10, 5, ('cooperllm', 'fedmezo'),
+         'ledger=False', 'tensorboard=False'), 10, 5,
+        ('fedmezo', 'cooperllm', 'cooperllm_adaptive'),
         {'zo': (1e-7, 3e-7, 1e-6, 3e-6, 1e-5)}),
 }
 
