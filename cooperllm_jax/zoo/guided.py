@@ -95,10 +95,14 @@ def make_guidance(basis: dict, valid: ArrayLike, alpha: ArrayLike, beta: ArrayLi
   return Guidance(basis, f(valid), f(alpha), f(beta), f(probe_v), f(step_v))
 
 
+def _safe_over(num, den):
+  """num / den, 0 where den is 0 (a part of the probe that is absent, or lr = 0)."""
+  return jnp.where(den > 0, num / jnp.where(den > 0, den, 1.0), 0.0)
+
+
 def step_ratio(lr_v: ArrayLike, lr: ArrayLike) -> jax.Array:
   """step_v = lr_V / lr (0 where lr is 0: nothing moves then anyway)."""
-  lr = jnp.asarray(lr, jnp.float32)
-  return jnp.where(lr > 0, jnp.asarray(lr_v, jnp.float32) / jnp.where(lr > 0, lr, 1.0), 0.0)
+  return _safe_over(jnp.asarray(lr_v, jnp.float32), jnp.asarray(lr, jnp.float32))
 
 
 def subspace_draw(key: jax.Array, m: int, distribution: str) -> jax.Array:
@@ -113,11 +117,6 @@ def scales(guide: Guidance):
   a = guide.beta * jnp.sqrt(alpha)
   b = guide.beta * guide.probe_v * jnp.sqrt(1.0 - alpha)
   return a, b
-
-
-def _safe_over(num, den):
-  """num / den, 0 where den is 0 (that part of the probe is absent)."""
-  return jnp.where(den > 0, num / jnp.where(den > 0, den, 1.0), 0.0)
 
 
 def mixing(guide: Guidance, key: jax.Array, distribution: str, step: bool = False):
