@@ -155,6 +155,9 @@ class ZGR:
   beta: float = 1.0             # scale of z's plain part (1 with alpha = 1: plain ZO)
   probe_v: float = guided.DEFAULT_PROBE_V  # the probe's radius along V / the plain part's
   lr_v: float = guided.DEFAULT_LR_V  # first-order rate of the step along V (d-free)
+  # > 0: the step along V at most curvature_cap / L_V, L_V the public loss's curvature along the
+  # cloud's newest direction (the cloud measures it each refresh: one Hessian-vector product)
+  curvature_cap: float = 0.0
   guidance_format: str = 'f32'  # V on the downlink: f32 | int8 | int4 | ternary | adaptive | link
   guidance_block: int = 256     # values per codec scale
   guidance_budget_bytes: int = 0  # adaptive: bytes of V per client and round (> 0)
@@ -168,6 +171,8 @@ class ZGR:
            f'zgr.probe_v must be > 0, got {self.probe_v}')
     _check(_finite(self.lr_v) and self.lr_v >= 0, f'zgr.lr_v must be >= 0, got {self.lr_v}')
     _check(0.0 <= self.ema < 1.0, f'zgr.ema must be in [0, 1), got {self.ema}')
+    _check(_finite(self.curvature_cap) and self.curvature_cap >= 0,
+           f'zgr.curvature_cap must be >= 0, got {self.curvature_cap}')
     _check(self.guidance_format in GUIDANCE_FORMATS,
            f'zgr.guidance_format must be one of {", ".join(GUIDANCE_FORMATS)}, got '
            f'{self.guidance_format!r}')

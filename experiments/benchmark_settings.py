@@ -69,6 +69,9 @@ METHODS = {
     # Adaptive cooperllm shrinks the V step by the measured noise (zoo/mixing.py), so its lr_V is
     # a rate at full signal and is swept on its own.
     'cooperllm_adaptive': Method('cooperllm', ('zgr.adaptive=True',), **_GUIDED),
+    # The V rate capped at 1 / L_V, L_V the public loss's curvature along the cloud's direction
+    # (measured each round): the curvature grows as the model trains, so it is swept on its own.
+    'cooperllm_curvature': Method('cooperllm', COOPERLLM + ('zgr.curvature_cap=1.0',), **_GUIDED),
     'cooperllm_alpha=0.25': Method('cooperllm', ('zgr.alpha=0.25', 'zgr.adaptive=False'),
                                    rate_of='cooperllm', **_GUIDED),
     'cooperllm_alpha=0.75': Method('cooperllm', ('zgr.alpha=0.75', 'zgr.adaptive=False'),
@@ -121,7 +124,8 @@ SETTINGS = {
     'bbc_minilm_lora': Setting(
         'BBC News on 10 clients, in-domain public set; MiniLM, LoRA (q, v; rank 8) + head',
         ('validation_fraction=0.1', 'zo.trainable=lora', 'zo.distribution=gaussian',
-         'ledger=False', 'tensorboard=False'), 20, 5, ZGR_CHECKS + ('cloud_only',)),
+         'ledger=False', 'tensorboard=False'), 20, 5,
+        ZGR_CHECKS + ('cloud_only', 'cooperllm_curvature')),
     'bbc_minilm_full': Setting(
         'BBC News on 10 clients, in-domain public set; MiniLM, every weight trained',
         ('validation_fraction=0.1', 'zo.trainable=full', 'zo.distribution=gaussian',

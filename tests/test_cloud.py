@@ -102,6 +102,28 @@ def test_gradient_mode_is_the_mean_gradient_and_its_variance():
   assert stats['variance'] > 0
 
 
+def test_curvature_is_the_second_derivative_of_the_public_loss_along_the_direction():
+  """stats['curvature'] against the second derivative of the first batch's loss along the unit
+  direction (autodiff on the line, checked by a second difference); 0 without the option."""
+  subset = Subset('bitfit')
+  trainable, frozen = subset.split(_params())
+  batches = _batches()
+  cloud = make_cloud_step(LOSS, subset, CloudConfig('gradient', curvature=True))
+  _, direction, stats = cloud.step(cloud.init(trainable), trainable, frozen, batches)
+  norm = jnp.sqrt(sum(jnp.sum(x * x) for x in jax.tree.leaves(direction)))
+  first = _batch(batches, 0)
+  along = lambda s: LOSS(overlay(frozen, jax.tree.map(lambda t, v: t + s * v / norm, trainable,
+                                                      direction)), first)
+  expected = float(jax.grad(jax.grad(along))(0.0))   # reverse over reverse on the line
+  h = 3e-2
+  second_difference = float((along(h) + along(-h) - 2 * along(0.0)) / h ** 2)
+  np.testing.assert_allclose(second_difference, expected, rtol=5e-2)
+  assert abs(expected) > 1e-3   # a curvature worth measuring
+  np.testing.assert_allclose(stats['curvature'], expected, rtol=1e-4)
+  plain = make_cloud_step(LOSS, subset, CloudConfig('gradient'))
+  assert float(plain.step(plain.init(trainable), trainable, frozen, batches)[2]['curvature']) == 0
+
+
 def test_finetune_mode_is_an_adamw_loop_with_persistent_state():
   subset, lr, wd = Subset('bitfit'), 1e-2, 0.01
   trainable, frozen = subset.split(_params())

@@ -368,7 +368,8 @@ def test_unknown_client_backend_is_a_config_error():
 
 @pytest.mark.parametrize('zgr,cloud,match', [
     ({'alpha': 1.5}, {}, 'alpha'), ({'alpha': -0.1}, {}, 'alpha'), ({'pool_size': 0}, {}, 'pool'),
-    ({'refresh': 0}, {}, 'refresh'), ({'beta': 0.0}, {}, 'beta'), ({'alpha_min': 0.1}, {}, 'alpha_min was removed'),
+    ({'refresh': 0}, {}, 'refresh'), ({'beta': 0.0}, {}, 'beta'),
+    ({'alpha_min': 0.1}, {}, 'alpha_min was removed'), ({'curvature_cap': -1.0}, {}, 'curvature_cap'),
     ({}, {'lag': 2}, 'lag'), ({}, {'batches': 0}, 'batches'), ({}, {'mode': 'adam'}, 'mode'),
     ({}, {'devices': 1}, 'devices'), ({'guidance_format': 'int2'}, {}, 'guidance_format'),
     ({'guidance_format': 'adaptive'}, {}, 'guidance_budget_bytes'),
@@ -509,6 +510,25 @@ def test_cooperllm_adaptive_weight_is_set_from_the_pooled_estimates():
   for r in rs:
     assert r.metrics['grad_sq'] > 0 and r.metrics['grad_sq_se'] > 0
     assert 0.0 <= r.metrics['cloud_share'] <= 1.0
+  _replays_the_edge(h, len(rs))
+
+
+def test_cooperllm_curvature_cap_sets_the_v_rate_from_the_clouds_curvature():
+  """With zgr.curvature_cap the round's V rate is min(lr_v, cap / L_V) for the curvature L_V the
+  cloud measured along its direction (lr_v itself where L_V <= 0); the edge still replays."""
+  from cooperllm_jax.zoo import guided  # pylint: disable=g-import-not-at-top
+  cap = 1e-4   # binds wherever the curvature is above cap / lr_v = 1e-3
+  h = history('cooperllm', rounds=3, zgr=(('curvature_cap', cap),))
+  alg, rs = h['alg'], h['results']
+  lr_v, lr = alg.guidance.zgr.lr_v, alg.zo.lr
+  curvatures = [r.metrics['cloud_curvature'] for r in rs]
+  assert any(c > cap / lr_v for c in curvatures), curvatures
+  for r, c in zip(rs, curvatures):
+    expected = min(lr_v, cap / c) if c > 0 else lr_v
+    assert r.metrics['lr_v'] == pytest.approx(expected, rel=1e-6)
+    assert r.metrics['cloud_step_v'] == pytest.approx(float(guided.step_ratio(expected, lr)),
+                                                      rel=1e-5)
+  assert 'cloud_curvature' not in history('cooperllm', rounds=1)['results'][0].metrics
   _replays_the_edge(h, len(rs))
 
 

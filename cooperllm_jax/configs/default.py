@@ -88,6 +88,7 @@ def get_config(algorithm: str = 'cooperllm') -> ml_collections.ConfigDict:
   c.zgr.beta = 1.0              # scale of z's plain part (1 with alpha = 1: plain ZO)
   c.zgr.probe_v = 1.0           # the probe's radius along V relative to the plain part's
   c.zgr.lr_v = 0.1              # first-order rate of the step along V (free of d)
+  c.zgr.curvature_cap = 0.0     # > 0: V rate <= this / the cloud's measured curvature along V
   # V on the downlink: f32 | int8 | int4 | ternary, or per-leaf formats under a byte budget:
   # adaptive (guidance_budget_bytes) | link (what the simulated links hide behind compute: system.*)
   c.zgr.guidance_format = 'f32'

@@ -88,8 +88,9 @@ class CloudGuidance:
                         'but the run has a mesh (mesh.*), whose data/model axes the cloud uses: '
                         'set one of the two')
     self._client_device = self._place()
-    self._cloud = cloud_bp.make_cloud_step(make_loss(self.zo.model), self.zo.subset,
-                                           self.cloud.step, mesh=self.cloud_mesh,
+    step = dataclasses.replace(self.cloud.step, curvature=self.zgr.curvature_cap > 0)
+    self._cloud = cloud_bp.make_cloud_step(make_loss(self.zo.model), self.zo.subset, step,
+                                           mesh=self.cloud_mesh,
                                            model=self.zo.model)
     self._orthonormalize = jax.jit(pool_lib.orthonormalize)
     self._push = jax.jit(pool_lib.push)
@@ -113,8 +114,10 @@ class CloudGuidance:
   @property
   def costs(self) -> GuidanceCosts:
     fmt = 'f32' if self.zgr.allocates else self.zgr.guidance_format
+    # The curvature's Hessian-vector product on one batch costs about two of its gradients.
+    hvp = 2 * self.cloud.batch_size if self.zgr.curvature_cap > 0 else 0
     return GuidanceCosts(pool_size=self.zgr.pool_size, codec=self.zgr.codec(fmt),
-                         cloud_examples=self.cloud.batches * self.cloud.batch_size,
+                         cloud_examples=self.cloud.batches * self.cloud.batch_size + hvp,
                          cloud_adamw=self.cloud.mode == 'finetune', cloud_lag=self.cloud.lag,
                          refresh=self.zgr.refresh)
 
@@ -129,10 +132,12 @@ class CloudGuidance:
     state['guidance'] = self._guidance(state['pool'].directions, jnp.zeros(m), self.zgr.alpha)
     _, state['downlink'] = self._downlink(state['pool'].directions, 0)
     empty = {'w': jnp.float32(0), 'x': jnp.float32(0), 'q': jnp.float32(0)}
-    state['mixing'] = {'grad_sq': empty, 'proj_sq': empty, 'tau_sq': jnp.float32(0)}
+    state['mixing'] = {'grad_sq': empty, 'proj_sq': empty, 'tau_sq': jnp.float32(0),
+                       'curvature': jnp.float32(0)}
     if self.cloud.lag:
       state['pending'] = {'direction': jax.tree.map(jnp.zeros_like, trainable),
-                          'tau_sq': jnp.float32(0), 'ready': jnp.bool_(False)}
+                          'tau_sq': jnp.float32(0), 'curvature': jnp.float32(0),
+                          'ready': jnp.bool_(False)}
     return state
 
   def _cloud_direction(self, state, round_index):
@@ -150,12 +155,21 @@ class CloudGuidance:
       direction = jax.device_put(direction, self._client_device)
     return cloud_state, direction, stats
 
-  def _guidance(self, basis, valid, alpha, weight=1.0) -> guided.Guidance:
-    """The round's Guidance; the step along V runs at weight x zgr.lr_v (step_v is relative to the
-    plain rate, so the divergence guard's halving of lr halves both)."""
+  def lr_v(self, curvature) -> jax.Array:
+    """The rate of the step along V: zgr.lr_v, capped at zgr.curvature_cap / L_V where the cloud
+    measured a positive curvature L_V along its direction (a gradient step along a direction of
+    curvature L is stable below 2 / L and best at 1 / L in the quadratic model)."""
+    z, curvature = self.zgr, jnp.asarray(curvature, jnp.float32)
+    capped = (z.curvature_cap > 0) & (curvature > 0)
+    cap = z.curvature_cap / jnp.where(capped, curvature, 1.0)
+    return jnp.where(capped, jnp.minimum(z.lr_v, cap), z.lr_v).astype(jnp.float32)
+
+  def _guidance(self, basis, valid, alpha, weight=1.0, curvature=0.0) -> guided.Guidance:
+    """The round's Guidance; the step along V runs at weight x lr_v(curvature) (step_v is relative
+    to the plain rate, so the divergence guard's halving of lr halves both)."""
     z = self.zgr
     return guided.make_guidance(basis, valid, alpha, z.beta, z.probe_v,
-                                guided.step_ratio(weight * z.lr_v, self.zo.lr))
+                                guided.step_ratio(weight * self.lr_v(curvature), self.zo.lr))
 
   def _mixing(self, state, valid, clients: int):
     """(alpha, weight on the step along V) for this round: the weight fixed at 1, or from the
@@ -178,27 +192,29 @@ class CloudGuidance:
     """The state with this round's guidance: a new cloud direction every `refresh` rounds."""
     state = dict(state)
     refresh = self.refreshes(round_index)
-    tau_sq = None
+    measured = None   # the cloud's (tau_sq, curvature) of the direction pushed, as host floats
     if refresh:
       if self.cloud.lag:
         pending = state['pending']
         state['cloud'], direction, stats = self._cloud_direction(state, round_index)
         if bool(pending['ready']):
           state['pool'] = self._push(state['pool'], pending['direction'])
-          tau_sq = float(pending['tau_sq'])
+          measured = float(pending['tau_sq']), float(pending['curvature'])
         state['pending'] = {'direction': direction, 'tau_sq': stats['variance'],
-                            'ready': jnp.bool_(True)}
+                            'curvature': stats['curvature'], 'ready': jnp.bool_(True)}
       else:
         state['cloud'], direction, stats = self._cloud_direction(state, round_index)
         state['pool'] = self._push(state['pool'], direction)
-        tau_sq = float(stats['variance'])
+        measured = float(stats['variance']), float(stats['curvature'])
       basis, valid = self._orthonormalize(state['pool'])
       basis, state['downlink'] = self._downlink(basis, round_index, clients)
     else:
       basis, valid = state['guidance'].basis, state['guidance'].valid
-    if tau_sq is not None:
-      state['mixing'] = dict(state['mixing'], tau_sq=jnp.float32(tau_sq))
-    state['guidance'] = self._guidance(basis, valid, *self._mixing(state, valid, len(clients)))
+    if measured is not None:
+      state['mixing'] = dict(state['mixing'], tau_sq=jnp.float32(measured[0]),
+                             curvature=jnp.float32(measured[1]))
+    state['guidance'] = self._guidance(basis, valid, *self._mixing(state, valid, len(clients)),
+                                       curvature=state['mixing']['curvature'])
     return state
 
   def after_round(self, state, result: RoundResult) -> None:
@@ -264,6 +280,9 @@ class CloudGuidance:
     guide = state['guidance']
     result.metrics.update(alpha=float(guide.alpha), basis_rank=int(guide.valid.sum()),
                           cloud_step_v=float(guide.step_v))
+    if self.zgr.curvature_cap > 0:
+      curvature = state['mixing']['curvature']
+      result.metrics.update(cloud_curvature=float(curvature), lr_v=float(self.lr_v(curvature)))
     if not np.any(counts > 0) or not float(guide.valid.sum()):
       return
     est = self._estimate(jax.tree.map(jnp.asarray, result.uplink),
