@@ -95,7 +95,7 @@ class Setting:
   rounds: int
   eval_every: int
   methods: tuple = MAIN_METHODS
-  grids: Optional[dict] = None  # family -> rates; None: GRIDS
+  grids: Optional[dict] = None  # family -> rates replacing GRIDS' (the others stay)
 
 
 SETTINGS = {
@@ -155,7 +155,7 @@ class Plan:
   def of(cls, name: str, methods=(), quick: bool = False) -> 'Plan':
     s = SETTINGS[name]
     methods = tuple(methods) or (QUICK['methods'] if quick else s.methods)
-    grids, seeds, extra = s.grids or GRIDS, SEEDS, ()
+    grids, seeds, extra = {**GRIDS, **(s.grids or {})}, SEEDS, ()   # a setting replaces some
     rounds, eval_every = s.rounds, s.eval_every
     if quick:
       grids = {k: g[len(g) // 2:len(g) // 2 + QUICK['grid']] for k, g in grids.items()}
