@@ -236,5 +236,5 @@ def test_a_setting_replaces_only_the_grids_it_names():
   """bbc_minilm_full replaces the ZO grid; cooperllm's lr_V grid stays GRIDS' (it once raised)."""
   from experiments.benchmark_settings import GRIDS, Plan  # pylint: disable=g-import-not-at-top
   plan = Plan.of('bbc_minilm_full')
-  assert plan.grid('fedmezo') == (1e-7, 3e-7, 1e-6, 3e-6, 1e-5)
+  assert plan.grid('fedmezo') == (1e-6, 3e-6, 1e-5, 3e-5, 1e-4)
   assert plan.grid('cooperllm') == GRIDS['lr_v']
