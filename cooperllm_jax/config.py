@@ -158,6 +158,10 @@ class ZGR:
   # > 0: the step along V at most curvature_cap / L_V, L_V the public loss's curvature along the
   # cloud's newest direction (the cloud measures it each refresh: one Hessian-vector product)
   curvature_cap: float = 0.0
+  # > 0: the plain step's rate at most trace_cap / tr H, tr H the public loss's Hessian trace
+  # (Hutchinson, trace_probes Hessian-vector products on the cloud each refresh)
+  trace_cap: float = 0.0
+  trace_probes: int = 4
   guidance_format: str = 'f32'  # V on the downlink: f32 | int8 | int4 | ternary | adaptive | link
   guidance_block: int = 256     # values per codec scale
   guidance_budget_bytes: int = 0  # adaptive: bytes of V per client and round (> 0)
@@ -173,6 +177,9 @@ class ZGR:
     _check(0.0 <= self.ema < 1.0, f'zgr.ema must be in [0, 1), got {self.ema}')
     _check(_finite(self.curvature_cap) and self.curvature_cap >= 0,
            f'zgr.curvature_cap must be >= 0, got {self.curvature_cap}')
+    _check(_finite(self.trace_cap) and self.trace_cap >= 0,
+           f'zgr.trace_cap must be >= 0, got {self.trace_cap}')
+    _positive('zgr.', self, 'trace_probes')
     _check(self.guidance_format in GUIDANCE_FORMATS,
            f'zgr.guidance_format must be one of {", ".join(GUIDANCE_FORMATS)}, got '
            f'{self.guidance_format!r}')

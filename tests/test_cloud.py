@@ -3,6 +3,7 @@ LoRA subsets work, the logical rules cover both models, and on an 8-device mesh 
 gives the single-device numbers with its weights and optimizer state really split."""
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -122,6 +123,31 @@ def test_curvature_is_the_second_derivative_of_the_public_loss_along_the_directi
   np.testing.assert_allclose(stats['curvature'], expected, rtol=1e-4)
   plain = make_cloud_step(LOSS, subset, CloudConfig('gradient'))
   assert float(plain.step(plain.init(trainable), trainable, frozen, batches)[2]['curvature']) == 0
+
+
+def test_trace_is_hutchinsons_estimate_of_the_public_hessians_trace():
+  """stats['trace'] against tr H and the spread of Hutchinson's estimator computed from the exact
+  Hessian of the first batch's loss (jax.hessian over the flat BitFit vector, float32); a key is
+  required and the stat is 0 without the option."""
+  from jax.flatten_util import ravel_pytree  # pylint: disable=g-import-not-at-top
+  subset, n = Subset('bitfit'), 1024
+  trainable, frozen = subset.split(_params())
+  batches = _batches()
+  cloud = make_cloud_step(LOSS, subset, CloudConfig('gradient', trace_probes=n))
+  _, _, stats = cloud.step(cloud.init(trainable), trainable, frozen, batches, jax.random.key(7))
+  flat, unravel = ravel_pytree(trainable)
+  first = _batch(batches, 0)
+  hess = np.asarray(jax.hessian(lambda x: LOSS(overlay(frozen, unravel(x)), first))(flat),
+                    np.float64)
+  trace = np.trace(hess)
+  # Rademacher w: Var(w^T H w) = 2 sum_{j != k} H_jk^2 (H symmetric).
+  se = math.sqrt(2 * ((hess ** 2).sum() - (np.diag(hess) ** 2).sum()) / n)
+  assert trace > 0 and 4 * se < 0.25 * trace, (trace, se)   # a test that can fail
+  assert abs(float(stats['trace']) - trace) < 4 * se, (float(stats['trace']), trace, se)
+  with pytest.raises(ValueError, match='pass a key'):
+    cloud.step(cloud.init(trainable), trainable, frozen, batches)
+  plain = make_cloud_step(LOSS, subset, CloudConfig('gradient'))
+  assert float(plain.step(plain.init(trainable), trainable, frozen, batches)[2]['trace']) == 0
 
 
 def test_finetune_mode_is_an_adamw_loop_with_persistent_state():

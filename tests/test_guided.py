@@ -41,10 +41,11 @@ def quadratic():
   return quadratic_setup()[:3]
 
 
-def _guide(trainable, m, alpha, beta=1.0, filled=None, seed=0, probe_v=1.0, step_v=1.0):
+def _guide(trainable, m, alpha, beta=1.0, filled=None, seed=0, probe_v=1.0, step_v=1.0,
+           step_plain=1.0):
   basis, valid = pool_lib.orthonormalize(_random_pool(trainable, m, m if filled is None else filled,
                                                       seed))
-  return guided.make_guidance(basis, valid, alpha, beta, probe_v, step_v)
+  return guided.make_guidance(basis, valid, alpha, beta, probe_v, step_v, step_plain)
 
 
 def _tree_z(key, tree, distribution, guide, step=False):
@@ -94,14 +95,15 @@ def _guided_samples(est, trainable, batch, guide, n):
   return jax.jit(jax.vmap(one))(zoo.address_keys(0, addrs))
 
 
-@pytest.mark.parametrize('alpha,m,distribution,probe_v', [(0.5, 2, 'gaussian', 1.0),
-                                                          (0.0, 1, 'gaussian', 1.0),
-                                                          (0.25, 3, 'rademacher', 2.0)])
+@pytest.mark.parametrize('alpha,m,distribution,probe_v,c', [(0.5, 2, 'gaussian', 1.0, 1.0),
+                                                            (0.0, 1, 'gaussian', 1.0, 1.0),
+                                                            (0.25, 3, 'rademacher', 2.0, 0.4)])
 def test_guided_estimate_is_unbiased_for_the_documented_scaling(quadratic, alpha, m, distribution,
-                                                                probe_v):
+                                                                probe_v, c):
+  """c: the plain step's rate as a share of lr (step_plain; cooperllm's trace cap sets it)."""
   trainable, batch, grad = quadratic
   beta, rho = 0.8, 3.0
-  guide = _guide(trainable, m, alpha, beta, seed=m, probe_v=probe_v, step_v=rho)
+  guide = _guide(trainable, m, alpha, beta, seed=m, probe_v=probe_v, step_v=rho, step_plain=c)
   est = zoo.Estimator(eps=0.05, probes=1, distribution=distribution)
   g, z, zs = (np.asarray(x, np.float64) for x in _guided_samples(est, trainable, batch, guide, N))
   np.testing.assert_allclose(g, z @ grad, rtol=0, atol=2e-4 * np.linalg.norm(grad) * 10)
@@ -130,17 +132,19 @@ def test_guided_estimate_is_unbiased_for_the_documented_scaling(quadratic, alpha
     if np.linalg.norm(wrong - expect) > 0.1 * np.linalg.norm(expect):
       assert t_test_rejects(mean, se, wrong)
 
-  # The update direction: E[g z_step] = beta^2 grad + rho V V^T grad (MeZO's step at the plain
-  # rate whatever alpha, plus a first-order step at rate rho lr = lr_V along the projection).
+  # The update direction: E[g z_step] = c beta^2 grad + rho V V^T grad (MeZO's step at the plain
+  # rate c lr whatever alpha, plus a first-order step at rate rho lr = lr_V along the projection).
   c_s, rho_s = (float(x) for x in guided.step_expectation(guide))
-  expect_step = beta ** 2 * (alpha > 0) * grad + (rho if alpha < 1 else 0.0) * proj @ grad
-  np.testing.assert_allclose([c_s, rho_s], [beta ** 2 * (alpha > 0), rho * (alpha < 1)], rtol=1e-6)
+  expect_step = c * beta ** 2 * (alpha > 0) * grad + (rho if alpha < 1 else 0.0) * proj @ grad
+  np.testing.assert_allclose([c_s, rho_s], [c * beta ** 2 * (alpha > 0), rho * (alpha < 1)],
+                             rtol=1e-6)
   shat = g[:, None] * zs
   mean, se = shat.mean(0), shat.std(0, ddof=1) / math.sqrt(N)
   assert not t_test_rejects(mean, se, expect_step)
-  # The form before (plain step alpha times MeZO's), no subspace step, a sign flip: rejected.
+  # The form before (plain step alpha times MeZO's), no subspace step, the plain step uncapped, a
+  # sign flip: rejected.
   for wrong in (expect, beta ** 2 * alpha * grad + rho * proj @ grad, beta ** 2 * grad,
-                -expect_step):
+                beta ** 2 * grad + rho * proj @ grad, -expect_step):
     if np.linalg.norm(wrong - expect_step) > 0.1 * np.linalg.norm(expect_step):
       assert t_test_rejects(mean, se, wrong)
 

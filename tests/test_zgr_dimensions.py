@@ -159,6 +159,11 @@ def test_adaptive_mixing_weighs_out_a_cloud_that_misses_the_gradient():
   # Noise grows with G (the trained dimension's batch-gradient energy): the weight falls.
   assert float(mixing.adaptive_mixing(0.08, 2.5, 1, 4, 0.5)[0]) < 0.15
   assert float(mixing.adaptive_mixing(-0.1, 1.0, 1, 4, 0.5)[0]) == 0.0       # H < 0 counts as 0
+  # A measured curvature along V scales it by 1 / (lr_V L_V), at most 1: the rate lr_V c* is then
+  # H / (L_V (H + tr Cov)) whatever lr_V above it.
+  assert float(mixing.adaptive_mixing(0.64, 1.0, 2, 4, 0.5, rate_curvature=4.0)[0]) == (
+      pytest.approx(float(weight) / 4.0, rel=1e-6))
+  assert float(mixing.adaptive_mixing(0.64, 1.0, 2, 4, 0.5, rate_curvature=0.1)[0]) == 1.0
 
 
 def test_precision_pooling_against_a_direct_sum():

@@ -21,6 +21,7 @@ from cooperllm_jax.federated.algorithms import ALGORITHMS, make_algorithm
 from cooperllm_jax.models import Encoder, EncoderConfig
 from cooperllm_jax.models.common import make_loss
 from cooperllm_jax.models.spec import is_spec
+from cooperllm_jax.tree_math import tree_dot
 
 CFG = EncoderConfig(vocab_size=97, hidden_size=32, num_layers=2, num_heads=4, intermediate_size=64,
                     max_positions=16, num_labels=2, type_vocab_size=0, pooling='mean')
@@ -370,6 +371,7 @@ def test_unknown_client_backend_is_a_config_error():
     ({'alpha': 1.5}, {}, 'alpha'), ({'alpha': -0.1}, {}, 'alpha'), ({'pool_size': 0}, {}, 'pool'),
     ({'refresh': 0}, {}, 'refresh'), ({'beta': 0.0}, {}, 'beta'),
     ({'alpha_min': 0.1}, {}, 'alpha_min was removed'), ({'curvature_cap': -1.0}, {}, 'curvature_cap'),
+    ({'trace_cap': -1.0}, {}, 'trace_cap'), ({'trace_probes': 0}, {}, 'trace_probes'),
     ({}, {'lag': 2}, 'lag'), ({}, {'batches': 0}, 'batches'), ({}, {'mode': 'adam'}, 'mode'),
     ({}, {'devices': 1}, 'devices'), ({'guidance_format': 'int2'}, {}, 'guidance_format'),
     ({'guidance_format': 'adaptive'}, {}, 'guidance_budget_bytes'),
@@ -482,16 +484,18 @@ def test_cooperllm_refresh_keeps_the_basis_between_refreshes():
                                                       jax.tree.leaves(g[2].basis)))
 
 
-def test_cooperllm_adaptive_weight_is_set_from_the_pooled_estimates():
+@pytest.mark.parametrize('cap', [0.0, 1.0])
+def test_cooperllm_adaptive_weight_is_set_from_the_pooled_estimates(cap):
   """Each round's weight on the V step is adaptive_mixing of the rounds before, pooled by precision
-  with forgetting zgr.ema: recomputed here in numpy from the logged estimates. alpha stays put."""
+  with forgetting zgr.ema: recomputed here in numpy from the logged estimates. alpha stays put.
+  With the curvature measured (cap > 0) the weight is min(1, H / (lr_V L_V (H + noise))) at the
+  round's capped rate lr_V."""
   from cooperllm_jax.zoo import guided  # pylint: disable=g-import-not-at-top
-  h = history('cooperllm', rounds=4, zgr=(('adaptive', True),))
+  h = history('cooperllm', rounds=4, zgr=(('adaptive', True), ('curvature_cap', cap)))
   alg, rs = h['alg'], h['results']
   z = alg.guidance.zgr
-  step_v = float(guided.step_ratio(z.lr_v, alg.zo.lr))
   assert rs[0].metrics['cloud_step_v'] == 0                     # no estimate yet: no V step
-  weights = []
+  weights, unmeasured = [], []
   for r in range(1, len(rs)):
     k = np.arange(r)[::-1]                                       # rounds ago, newest 0
     pooled = {}
@@ -502,11 +506,21 @@ def test_cooperllm_adaptive_weight_is_set_from_the_pooled_estimates():
       pooled[key] = np.sum(w * x) / np.sum(w)
     h2, m, probes = max(pooled['proj_sq'], 0.0), rs[r].metrics['basis_rank'], 2 * len(CLIENT_IDS)
     ratio = z.alpha / (1 - z.alpha)
-    weights.append(h2 / (h2 + (m * ratio * pooled['grad_sq'] + (m + 1) * h2) / probes))
+    lr_v, kappa = z.lr_v, 1.0
+    if cap:
+      curvature = rs[r].metrics['cloud_curvature']
+      lr_v = rs[r].metrics['lr_v']
+      kappa = lr_v * curvature if curvature > 0 else 1.0
+    noisy = h2 + (m * ratio * pooled['grad_sq'] + (m + 1) * h2) / probes
+    weights.append(min(1.0, h2 / (kappa * noisy)))
+    unmeasured.append(h2 / noisy)
+    step_v = float(guided.step_ratio(lr_v, alg.zo.lr))
     assert rs[r].metrics['cloud_step_v'] == pytest.approx(weights[-1] * step_v, rel=1e-3,
                                                           abs=1e-6)
   assert all(r.metrics['alpha'] == pytest.approx(z.alpha) for r in rs)
   assert max(weights) > 0                                        # the cloud earns a step here
+  if cap:   # the measured curvature changes the weights (here: lr_V L_V < 1, a larger step)
+    assert all(w > u for w, u in zip(weights, unmeasured) if u > 0), (weights, unmeasured)
   for r in rs:
     assert r.metrics['grad_sq'] > 0 and r.metrics['grad_sq_se'] > 0
     assert 0.0 <= r.metrics['cloud_share'] <= 1.0
@@ -530,6 +544,25 @@ def test_cooperllm_curvature_cap_sets_the_v_rate_from_the_clouds_curvature():
                                                       rel=1e-5)
   assert 'cloud_curvature' not in history('cooperllm', rounds=1)['results'][0].metrics
   _replays_the_edge(h, len(rs))
+
+
+def test_cooperllm_trace_cap_sets_the_plain_rate_from_the_clouds_hessian_trace():
+  """With zgr.trace_cap the round's plain step runs at min(1, cap / (lr tr H)) of lr for the trace
+  the cloud estimated (Hutchinson), so it moves the weights less; the edge still replays."""
+  cap = 1e-6   # binds wherever tr H > cap / lr
+  h = history('cooperllm', rounds=3, zgr=(('trace_cap', cap), ('lr_v', 0.0)))
+  alg, rs = h['alg'], h['results']
+  lr = alg.zo.lr
+  traces = [r.metrics['cloud_trace'] for r in rs]
+  assert all(t > cap / lr for t in traces), traces
+  for r, t in zip(rs, traces):
+    assert r.metrics['plain_share'] == pytest.approx(min(1.0, cap / (lr * t)), rel=1e-6)
+  assert 'cloud_trace' not in history('cooperllm', rounds=1)['results'][0].metrics
+  _replays_the_edge(h, len(rs))
+  free = history('cooperllm', rounds=1, zgr=(('lr_v', 0.0),))
+  moved = lambda hh: float(tree_dot(*[jax.tree.map(jnp.subtract, hh['states'][1]['trainable'],
+                                                   hh['states'][0]['trainable'])] * 2))
+  assert 0 < moved(h) < 0.5 * moved(free), (moved(h), moved(free))
 
 
 def test_cooperllm_quantized_guidance_bytes_and_replay():

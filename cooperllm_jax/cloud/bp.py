@@ -24,7 +24,12 @@ the first of the K batches at the global params (one forward-over-reverse Hessia
 about two gradients' cost): the curvature along the direction the clients step along, below
 2 / curvature of which ZGR's step along V is stable (config.ZGR.curvature_cap). It is measured at
 every refresh because it grows as the model trains (BBC News, MiniLM LoRA: 0.15 at round 1, 247
-by round 17; docs/zgr.md).
+by round 17; docs/zgr.md). `trace` (with CloudConfig.trace_probes = n > 0; else 0): Hutchinson's
+estimate mean_i w_i^T H w_i of tr H on the same batch, w_i Rademacher over the trainable leaves
+drawn from the step's `key` (n Hessian-vector products; unbiased, variance 2 sum_{j != k} H_jk^2 /
+n): the plain ZO step's stable rate scales as 1 / tr H (E[(v . g)^2 v^T H v] = |g|^2 tr H +
+2 g^T H g for v ~ N(0, I)), which the edge cannot see from central differences
+(config.ZGR.trace_cap).
 
 On a mesh the step is jitted with FSDP/tensor-parallel shardings from the model's logical axes
 (cloud/sharding.py) for the params, the direction and the optimizer state, and the batches split
@@ -37,6 +42,7 @@ from typing import Any, Callable, NamedTuple, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
@@ -57,6 +63,7 @@ class CloudConfig:
   learning_rate: float = 1e-3   # finetune only: the cloud's AdamW rate (also the direction's unit)
   weight_decay: float = 0.0     # finetune only: AdamW's decoupled weight decay
   curvature: bool = False       # also measure the public loss's curvature along the direction
+  trace_probes: int = 0         # > 0: also estimate tr H with this many Hutchinson probes
 
   def __post_init__(self):
     if self.mode not in MODES:
@@ -66,6 +73,8 @@ class CloudConfig:
                         f'{self.learning_rate}')
     if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
       raise ConfigError(f'cloud weight_decay must be >= 0, got {self.weight_decay}')
+    if self.trace_probes < 0:
+      raise ConfigError(f'cloud trace_probes must be >= 0, got {self.trace_probes}')
 
 
 def _f32(tree):
@@ -95,7 +104,9 @@ class _Welford(NamedTuple):
 
 class CloudStep:
   """The cloud's round: `init(trainable)` -> cloud_state, and
-  `step(cloud_state, trainable, frozen, batches)` -> (cloud_state, direction, stats), jitted.
+  `step(cloud_state, trainable, frozen, batches, key)` -> (cloud_state, direction, stats), jitted
+  (key, a threefry key: the trace's Hutchinson probes; unused, and may be None, without
+  trace_probes).
 
   cloud_state is the AdamW state (finetune) or () (gradient) and is donated. The cloud trains a
   float32 master copy of the trainable leaves (the forward pass sees them in their own dtype), so a
@@ -148,7 +159,7 @@ class CloudStep:
     cloud_state, after, _ = self._finetune(cloud_state, trainable, frozen, batches)
     return cloud_state, jax.tree.map(lambda a, x: a.astype(x.dtype), after, trainable)
 
-  def _step(self, cloud_state, trainable, frozen, batches):
+  def _step(self, cloud_state, trainable, frozen, batches, key_data):
     loss = self._loss(trainable, frozen)
     grad = jax.value_and_grad(loss)
     start = _f32(trainable)
@@ -171,7 +182,9 @@ class CloudStep:
     grad_sq = tree_dot(direction, direction)
     stats = {'loss': start_loss, 'grad_sq_norm': grad_sq, 'variance': acc.variance(k),
              'curvature': (self._curvature(loss, start, direction, grad_sq, batches)
-                           if self.config.curvature else jnp.float32(0))}
+                           if self.config.curvature else jnp.float32(0)),
+             'trace': (self._trace(loss, start, batches, key_data, self.config.trace_probes)
+                       if self.config.trace_probes else jnp.float32(0))}
     return cloud_state, direction, stats
 
   @staticmethod
@@ -183,6 +196,23 @@ class CloudStep:
     grad = jax.grad(lambda p: loss(p, first))
     _, hu = jax.jvp(grad, (params,), (u,))
     return tree_dot(u, _f32(hu))
+
+  @staticmethod
+  def _trace(loss, params, batches, key_data, n: int):
+    """Hutchinson's mean_i w_i^T H w_i over n Rademacher w_i (from the key's data) on the first
+    batch; the products run one after another, so memory is one HVP's."""
+    key = jax.random.wrap_key_data(key_data, impl='threefry2x32')
+    first = jax.tree.map(lambda x: x[0], batches)
+    grad = jax.grad(lambda p: loss(p, first))
+    leaves, treedef = jax.tree.flatten(params)
+
+    def quad(k):
+      w = treedef.unflatten([jax.random.rademacher(jax.random.fold_in(k, i), x.shape, jnp.float32)
+                             for i, x in enumerate(leaves)])
+      _, hw = jax.jvp(grad, (params,), (w,))
+      return tree_dot(w, _f32(hw))
+
+    return jax.lax.map(quad, jax.random.split(key, n)).mean()
 
   def _init(self, trainable):
     return self.optimizer.init(_f32(trainable)) if self.config.mode == 'finetune' else ()
@@ -228,10 +258,15 @@ class CloudStep:
                  zip((trainable, frozen, batches), self.shardings(trainable, frozen, batches)[1:]))
 
   def step(self, cloud_state: PyTree, trainable: PyTree, frozen: PyTree,
-           batches: dict) -> tuple[PyTree, PyTree, dict]:
+           batches: dict, key: Optional[jax.Array] = None) -> tuple[PyTree, PyTree, dict]:
     """(cloud_state, direction, stats) for one round at the global weights (trainable, frozen);
-    batches are {name: [K, B, ...]} (client_data.public_batches); cloud_state is donated."""
-    args = (cloud_state, trainable, frozen, batches)
+    batches are {name: [K, B, ...]} (client_data.public_batches); cloud_state is donated; key
+    draws the trace's probes (needed with trace_probes > 0)."""
+    if self.config.trace_probes and key is None:
+      raise ValueError('the cloud step estimates tr H (trace_probes > 0): pass a key')
+    # As host data, so that every process can place it on a mesh spanning them all.
+    key_data = None if key is None else np.asarray(jax.random.key_data(key))
+    args = (cloud_state, trainable, frozen, batches, key_data)
     if self.mesh is None:
       return self._plain(*args)
     leaves, treedef = jax.tree.flatten(args)
@@ -246,7 +281,8 @@ class CloudStep:
     in_sh = self.shardings(trainable, frozen, batches)
     replicated = NamedSharding(self.mesh, PartitionSpec())
     stats_sh = {'loss': replicated, 'grad_sq_norm': replicated, 'variance': replicated,
-                'curvature': replicated}
+                'curvature': replicated, 'trace': replicated}
+    in_sh = in_sh + (replicated,)
     return jax.jit(self._step, in_shardings=in_sh, out_shardings=(in_sh[0], in_sh[1], stats_sh),
                    donate_argnums=0), in_sh
 

@@ -89,6 +89,8 @@ def get_config(algorithm: str = 'cooperllm') -> ml_collections.ConfigDict:
   c.zgr.probe_v = 1.0           # the probe's radius along V relative to the plain part's
   c.zgr.lr_v = 0.1              # first-order rate of the step along V (free of d)
   c.zgr.curvature_cap = 0.0     # > 0: V rate <= this / the cloud's measured curvature along V
+  c.zgr.trace_cap = 0.0         # > 0: plain rate <= this / the cloud's Hutchinson tr H
+  c.zgr.trace_probes = 4        # Hessian-vector products of that estimate per refresh
   # V on the downlink: f32 | int8 | int4 | ternary, or per-leaf formats under a byte budget:
   # adaptive (guidance_budget_bytes) | link (what the simulated links hide behind compute: system.*)
   c.zgr.guidance_format = 'f32'

@@ -33,7 +33,10 @@ from cooperllm_jax.io import save_npz_atomic
 from cooperllm_jax.zoo.guided import Guidance
 
 GUARD_NONE, GUARD_ACCEPTED, GUARD_ROLLED_BACK = 0, 1, 2
-_GUIDE = ('guide_valid', 'guide_alpha', 'guide_beta', 'guide_probe_v', 'guide_step_v')
+_GUIDE = ('guide_valid', 'guide_alpha', 'guide_beta', 'guide_probe_v', 'guide_step_v',
+          'guide_step_plain')
+# Ledgers written before a field existed replay with its neutral value.
+_GUIDE_DEFAULTS = {'guide_step_plain': np.float32(1.0)}
 
 
 def _chain(digest: str, path: pathlib.Path) -> str:
@@ -113,7 +116,8 @@ class Ledger:
         leaves = [record.pop(f'guide_basis_{i}')
                   for i in range(len(jax.tree.leaves(guide_template.basis)))]
         basis = jax.tree.unflatten(jax.tree.structure(guide_template.basis), leaves)
-        record['guide'] = Guidance(basis, *(record.pop(k) for k in _GUIDE))
+        record['guide'] = Guidance(basis, *(record.pop(k) if k in record else _GUIDE_DEFAULTS[k]
+                                            for k in _GUIDE))
     except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
       raise CheckpointError(f'{path}: corrupt ledger record ({type(e).__name__}: {e})') from None
     return record

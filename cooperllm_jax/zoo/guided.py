@@ -10,7 +10,7 @@ Probe (what the forward passes add, theta +- eps z):
 
 Step (what the update subtracts, theta - lr w g z_step, one ledger entry per probe):
 
-    z_step = (beta^2 / a) v + (rho / b) V u,     rho = step_v = lr_V / lr
+    z_step = c (beta^2 / a) v + (rho / b) V u,     rho = step_v = lr_V / lr,  c = step_plain
 
 Why these scales (issue 15). Write h = V^T grad (the private gradient's coordinates in the cloud
 subspace). For central differences g = z . grad + O(eps^2) = a v.grad + b u.h + O(eps^2).
@@ -24,9 +24,10 @@ subspace). For central differences g = z . grad + O(eps^2) = a v.grad + b u.h + 
   steepest directions: 0.03 for a head, ~7 at d = 1e8.
 * Step. E[g v] = a grad and E[g u] = b h (v, u independent, E[uu^T] = I), so
 
-      E[g z_step] = beta^2 grad + rho P_V grad,    E[theta' - theta] = -(lr beta^2 grad + lr_V V h):
+      E[g z_step] = c beta^2 grad + rho P_V grad,  E[theta' - theta] = -(c lr beta^2 grad + lr_V V h):
 
-  the plain part is a MeZO step at the plain rate lr (beta^2 times), whatever alpha, and the
+  the plain part is a MeZO step at the plain rate c lr (beta^2 times), whatever alpha (c = 1
+  unless the round's plain rate is capped below lr: cooperllm's zgr.trace_cap), and the
   subspace part is a first-order step at the rate lr_V along the estimate V (g u / b) of P_V grad,
   both unbiased for any distribution of v and u with identity covariance. alpha only splits the
   probe's energy between the two estimates. (The form before this one stepped a v, so its plain
@@ -42,9 +43,10 @@ subspace). For central differences g = z . grad + O(eps^2) = a v.grad + b u.h + 
   alpha times more of |h|^2 otherwise, so a small alpha makes the plain step noisy.
 
 Defaults (make_guidance): beta = 1, probe_v = 1, step_v = 1 (lr_V = lr; the algorithm that knows
-both rates sets step_v = lr_V / lr, see DEFAULT_LR_V). alpha = 1 (or an empty basis) gives
-a = beta, b = 0 and a zero subspace weight in both the probe and the step: the plain ZO direction
-and update, bit for bit with beta = 1 (beta^2 / a is computed as beta (beta / a) = beta there).
+both rates sets step_v = lr_V / lr, see DEFAULT_LR_V), step_plain = 1. alpha = 1 (or an empty
+basis) gives a = beta, b = 0 and a zero subspace weight in both the probe and the step: the plain
+ZO direction and update, bit for bit with beta = 1 and step_plain = 1 (c beta^2 / a is computed as
+c beta (beta / a) = beta there).
 
 Everything is a function of (key, Guidance), so the edge replays clients' updates from
 (addresses, scalars, V, hyperparameters). The adaptive mixing's estimators are in zoo/mixing.py.
@@ -76,7 +78,8 @@ class Guidance(NamedTuple):
   beta:    float32 scalar, overall scale of the probe's plain part;
   probe_v: float32 scalar s, the subspace part's radius relative to the plain part's
            per-direction radius (b = beta s sqrt(1 - alpha));
-  step_v:  float32 scalar rho = lr_V / lr, the rate of the step along V relative to the plain lr.
+  step_v:  float32 scalar rho = lr_V / lr, the rate of the step along V relative to the plain lr;
+  step_plain: float32 scalar c, the plain step's rate relative to lr (1 unless capped).
   """
   basis: dict
   valid: jax.Array
@@ -84,15 +87,17 @@ class Guidance(NamedTuple):
   beta: jax.Array
   probe_v: jax.Array
   step_v: jax.Array
+  step_plain: jax.Array
 
 
 def make_guidance(basis: dict, valid: ArrayLike, alpha: ArrayLike, beta: ArrayLike = 1.0,
-                  probe_v: ArrayLike = DEFAULT_PROBE_V, step_v: ArrayLike = 1.0) -> Guidance:
+                  probe_v: ArrayLike = DEFAULT_PROBE_V, step_v: ArrayLike = 1.0,
+                  step_plain: ArrayLike = 1.0) -> Guidance:
   """A Guidance from an orthonormal basis (pool.orthonormalize's (basis, valid)) and the mixing:
   alpha = 1 or an empty basis is plain ZO; step_v = step_ratio(lr_V, lr) sets the first-order rate
-  lr_V of the step along V."""
+  lr_V of the step along V, step_plain the plain step's rate as a share of lr."""
   f = lambda x: jnp.asarray(x, jnp.float32)
-  return Guidance(basis, f(valid), f(alpha), f(beta), f(probe_v), f(step_v))
+  return Guidance(basis, f(valid), f(alpha), f(beta), f(probe_v), f(step_v), f(step_plain))
 
 
 def _safe_over(num, den):
@@ -121,11 +126,11 @@ def scales(guide: Guidance):
 
 def mixing(guide: Guidance, key: jax.Array, distribution: str, step: bool = False):
   """(a, w): z = a v + sum_j w_j V_j for the probe with key `key` (step=True: z_step, the update's
-  direction: beta^2 / a on v and rho / b u on V)."""
+  direction: c beta^2 / a on v and rho / b u on V)."""
   a, b = scales(guide)
   u = subspace_draw(key, guide.valid.shape[0], distribution)
   if step:
-    a = guide.beta * _safe_over(guide.beta, a)
+    a = guide.step_plain * guide.beta * _safe_over(guide.beta, a)
     b = _safe_over(guide.step_v, b)
   return a, b * u * guide.valid
 
@@ -173,7 +178,8 @@ def covariance_diag_and_subspace(guide: Guidance):
 
 
 def step_expectation(guide: Guidance):
-  """(c, rho): E[g z_step] = c grad + rho V V^T grad for g = z . grad (c = beta^2, 0 at alpha = 0),
-  so the expected update of a step at rate lr is -(lr c grad + lr_V P_V grad)."""
+  """(c, rho): E[g z_step] = c grad + rho V V^T grad for g = z . grad (c = step_plain beta^2, 0 at
+  alpha = 0), so the expected update of a step at rate lr is -(lr c grad + lr_V P_V grad)."""
   a, b = scales(guide)
-  return jnp.where(a > 0, guide.beta ** 2, 0.0), jnp.where(b > 0, guide.step_v, 0.0)
+  return (jnp.where(a > 0, guide.step_plain * guide.beta ** 2, 0.0),
+          jnp.where(b > 0, guide.step_v, 0.0))

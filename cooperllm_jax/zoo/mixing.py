@@ -128,18 +128,25 @@ def pooled(running: dict):
           jnp.where(seen, jnp.sqrt(running['q']) / safe, jnp.inf))
 
 
-def adaptive_mixing(proj_sq, grad_sq, m, probes, alpha, probe_v=1.0):
+def adaptive_mixing(proj_sq, grad_sq, m, probes, alpha, probe_v=1.0, rate_curvature=1.0):
   """(weight, cloud_share): the factor on the step along V and H / G clipped to [0, 1] (logged),
-  from the pooled |V^T grad|^2 = H and |grad|^2 = G.
+  from the pooled |V^T grad|^2 = H and |grad|^2 = G; rate_curvature = lr_V L_V where the cloud
+  measured the curvature L_V along V (1 where it did not).
 
   The step along V is -lr_V c V h_P with h_P the mean over the update's P probes of g u / b, an
   unbiased estimate of h = V^T grad whose noise is tr Cov = (m r G + (m + 1) H) / P,
   r = (a / b)^2 = alpha / ((1 - alpha) probe_v^2) (zoo/guided.py). Along V the loss falls by
   lr_V (c H - lr_V L_V c^2 (H + tr Cov) / 2) in expectation, which is largest at
-  c* = H / (lr_V L_V (H + tr Cov)); with lr_V on the scale of the curvature along V
-  (lr_V L_V ~ 1: zgr.lr_v is then the step's rate with a noise-free estimate),
+  c* = H / (lr_V L_V (H + tr Cov)), clipped to [0, 1] (zgr.lr_v stays the largest rate); without a
+  measured L_V, lr_V is taken on the scale of the curvature along V (lr_V L_V ~ 1: zgr.lr_v is
+  then the step's rate with a noise-free estimate),
 
       c* = H / (H + (m r G + (m + 1) H) / P)        (H < 0 is taken as 0).
+
+  With L_V measured the step's rate lr_V c* = min(lr_V, H / (L_V (H + tr Cov))) is the quadratic
+  model's best under the noise, free of any tuned rate once lr_V is large: as the loss sharpens
+  along V (L_V grows 1,600x on BBC News LoRA, docs/zgr.md) it shrinks by the noise too, where a
+  cap at 1 / L_V alone (zgr.curvature_cap without adaptive) still lets noise dominate.
 
   A cloud whose subspace misses the private gradient (H ~ 0) gets c* ~ 0; one that holds it gets
   c* -> 1 as the probes' noise m r G / P falls below H. The noise grows with the trained
@@ -154,6 +161,6 @@ def adaptive_mixing(proj_sq, grad_sq, m, probes, alpha, probe_v=1.0):
   h2 = jnp.maximum(proj_sq, 0.0)
   r = alpha / ((1.0 - alpha) * probe_v ** 2)
   noise = (m * r * grad_sq + (m + 1) * h2) / probes
-  weight = h2 / jnp.maximum(h2 + noise, 1e-30)
+  weight = jnp.minimum(h2 / jnp.maximum(rate_curvature * (h2 + noise), 1e-30), 1.0)
   rho2 = jnp.clip(proj_sq / jnp.maximum(grad_sq, 1e-30), 0.0, 1.0)
   return weight, rho2

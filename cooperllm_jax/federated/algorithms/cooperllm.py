@@ -66,6 +66,7 @@ from cooperllm_jax.zoo import mixing
 from cooperllm_jax.zoo.quantized import dequantize_tree
 
 CODEC_PATH = ('__guidance__', 'codec')  # the downlink's rounding stream: a path no model has
+TRACE_PATH = ('__cloud__', 'trace')     # the cloud's Hutchinson probes
 
 
 @dataclasses.dataclass
@@ -88,7 +89,8 @@ class CloudGuidance:
                         'but the run has a mesh (mesh.*), whose data/model axes the cloud uses: '
                         'set one of the two')
     self._client_device = self._place()
-    step = dataclasses.replace(self.cloud.step, curvature=self.zgr.curvature_cap > 0)
+    step = dataclasses.replace(self.cloud.step, curvature=self.zgr.curvature_cap > 0,
+                               trace_probes=self.zgr.trace_probes if self.zgr.trace_cap > 0 else 0)
     self._cloud = cloud_bp.make_cloud_step(make_loss(self.zo.model), self.zo.subset, step,
                                            mesh=self.cloud_mesh,
                                            model=self.zo.model)
@@ -114,8 +116,9 @@ class CloudGuidance:
   @property
   def costs(self) -> GuidanceCosts:
     fmt = 'f32' if self.zgr.allocates else self.zgr.guidance_format
-    # The curvature's Hessian-vector product on one batch costs about two of its gradients.
-    hvp = 2 * self.cloud.batch_size if self.zgr.curvature_cap > 0 else 0
+    # A Hessian-vector product on one batch costs about two of its gradients.
+    z = self.zgr
+    hvp = 2 * self.cloud.batch_size * ((z.curvature_cap > 0) + (z.trace_cap > 0) * z.trace_probes)
     return GuidanceCosts(pool_size=self.zgr.pool_size, codec=self.zgr.codec(fmt),
                          cloud_examples=self.cloud.batches * self.cloud.batch_size + hvp,
                          cloud_adamw=self.cloud.mode == 'finetune', cloud_lag=self.cloud.lag,
@@ -132,12 +135,10 @@ class CloudGuidance:
     state['guidance'] = self._guidance(state['pool'].directions, jnp.zeros(m), self.zgr.alpha)
     _, state['downlink'] = self._downlink(state['pool'].directions, 0)
     empty = {'w': jnp.float32(0), 'x': jnp.float32(0), 'q': jnp.float32(0)}
-    state['mixing'] = {'grad_sq': empty, 'proj_sq': empty, 'tau_sq': jnp.float32(0),
-                       'curvature': jnp.float32(0)}
+    state['mixing'] = {'grad_sq': empty, 'proj_sq': empty, **self._measured(None)}
     if self.cloud.lag:
       state['pending'] = {'direction': jax.tree.map(jnp.zeros_like, trainable),
-                          'tau_sq': jnp.float32(0), 'curvature': jnp.float32(0),
-                          'ready': jnp.bool_(False)}
+                          **self._measured(None), 'ready': jnp.bool_(False)}
     return state
 
   def _cloud_direction(self, state, round_index):
@@ -150,7 +151,11 @@ class CloudGuidance:
     if self._client_device is None:
       trainable = jax.tree.map(jnp.copy, trainable)
     trainable, frozen, batches = self._cloud.place(trainable, frozen, batches)
-    cloud_state, direction, stats = self._cloud.step(state['cloud'], trainable, frozen, batches)
+    key = keys_lib.leaf_key(keys_lib.address_key(self.zo.seed,
+                                                 (round_index, SHARED, SHARED, SHARED)),
+                            TRACE_PATH)
+    cloud_state, direction, stats = self._cloud.step(state['cloud'], trainable, frozen, batches,
+                                                     key)
     if self._client_device is not None:
       direction = jax.device_put(direction, self._client_device)
     return cloud_state, direction, stats
@@ -164,12 +169,31 @@ class CloudGuidance:
     cap = z.curvature_cap / jnp.where(capped, curvature, 1.0)
     return jnp.where(capped, jnp.minimum(z.lr_v, cap), z.lr_v).astype(jnp.float32)
 
-  def _guidance(self, basis, valid, alpha, weight=1.0, curvature=0.0) -> guided.Guidance:
-    """The round's Guidance; the step along V runs at weight x lr_v(curvature) (step_v is relative
-    to the plain rate, so the divergence guard's halving of lr halves both)."""
-    z = self.zgr
-    return guided.make_guidance(basis, valid, alpha, z.beta, z.probe_v,
-                                guided.step_ratio(weight * self.lr_v(curvature), self.zo.lr))
+  def plain_share(self, trace) -> jax.Array:
+    """The plain step's rate as a share of lr: 1, or zgr.trace_cap / (lr tr H) where that is
+    smaller and the cloud measured a positive tr H (MeZO's step -lr (v . g) v changes the loss by
+    -lr |g|^2 + lr^2 (|g|^2 tr H + 2 g^T H g) / 2 in expectation: best near lr = 1 / tr H)."""
+    z, trace = self.zgr, jnp.asarray(trace, jnp.float32)
+    capped = (z.trace_cap > 0) & (trace > 0)
+    share = z.trace_cap / (self.zo.lr * jnp.where(capped, trace, 1.0))
+    return jnp.where(capped, jnp.minimum(1.0, share), 1.0).astype(jnp.float32)
+
+  @staticmethod
+  def _measured(stats) -> dict:
+    """The cloud's measurements that set the round's rates (zeros before the first), as float32
+    scalars on the host (the edge's decision must not wait on device values it replays)."""
+    keys = {'tau_sq': 'variance', 'curvature': 'curvature', 'trace': 'trace'}
+    return {k: jnp.float32(0 if stats is None else float(stats[s])) for k, s in keys.items()}
+
+  def _guidance(self, basis, valid, alpha, weight=1.0, measured=None) -> guided.Guidance:
+    """The round's Guidance; the step along V runs at weight x lr_v(curvature), the plain one at
+    plain_share(trace) x lr (both relative to the plain rate, so the divergence guard's halving
+    of lr halves both)."""
+    z, measured = self.zgr, measured or self._measured(None)
+    return guided.make_guidance(
+        basis, valid, alpha, z.beta, z.probe_v,
+        guided.step_ratio(weight * self.lr_v(measured['curvature']), self.zo.lr),
+        self.plain_share(measured['trace']))
 
   def _mixing(self, state, valid, clients: int):
     """(alpha, weight on the step along V) for this round: the weight fixed at 1, or from the
@@ -179,8 +203,12 @@ class CloudGuidance:
       return jnp.float32(z.alpha), jnp.float32(1.0)
     proj_sq, _ = mixing.pooled(state['mixing']['proj_sq'])
     grad_sq, _ = mixing.pooled(state['mixing']['grad_sq'])
+    curvature = state['mixing']['curvature']
+    measured = (z.curvature_cap > 0) & (curvature > 0)
+    rate_curvature = jnp.where(measured, self.lr_v(curvature) * curvature, 1.0)
     weight, _ = mixing.adaptive_mixing(proj_sq, grad_sq, jnp.maximum(valid.sum(), 1.0),
-                                       self.zo.est.probes * clients, z.alpha, z.probe_v)
+                                       self.zo.est.probes * clients, z.alpha, z.probe_v,
+                                       rate_curvature)
     seen = state['mixing']['proj_sq']['w'] > 0
     return jnp.float32(z.alpha), jnp.where(seen, weight, 0.0)
 
@@ -192,29 +220,29 @@ class CloudGuidance:
     """The state with this round's guidance: a new cloud direction every `refresh` rounds."""
     state = dict(state)
     refresh = self.refreshes(round_index)
-    measured = None   # the cloud's (tau_sq, curvature) of the direction pushed, as host floats
+    measured = None   # the cloud's measurements of the direction pushed
     if refresh:
       if self.cloud.lag:
         pending = state['pending']
         state['cloud'], direction, stats = self._cloud_direction(state, round_index)
         if bool(pending['ready']):
           state['pool'] = self._push(state['pool'], pending['direction'])
-          measured = float(pending['tau_sq']), float(pending['curvature'])
+          measured = {k: jnp.float32(float(pending[k])) for k in ('tau_sq', 'curvature', 'trace')}
         state['pending'] = {'direction': direction, 'tau_sq': stats['variance'],
-                            'curvature': stats['curvature'], 'ready': jnp.bool_(True)}
+                            'curvature': stats['curvature'], 'trace': stats['trace'],
+                            'ready': jnp.bool_(True)}
       else:
         state['cloud'], direction, stats = self._cloud_direction(state, round_index)
         state['pool'] = self._push(state['pool'], direction)
-        measured = float(stats['variance']), float(stats['curvature'])
+        measured = self._measured(stats)
       basis, valid = self._orthonormalize(state['pool'])
       basis, state['downlink'] = self._downlink(basis, round_index, clients)
     else:
       basis, valid = state['guidance'].basis, state['guidance'].valid
     if measured is not None:
-      state['mixing'] = dict(state['mixing'], tau_sq=jnp.float32(measured[0]),
-                             curvature=jnp.float32(measured[1]))
+      state['mixing'] = dict(state['mixing'], **measured)
     state['guidance'] = self._guidance(basis, valid, *self._mixing(state, valid, len(clients)),
-                                       curvature=state['mixing']['curvature'])
+                                       measured=state['mixing'])
     return state
 
   def after_round(self, state, result: RoundResult) -> None:
@@ -283,6 +311,9 @@ class CloudGuidance:
     if self.zgr.curvature_cap > 0:
       curvature = state['mixing']['curvature']
       result.metrics.update(cloud_curvature=float(curvature), lr_v=float(self.lr_v(curvature)))
+    if self.zgr.trace_cap > 0:
+      result.metrics.update(cloud_trace=float(state['mixing']['trace']),
+                            plain_share=float(guide.step_plain))
     if not np.any(counts > 0) or not float(guide.valid.sum()):
       return
     est = self._estimate(jax.tree.map(jnp.asarray, result.uplink),
