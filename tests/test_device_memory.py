@@ -55,10 +55,11 @@ def test_full_subset_accounting():
   assert bp['temp_bytes'] >= weights
   # ZO updates the donated weights in place.
   assert plain['alias_bytes'] == weights
-  # V [m, *leaf], valid [m], alpha, beta, probe_v and step_v are arguments on top of plain ZO's.
+  # V [m, *leaf], valid [m], alpha, beta, probe_v, step_v and step_plain are arguments on top of
+  # plain ZO's.
   v_bytes = POOL * weights
   assert r['guidance_bytes'] == v_bytes
-  assert full['argument_bytes'] - plain['argument_bytes'] == v_bytes + POOL * F32 + 4 * F32
+  assert full['argument_bytes'] - plain['argument_bytes'] == v_bytes + POOL * F32 + 5 * F32
   assert full['peak_bytes'] >= plain['peak_bytes'] + v_bytes
   assert embed > layer > head   # the embedding streams in row blocks of a layer's size
   assert r['layerwise_buffer_bytes'] == 2 * POOL * F32 * layer

@@ -2,8 +2,10 @@
 the command line."""
 
 import pathlib
+import shlex
 import shutil
 import subprocess
+import sys
 
 import jax
 import pytest
@@ -17,7 +19,8 @@ def test_provenance_names_versions_devices_and_command():
   p = provenance_lib.provenance()
   assert p['jax'] == jax.__version__ and p['jaxlib']
   assert p['device_kind'] == jax.devices()[0].device_kind and p['device_count'] >= 1
-  assert 'pytest' in p['command']
+  # This process's own command line, as Python was started (pytest's, or an xdist worker's).
+  assert p['command'] == shlex.join(sys.orig_argv)
 
 
 @pytest.mark.skipif(shutil.which('git') is None or not (REPO / '.git').exists(),
