@@ -67,6 +67,8 @@ from cooperllm_jax.zoo.quantized import dequantize_tree
 
 CODEC_PATH = ('__guidance__', 'codec')  # the downlink's rounding stream: a path no model has
 TRACE_PATH = ('__cloud__', 'trace')     # the cloud's Hutchinson probes
+# The cloud's measurements that set a round's rates: state name -> the cloud step's stat.
+MEASURED = {'tau_sq': 'variance', 'curvature': 'curvature', 'trace': 'trace'}
 
 
 @dataclasses.dataclass
@@ -135,10 +137,10 @@ class CloudGuidance:
     state['guidance'] = self._guidance(state['pool'].directions, jnp.zeros(m), self.zgr.alpha)
     _, state['downlink'] = self._downlink(state['pool'].directions, 0)
     empty = {'w': jnp.float32(0), 'x': jnp.float32(0), 'q': jnp.float32(0)}
-    state['mixing'] = {'grad_sq': empty, 'proj_sq': empty, **self._measured(None)}
+    state['mixing'] = {'grad_sq': empty, 'proj_sq': empty, **self._on_host()}
     if self.cloud.lag:
       state['pending'] = {'direction': jax.tree.map(jnp.zeros_like, trainable),
-                          **self._measured(None), 'ready': jnp.bool_(False)}
+                          **self._on_host(), 'ready': jnp.bool_(False)}
     return state
 
   def _cloud_direction(self, state, round_index):
@@ -179,17 +181,21 @@ class CloudGuidance:
     return jnp.where(capped, jnp.minimum(1.0, share), 1.0).astype(jnp.float32)
 
   @staticmethod
-  def _measured(stats) -> dict:
-    """The cloud's measurements that set the round's rates (zeros before the first), as float32
-    scalars on the host (the edge's decision must not wait on device values it replays)."""
-    keys = {'tau_sq': 'variance', 'curvature': 'curvature', 'trace': 'trace'}
-    return {k: jnp.float32(0 if stats is None else float(stats[s])) for k, s in keys.items()}
+  def _from_cloud(stats) -> dict:
+    """The MEASURED entries of the cloud step's stats, under their state names (on device)."""
+    return {k: stats[s] for k, s in MEASURED.items()}
+
+  @staticmethod
+  def _on_host(measured=None) -> dict:
+    """MEASURED entries as float32 scalars fetched to the host (zeros before the first): the
+    edge's decision must not wait on device values it replays."""
+    return {k: jnp.float32(0 if measured is None else float(measured[k])) for k in MEASURED}
 
   def _guidance(self, basis, valid, alpha, weight=1.0, measured=None) -> guided.Guidance:
     """The round's Guidance; the step along V runs at weight x lr_v(curvature), the plain one at
     plain_share(trace) x lr (both relative to the plain rate, so the divergence guard's halving
     of lr halves both)."""
-    z, measured = self.zgr, measured or self._measured(None)
+    z, measured = self.zgr, measured or self._on_host()
     return guided.make_guidance(
         basis, valid, alpha, z.beta, z.probe_v,
         guided.step_ratio(weight * self.lr_v(measured['curvature']), self.zo.lr),
@@ -227,14 +233,13 @@ class CloudGuidance:
         state['cloud'], direction, stats = self._cloud_direction(state, round_index)
         if bool(pending['ready']):
           state['pool'] = self._push(state['pool'], pending['direction'])
-          measured = {k: jnp.float32(float(pending[k])) for k in ('tau_sq', 'curvature', 'trace')}
-        state['pending'] = {'direction': direction, 'tau_sq': stats['variance'],
-                            'curvature': stats['curvature'], 'trace': stats['trace'],
+          measured = self._on_host(pending)
+        state['pending'] = {'direction': direction, **self._from_cloud(stats),
                             'ready': jnp.bool_(True)}
       else:
         state['cloud'], direction, stats = self._cloud_direction(state, round_index)
         state['pool'] = self._push(state['pool'], direction)
-        measured = self._measured(stats)
+        measured = self._on_host(self._from_cloud(stats))
       basis, valid = self._orthonormalize(state['pool'])
       basis, state['downlink'] = self._downlink(basis, round_index, clients)
     else:
