@@ -486,8 +486,9 @@ def test_cooperllm_refresh_keeps_the_basis_between_refreshes():
 
 @pytest.mark.parametrize('cap', [0.0, 1.0])
 def test_cooperllm_adaptive_weight_is_set_from_the_pooled_estimates(cap):
-  """Each round's weight on the V step is adaptive_mixing of the rounds before, pooled by precision
-  with forgetting zgr.ema: recomputed here in numpy from the logged estimates. alpha stays put.
+  """Each round's weight on the V step is adaptive_mixing of the rounds before, pooled with the
+  logged weights and forgetting zgr.ema: recomputed here in numpy from the logged estimates (the
+  weights' unbiasedness is test_zgr_dimensions'). alpha stays put.
   With the curvature measured (cap > 0) the weight is min(1, H / (lr_V L_V (H + noise))) at the
   round's capped rate lr_V."""
   from cooperllm_jax.zoo import guided  # pylint: disable=g-import-not-at-top
@@ -501,8 +502,7 @@ def test_cooperllm_adaptive_weight_is_set_from_the_pooled_estimates(cap):
     pooled = {}
     for key in ('proj_sq', 'grad_sq'):
       x = np.array([rs[i].metrics[key] for i in range(r)], np.float64)
-      se = np.array([rs[i].metrics[key + '_se'] for i in range(r)], np.float64)
-      w = z.ema ** k / se ** 2
+      w = z.ema ** k * np.array([rs[i].metrics[key + '_weight'] for i in range(r)], np.float64)
       pooled[key] = np.sum(w * x) / np.sum(w)
     h2, m, probes = max(pooled['proj_sq'], 0.0), rs[r].metrics['basis_rank'], 2 * len(CLIENT_IDS)
     ratio = z.alpha / (1 - z.alpha)
@@ -523,6 +523,7 @@ def test_cooperllm_adaptive_weight_is_set_from_the_pooled_estimates(cap):
     assert all(w > u for w, u in zip(weights, unmeasured) if u > 0), (weights, unmeasured)
   for r in rs:
     assert r.metrics['grad_sq'] > 0 and r.metrics['grad_sq_se'] > 0
+    assert r.metrics['grad_sq_weight'] > 0 and r.metrics['proj_sq_weight'] > 0
     assert 0.0 <= r.metrics['cloud_share'] <= 1.0
   _replays_the_edge(h, len(rs))
 

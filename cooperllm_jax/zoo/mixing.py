@@ -34,7 +34,9 @@ so every replay of the edge's decision is exact.
 
 Across rounds the estimates are pooled by precision (`accumulate`): a round run at a large alpha
 puts little energy into V, and its |V^T grad|^2 is ~(a/b)^2 times noisier, so an unweighted
-average would let it swamp the informative rounds. The weight on the step along V
+average would let it swamp the informative rounds. The precision is the variance's at a value
+fixed before the round (`pooling_weights`), never at the round's own estimate, whose standard error
+grows with it. The weight on the step along V
 (`adaptive_mixing`) is its one-step optimal shrinkage under the measured noise, so the step's
 effective rate follows the signal-to-noise ratio of the scalars, which grows with the trained
 dimension through |grad|^2 (the per-batch gradient's energy) even though the scales are d-free.
@@ -109,14 +111,33 @@ def from_uplinks(uplinks, counts, guide: guided.Guidance, seed, distribution: st
   return regression(uplinks.scalars, subspace_draws(keys, m, distribution), guide, w)
 
 
-def accumulate(running: dict, estimate, se, decay) -> dict:
-  """Pools a round's estimate (standard error se) into running {'w', 'x', 'q'} by precision with
-  exponential forgetting `decay`: w = sum decay^k / se_k^2, x = sum decay^k x_k / se_k^2,
-  q = sum decay^2k / se_k^2, so the pooled mean x / w has standard error sqrt(q) / w."""
-  precision = 1.0 / jnp.maximum(jnp.square(se), 1e-30)
-  return {'w': decay * running['w'] + precision,
-          'x': decay * running['x'] + precision * estimate,
-          'q': decay ** 2 * running['q'] + precision}
+def accumulate(running: dict, estimate, se, weight, decay) -> dict:
+  """Pools a round's estimate (standard error se) into running {'w', 'x', 'v'} with weight
+  `weight` and exponential forgetting `decay`: w = sum decay^k w_k, x = sum decay^k w_k x_k,
+  v = sum decay^2k w_k^2 se_k^2, so the pooled mean x / w has standard error sqrt(v) / w.
+
+  The weight must not depend on the round's own estimate: the standard errors of |V^T grad|^2 and
+  |grad|^2 grow with the estimates themselves, so weighting by 1 / se^2 would favour the rounds
+  that came out low and bias the pooled mean down (on BBC News LoRA it held |V^T grad|^2 near 0
+  and switched the step along V off in most rounds). `pooling_weights` gives weights that do not.
+  """
+  return {'w': decay * running['w'] + weight,
+          'x': decay * running['x'] + weight * estimate,
+          'v': decay ** 2 * running['v'] + jnp.square(weight * se)}
+
+
+def pooling_weights(estimate: Estimate, proj_sq_prior):
+  """(weight of proj_sq, weight of grad_sq) of one round for `accumulate`: the inverse variance of
+  each estimate at a value fixed before the round, not at the round's own estimate.
+
+  |V^T grad|^2: Var = 4 h^T S h + 2 tr S^2 at the true h; with h^T S h taken as H tr S / m
+  (isotropic) at H = max(proj_sq_prior, 0), the pooled estimate of the rounds before. |grad|^2:
+  its relative variance is 2 / probes for Gaussian residuals, so the weight is the effective number
+  of probes (its scale is common to every round)."""
+  cov = estimate.proj_cov
+  m = jnp.maximum(jnp.sum(jnp.diag(cov) > 0), 1)
+  var = (4.0 * jnp.maximum(proj_sq_prior, 0.0) * jnp.trace(cov) / m + 2.0 * jnp.sum(cov * cov))
+  return 1.0 / jnp.maximum(var, 1e-30), estimate.probes
 
 
 def pooled(running: dict):
@@ -125,7 +146,7 @@ def pooled(running: dict):
   seen = w > 0
   safe = jnp.where(seen, w, 1.0)
   return (jnp.where(seen, running['x'] / safe, 0.0),
-          jnp.where(seen, jnp.sqrt(running['q']) / safe, jnp.inf))
+          jnp.where(seen, jnp.sqrt(running['v']) / safe, jnp.inf))
 
 
 def adaptive_mixing(proj_sq, grad_sq, m, probes, alpha, probe_v=1.0, rate_curvature=1.0):

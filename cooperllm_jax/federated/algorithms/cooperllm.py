@@ -22,7 +22,8 @@ each round's guidance before the clients run and learns from their scalars after
 Adaptive mixing (zgr.adaptive): after each round the edge regresses the scalars on the probes'
 subspace draws u (zoo/mixing.py), which estimates the private gradient's projection |V^T grad|^2
 and its norm |grad|^2 with standard errors and without the old estimator's d/m amplification;
-pooled across rounds by precision (zgr.ema is the forgetting factor), they set the weight on the
+pooled across rounds by precision (zgr.ema is the forgetting factor; the precision taken at the
+pooled value before the round, so a round that came out low does not count more), they set the weight on the
 next round's step along V to its one-step optimal shrinkage under the measured noise
 (mixing.adaptive_mixing; 0 before the first estimate), so a cloud whose subspace misses the
 private gradient loses its step and the step's effective rate follows the scalars'
@@ -136,7 +137,7 @@ class CloudGuidance:
     # the start so the state's structure (checkpoints, memory analysis) never changes.
     state['guidance'] = self._guidance(state['pool'].directions, jnp.zeros(m), self.zgr.alpha)
     _, state['downlink'] = self._downlink(state['pool'].directions, 0)
-    empty = {'w': jnp.float32(0), 'x': jnp.float32(0), 'q': jnp.float32(0)}
+    empty = {'w': jnp.float32(0), 'x': jnp.float32(0), 'v': jnp.float32(0)}
     state['mixing'] = {'grad_sq': empty, 'proj_sq': empty, **self._on_host()}
     if self.cloud.lag:
       state['pending'] = {'direction': jax.tree.map(jnp.zeros_like, trainable),
@@ -325,13 +326,15 @@ class CloudGuidance:
                          jnp.asarray(counts, jnp.float32), guide, self.zo.seed,
                          distribution=self.zo.est.distribution)
     mix, decay = state['mixing'], jnp.float32(self.zgr.ema)
+    w_proj, w_grad = mixing.pooling_weights(est, mixing.pooled(mix['proj_sq'])[0])
     state['mixing'] = dict(
-        mix, grad_sq=mixing.accumulate(mix['grad_sq'], est.grad_sq, est.grad_sq_se, decay),
-        proj_sq=mixing.accumulate(mix['proj_sq'], est.proj_sq, est.proj_sq_se, decay))
+        mix, grad_sq=mixing.accumulate(mix['grad_sq'], est.grad_sq, est.grad_sq_se, w_grad, decay),
+        proj_sq=mixing.accumulate(mix['proj_sq'], est.proj_sq, est.proj_sq_se, w_proj, decay))
     grad_sq = max(float(est.grad_sq), 1e-30)
     result.metrics.update(
         grad_sq=float(est.grad_sq), grad_sq_se=float(est.grad_sq_se),
         proj_sq=float(est.proj_sq), proj_sq_se=float(est.proj_sq_se),
+        proj_sq_weight=float(w_proj), grad_sq_weight=float(w_grad),
         cloud_share=float(np.clip(float(est.proj_sq) / grad_sq, 0.0, 1.0)),
         cloud_tau_sq=float(mix['tau_sq']))
 
