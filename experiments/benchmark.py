@@ -12,7 +12,8 @@ Stages, in order (--stage=all runs the three):
           picked by the final accuracy on a validation split held out of the clients' data
           (data.validation_fraction); the test split is never looked at. A pick at the edge of
           the grid is flagged in the table (the grid should be widened there).
-  seeds   the picked values at seeds 0, 1, 2 (seed 0 is the sweep's run).
+  seeds   the picked values at seeds 0, 1, 2 (seed 0 is the sweep's run; a setting's paired
+          methods at its paired seeds).
   report  workdir/<setting>/table.md|json: final test accuracy as mean and 95% t-interval over the
           seeds; rounds, client forward passes and simulated seconds to the target (the best final
           mean accuracy among the baselines, cloud_only and warm_start included); bytes per
@@ -180,7 +181,7 @@ def seeds(plan: Plan, root: pathlib.Path, record: dict) -> None:
   for method in plan.methods:
     if method not in picked:
       raise ConfigError(f'{plan.name}: {method} has no pick in sweep.json: sweep it first')
-    for seed in plan.seeds:
+    for seed in plan.seeds_of(method):
       run_one(run_dir(root, method, picked[method], seed),
               *plan.variant(method, picked[method], seed, picked))
 
@@ -208,10 +209,10 @@ def _to_target(rows: list[dict], target: float) -> Optional[dict]:
 def report(plan: Plan, root: pathlib.Path, record: dict) -> str:
   """table.md / table.json / plots of the seeds' runs at the picked rates."""
   from cooperllm_jax.reporting import plot_accuracy  # pylint: disable=g-import-not-at-top
-  runs, diverged = {}, {}
+  runs, diverged, final_by_seed = {}, {}, {}
   for method in plan.methods:
     value = record[method]['picked']
-    paths = [run_dir(root, method, value, s) for s in plan.seeds]
+    paths = [run_dir(root, method, value, s) for s in plan.seeds_of(method)]
     missing = [p for p in paths
                if not (p / 'summary.json').exists() and not diverged_marker(p).exists()]
     if missing:
@@ -221,6 +222,8 @@ def report(plan: Plan, root: pathlib.Path, record: dict) -> str:
     if finished:
       runs[method] = (value, [json.loads((p / 'summary.json').read_text()) for p in finished],
                       [metrics_of(p) for p in finished])
+      final_by_seed[method] = {int(p.name.split('=')[1]): runs[method][1][i]['accuracy_after']
+                               for i, p in enumerate(finished)}
   finals = {m: interval([s['accuracy_after'] for s in summaries])
             for m, (_, summaries, _) in runs.items()}
   baselines = [m for m in runs if m != 'cooperllm']
@@ -250,9 +253,12 @@ def report(plan: Plan, root: pathlib.Path, record: dict) -> str:
         bytes_down_per_client=float(np.mean([m['bytes_down_per_client']
                                              for t in trained for m in t])),
         train_seconds=float(np.mean([s['train_seconds'] for s in summaries]))))
+  paired = _paired(plan, final_by_seed)
   lines = [f'# {plan.name}', '', plan.setting.about + '.', '',
            f'{plan.rounds} rounds; the tuned values picked on the validation split (seed '
-           f'{plan.seeds[0]}); test accuracy over seeds {", ".join(map(str, plan.seeds))}: mean '
+           f'{plan.seeds[0]}); test accuracy over seeds {", ".join(map(str, plan.seeds))}'
+           + (f' (the paired methods below: {_span(plan.paired_seeds)})' if paired else '')
+           + ': mean '
            '± half-width of the 95% t-interval. Target: '
            + (f'{target:.4f} ({target_by}\'s mean final accuracy, the best baseline); rounds, '
               'client forwards and simulated seconds to it are seed means, shown only when every '
@@ -270,16 +276,42 @@ def report(plan: Plan, root: pathlib.Path, record: dict) -> str:
                  f'{fmt(r["forwards_to_target"], "{:,.0f}")} | '
                  f'{fmt(r["sim_s_to_target"], "{:,.1f}")} | {r["bytes_up_per_client"]:,.0f} | '
                  f'{r["bytes_down_per_client"]:,.0f} | {r["train_seconds"]:.0f} |')
+  if paired:
+    lines += ['', 'Paired by seed (test accuracy of the method minus its control on the same '
+              'seeds; mean ± half-width of the 95% t-interval):', '']
+    lines += [f'- {p["method"]} − {p["control"]}: {p["difference"]:+.4f} ± {p["ci95"]:.4f} over '
+              f'{len(p["seeds"])} seeds (per seed '
+              + ' / '.join(f'{d:+.3f}' for d in p['per_seed']) + ')' for p in paired]
   table = '\n'.join(lines) + '\n'
   (root / 'table.md').write_text(table, encoding='utf-8')
   (root / 'table.json').write_text(json.dumps(
       {'setting': plan.name, 'about': plan.setting.about, 'overrides': plan.overrides,
-       'target': target, 'target_by': target_by, 'rows': rows}, indent=1))
+       'target': target, 'target_by': target_by, 'rows': rows, 'paired': paired}, indent=1))
   curves = {m: _mean_curve(metrics) for m, (_, _, metrics) in runs.items()}
   for x, name in (('round', 'accuracy.png'), ('sim_time_s', 'accuracy_vs_time.png')):
-    plot_accuracy(curves, root / name, f'{plan.name}: test accuracy (mean of {len(plan.seeds)} '
-                  'seeds)', x=x, target=target)
+    plot_accuracy(curves, root / name, f'{plan.name}: test accuracy (mean over seeds)', x=x,
+                  target=target)
   return table
+
+
+def _paired(plan: Plan, final_by_seed: dict) -> list[dict]:
+  """The setting's (method, control) differences on the seeds both finished (both reported)."""
+  out = []
+  for method, control in plan.setting.paired:
+    if method not in final_by_seed or control not in final_by_seed:
+      continue
+    common = sorted(set(final_by_seed[method]) & set(final_by_seed[control]))
+    diffs = [final_by_seed[method][s] - final_by_seed[control][s] for s in common]
+    if diffs:
+      mean, half = interval(diffs)
+      out.append(dict(method=method, control=control, seeds=common, per_seed=diffs,
+                      difference=mean, ci95=half))
+  return out
+
+
+def _span(seeds: tuple) -> str:
+  return f'{seeds[0]}-{seeds[-1]}' if tuple(seeds) == tuple(range(seeds[0], seeds[-1] + 1)) \
+      else ', '.join(map(str, seeds))
 
 
 def _mean_curve(metrics: list[list[dict]]) -> list[dict]:

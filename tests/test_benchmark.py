@@ -112,6 +112,35 @@ def _write_run(path, finals, forwards=10):
       'train_seconds': 1.0}))
 
 
+def test_paired_methods_run_more_seeds_and_report_their_paired_difference(tmp_path):
+  full = benchmark_settings.Plan.of('bbc_minilm_lora')
+  assert full.seeds_of('cooperllm_shuffled_adaptive') == tuple(range(7)) == full.seeds_of('fedmezo')
+  assert full.seeds_of('cooperllm') == benchmark_settings.SEEDS
+  assert benchmark_settings.Plan.of('bbc_minilm_lora', quick=True).seeds_of('fedmezo') == (0, 1)
+  plan = benchmark_settings.Plan.of('bbc_minilm_lora', methods=(
+      'fedmezo', 'cooperllm_shuffled_adaptive', 'cooperllm'))
+  finals = {'fedmezo': [0.40, 0.50, 0.45, 0.42, 0.48, 0.44, 0.46],
+            'cooperllm_shuffled_adaptive': [0.41, 0.47, 0.45, 0.43, 0.46, 0.45, 0.44],
+            'cooperllm': [0.8, 0.82, 0.84]}
+  for method, per_seed in finals.items():
+    for seed, final in zip(plan.seeds_of(method), per_seed):
+      _write_run(benchmark.run_dir(tmp_path, method, 1e-3, seed), [final])
+  record = {m: {'picked': 1e-3, 'at_grid_edge': False} for m in finals}
+  table = benchmark.report(plan, tmp_path, record)
+  out = json.loads((tmp_path / 'table.json').read_text())
+  rows = {r['method']: r for r in out['rows']}
+  assert rows['fedmezo']['seeds'] == 7 and rows['cooperllm']['seeds'] == 3
+  assert rows['fedmezo']['accuracy'] == pytest.approx(np.mean(finals['fedmezo']))
+  (pair,) = out['paired']          # the control without a run (cooperllm_shuffled) is left out
+  diffs = np.subtract(finals['cooperllm_shuffled_adaptive'], finals['fedmezo'])
+  # The paired interval is the t-interval of the per-seed differences, not of the two means.
+  assert pair['seeds'] == list(range(7)) and pair['per_seed'] == pytest.approx(diffs)
+  assert pair['difference'] == pytest.approx(diffs.mean())
+  assert pair['ci95'] == pytest.approx(2.4469 * diffs.std(ddof=1) / np.sqrt(7), rel=1e-4)
+  assert 'cooperllm_shuffled_adaptive − fedmezo: -0.0057 ±' in table
+  assert '(the paired methods below: 0-6)' in table
+
+
 def test_report_intervals_and_time_to_target(tmp_path):
   plan = benchmark_settings.Plan.of('bbc_minilm_lora', methods=('cooperllm', 'fedmezo'), quick=True)
   curves = {'cooperllm': [[0.7, 0.8], [0.75, 0.82], [0.6, 0.84]],
