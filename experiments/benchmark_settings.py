@@ -109,9 +109,10 @@ SETTINGS = {
     'rt_indomain_minilm_lora': Setting(
         'as rt_shifted_minilm_lora, but the public set is 256 Rotten Tomatoes reviews (the '
         'in-distribution case)', _RT + _IN_DOMAIN + _LORA, 40, 10,
-        # cooperllm picked lr_V 0.3, the shared grid's top edge: the grid moved up half a decade
-        # (the run at 0.003 stays in the results, outside the grid).
-        grids={'lr_v': (0.01, 0.03, 0.1, 0.3, 1.0)}),
+        # cooperllm picked lr_V 0.3, the shared grid's top edge, then adaptive cooperllm picked
+        # 1, the next grid's: the grid moved up a decade in two steps (the runs at 0.003 and
+        # 0.01 stay in the results, outside the grid).
+        grids={'lr_v': (0.03, 0.1, 0.3, 1.0, 3.0)}),
     'rt_shifted_smollm2_lora': Setting(
         'as rt_shifted_minilm_lora with the decoder LLM: SmolLM2-135M, LoRA (q, v; rank 8), the '
         'label words "negative" / "positive" scored after the review',
