@@ -212,18 +212,20 @@ def report(plan: Plan, root: pathlib.Path, record: dict) -> str:
   runs, diverged, final_by_seed = {}, {}, {}
   for method in plan.methods:
     value = record[method]['picked']
-    paths = [run_dir(root, method, value, s) for s in plan.seeds_of(method)]
+    seeds = plan.seeds_of(method)
+    paths = [run_dir(root, method, value, s) for s in seeds]
     missing = [p for p in paths
                if not (p / 'summary.json').exists() and not diverged_marker(p).exists()]
     if missing:
       raise ConfigError(f'{plan.name}: {missing[0]} has not finished: run --stage=seeds first')
-    finished = [p for p in paths if (p / 'summary.json').exists()]
+    done = [(s, p) for s, p in zip(seeds, paths) if (p / 'summary.json').exists()]
+    finished_seeds, finished = [s for s, _ in done], [p for _, p in done]
     diverged[method] = len(paths) - len(finished)   # reported beside the finished seeds' figures
     if finished:
       runs[method] = (value, [json.loads((p / 'summary.json').read_text()) for p in finished],
                       [metrics_of(p) for p in finished])
-      final_by_seed[method] = {int(p.name.split('=')[1]): runs[method][1][i]['accuracy_after']
-                               for i, p in enumerate(finished)}
+      final_by_seed[method] = {s: summary['accuracy_after']
+                               for s, summary in zip(finished_seeds, runs[method][1])}
   finals = {m: interval([s['accuracy_after'] for s in summaries])
             for m, (_, summaries, _) in runs.items()}
   baselines = [m for m in runs if m != 'cooperllm']
