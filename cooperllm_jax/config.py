@@ -162,6 +162,10 @@ class ZGR:
   # (Hutchinson, trace_probes Hessian-vector products on the cloud each refresh)
   trace_cap: float = 0.0
   trace_probes: int = 4
+  # > 0: the step along V at most the rate the cloud's backtracking line search accepts on the
+  # public loss over a round's V displacement (this many halvings of lr_v tried), and the plain
+  # step slowed by the same factor the accepted step shrank since the first round; 0 = off
+  line_search: int = 12
   guidance_format: str = 'f32'  # V on the downlink: f32 | int8 | int4 | ternary | adaptive | link
   guidance_block: int = 256     # values per codec scale
   guidance_budget_bytes: int = 0  # adaptive: bytes of V per client and round (> 0)
@@ -180,6 +184,7 @@ class ZGR:
     _check(_finite(self.trace_cap) and self.trace_cap >= 0,
            f'zgr.trace_cap must be >= 0, got {self.trace_cap}')
     _positive('zgr.', self, 'trace_probes')
+    _check(self.line_search >= 0, f'zgr.line_search must be >= 0, got {self.line_search}')
     _check(self.guidance_format in GUIDANCE_FORMATS,
            f'zgr.guidance_format must be one of {", ".join(GUIDANCE_FORMATS)}, got '
            f'{self.guidance_format!r}')

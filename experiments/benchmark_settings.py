@@ -26,8 +26,10 @@ _LORA = ('zo.trainable=lora',)
 # widened upwards (the runs at 1e-4 and 3e-4 stay in the results, outside the grid). lr_V's grid
 # was 0.1..10, then 0.01..1 (1, 3 and 10 diverged; the lower edge was picked twice); with the
 # plain step at FedMeZO's full rate (zoo/guided.py) the two steps add up, so it moved down again.
+# With the cloud's line search (cooperllm's default) lr_V is the largest rate the search starts
+# from, so its grid ('lr_v_max') is centred on the default 0.1 and reaches well above it.
 GRIDS = {'zo': (1e-3, 3e-3, 1e-2, 3e-2, 1e-1), 'bp': (1e-4, 3e-4, 1e-3, 3e-3, 1e-2),
-         'lr_v': (0.003, 0.01, 0.03, 0.1, 0.3)}
+         'lr_v': (0.003, 0.01, 0.03, 0.1, 0.3), 'lr_v_max': (0.03, 0.1, 0.3, 1.0, 3.0)}
 SEEDS = (0, 1, 2)
 
 
@@ -50,11 +52,16 @@ class Method:
 
 # cooperllm's plain part runs at FedMeZO's picked rate (alpha = 1 is FedMeZO); what it adds, the
 # first-order step along the cloud's subspace, is tuned by its own rate lr_V (zoo/guided.py).
+# cooperllm is the shipped defaults (the cloud's line search sets both rates each round, lr_V the
+# largest); the variants before the line search pin it off (zgr.line_search=0, their runs' config).
 COOPERLLM = ('zgr.alpha=0.5', 'zgr.adaptive=False')   # pinned: the runs keep their config
+FIXED = ('zgr.line_search=0',)
 _GUIDED = dict(family='lr_v', knob='zgr.lr_v', needs=(('learning_rate', 'fedmezo'),))
 METHODS = {
     'cloud_only': Method('cloud_only', family='bp'),
-    'cooperllm': Method('cooperllm', COOPERLLM, **_GUIDED),
+    'cooperllm': Method('cooperllm', COOPERLLM, **dict(_GUIDED, family='lr_v_max')),
+    # The fixed V rate (no line search): what cooperllm was until the line search.
+    'cooperllm_fixed_rate': Method('cooperllm', COOPERLLM + FIXED, **_GUIDED),
     'fedmezo': Method('fedmezo'),
     # warm_start's ZO phase runs at FedMeZO's picked rate; its cloud phase (half the rounds, so
     # half cloud_only's steps) is tuned by its own AdamW rate, which for the shorter phase is
@@ -68,24 +75,29 @@ METHODS = {
     # ZGR ablations at cooperllm's picks: the mixing weight, and a cloud without signal.
     # Adaptive cooperllm shrinks the V step by the measured noise (zoo/mixing.py), so its lr_V is
     # a rate at full signal and is swept on its own.
-    'cooperllm_adaptive': Method('cooperllm', ('zgr.adaptive=True',), **_GUIDED),
+    'cooperllm_adaptive': Method('cooperllm', ('zgr.adaptive=True',) + FIXED, **_GUIDED),
     # The V rate capped at 1 / L_V, L_V the public loss's curvature along the cloud's direction
     # (measured each round): the curvature grows as the model trains, so it is swept on its own.
-    'cooperllm_curvature': Method('cooperllm', COOPERLLM + ('zgr.curvature_cap=1.0',), **_GUIDED),
-    'cooperllm_alpha=0.25': Method('cooperllm', ('zgr.alpha=0.25', 'zgr.adaptive=False'),
-                                   rate_of='cooperllm', **_GUIDED),
-    'cooperllm_alpha=0.75': Method('cooperllm', ('zgr.alpha=0.75', 'zgr.adaptive=False'),
-                                   rate_of='cooperllm', **_GUIDED),
+    'cooperllm_curvature': Method('cooperllm', COOPERLLM + FIXED + ('zgr.curvature_cap=1.0',),
+                                  **_GUIDED),
+    'cooperllm_alpha=0.25': Method('cooperllm', ('zgr.alpha=0.25', 'zgr.adaptive=False') + FIXED,
+                                   rate_of='cooperllm_fixed_rate', **_GUIDED),
+    'cooperllm_alpha=0.75': Method('cooperllm', ('zgr.alpha=0.75', 'zgr.adaptive=False') + FIXED,
+                                   rate_of='cooperllm_fixed_rate', **_GUIDED),
     'cooperllm_shuffled_adaptive': Method('cooperllm', ('zgr.adaptive=True',
-                                                        'cloud.shuffle_labels=True'),
+                                                        'cloud.shuffle_labels=True') + FIXED,
                                           rate_of='cooperllm_adaptive', **_GUIDED),
+    'cooperllm_fixed_rate_shuffled': Method('cooperllm', COOPERLLM + FIXED +
+                                            ('cloud.shuffle_labels=True',),
+                                            rate_of='cooperllm_fixed_rate', **_GUIDED),
     'cooperllm_shuffled': Method('cooperllm', COOPERLLM + ('cloud.shuffle_labels=True',),
-                                 rate_of='cooperllm', **_GUIDED),
+                                 rate_of='cooperllm', **dict(_GUIDED, family='lr_v_max')),
 }
-MAIN_METHODS = ('cloud_only', 'cooperllm', 'cooperllm_adaptive', 'fedmezo', 'warm_start',
-                'fedkseed', 'decomfl', 'fwdllm', 'fedavg_bp')
-ZGR_CHECKS = ('fedmezo', 'cooperllm', 'cooperllm_adaptive', 'cooperllm_alpha=0.25',
-              'cooperllm_alpha=0.75', 'cooperllm_shuffled_adaptive', 'cooperllm_shuffled')
+MAIN_METHODS = ('cloud_only', 'cooperllm', 'cooperllm_fixed_rate', 'cooperllm_adaptive',
+                'fedmezo', 'warm_start', 'fedkseed', 'decomfl', 'fwdllm', 'fedavg_bp')
+ZGR_CHECKS = ('fedmezo', 'cooperllm', 'cooperllm_fixed_rate', 'cooperllm_adaptive',
+              'cooperllm_alpha=0.25', 'cooperllm_alpha=0.75', 'cooperllm_shuffled_adaptive',
+              'cooperllm_fixed_rate_shuffled', 'cooperllm_shuffled')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -136,7 +148,8 @@ SETTINGS = {
         ZGR_CHECKS + ('cloud_only', 'cooperllm_curvature'),
         # "A misleading cloud costs at most 1 point": a seed's test accuracy (444 articles) has
         # about 2.3 points of standard error, so three seeds cannot show it.
-        paired=(('cooperllm_shuffled_adaptive', 'fedmezo'), ('cooperllm_shuffled', 'fedmezo')),
+        paired=(('cooperllm_shuffled_adaptive', 'fedmezo'),
+                ('cooperllm_fixed_rate_shuffled', 'fedmezo'), ('cooperllm_shuffled', 'fedmezo')),
         paired_seeds=tuple(range(7))),
     'bbc_minilm_full': Setting(
         'BBC News on 10 clients, in-domain public set; MiniLM, every weight trained',
@@ -145,8 +158,11 @@ SETTINGS = {
         ('fedmezo', 'cooperllm', 'cooperllm_adaptive', 'cloud_only'),
         # 1e-7..1e-5 first: every rate stayed at chance (0.17-0.18), the top one picked; the
         # grid moved up a decade (the runs below 1e-6 stay in the results, outside the grid).
-        # AdamW on every weight of a pretrained encoder runs a decade below the adapters' rates.
-        {'zo': (1e-6, 3e-6, 1e-5, 3e-5, 1e-4), 'bp': (1e-5, 3e-5, 1e-4, 3e-4, 1e-3)}),
+        # FedMeZO then picked 1e-4, the top edge: the grid moved up to 3e-3, where FedMeZO
+        # diverges (train loss 13 at round 10), and it picks 1e-3 (the runs below 1e-5 stay in
+        # the results, outside the grid). AdamW on every weight of a pretrained encoder runs a decade below
+        # the adapters' rates.
+        {'zo': (1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3), 'bp': (1e-5, 3e-5, 1e-4, 3e-4, 1e-3)}),
 }
 
 # --quick: the same settings, shrunk so that the whole pipeline runs in minutes.

@@ -58,8 +58,13 @@ def test_sweep_picks_on_validation_and_feeds_dependants(tmp_path, monkeypatch):
   assert [c[0].parts[-3] for c in calls] == ['fedmezo'] * 5 + ['cooperllm_adaptive'] * 5 + [
       'cooperllm'] * 5
   assert all('learning_rate=0.01' in c[2] for c in calls[5:])
+  # cooperllm's lr_V is the line search's largest rate, on its own grid.
   assert [c[0].parts[-2] for c in calls[10:15]] == [f'lr_v={v:g}' for v in
-                                                    benchmark_settings.GRIDS['lr_v']]
+                                                    benchmark_settings.GRIDS['lr_v_max']]
+  assert [c[0].parts[-2] for c in calls[5:10]] == [f'lr_v={v:g}' for v in
+                                                   benchmark_settings.GRIDS['lr_v']]
+  assert all('zgr.line_search=0' in c[2] for c in calls[5:10])        # adaptive: before it
+  assert not any('zgr.line_search' in o for c in calls[10:15] for o in c[2])   # the default
   assert all('zgr.adaptive=True' in c[2] for c in calls[5:10])
 
   calls.clear()
@@ -262,8 +267,9 @@ def test_every_setting_and_method_is_a_valid_config():
 
 
 def test_a_setting_replaces_only_the_grids_it_names():
-  """bbc_minilm_full replaces the ZO grid; cooperllm's lr_V grid stays GRIDS' (it once raised)."""
+  """bbc_minilm_full replaces the ZO grid; cooperllm's lr_V grids stay GRIDS' (it once raised)."""
   from experiments.benchmark_settings import GRIDS, Plan  # pylint: disable=g-import-not-at-top
   plan = Plan.of('bbc_minilm_full')
-  assert plan.grid('fedmezo') == (1e-6, 3e-6, 1e-5, 3e-5, 1e-4)
-  assert plan.grid('cooperllm') == GRIDS['lr_v']
+  assert plan.grid('fedmezo') == (1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3)
+  assert plan.grid('cooperllm') == GRIDS['lr_v_max']
+  assert plan.grid('cooperllm_fixed_rate') == GRIDS['lr_v']

@@ -125,6 +125,35 @@ def test_curvature_is_the_second_derivative_of_the_public_loss_along_the_directi
   assert float(plain.step(plain.init(trainable), trainable, frozen, batches)[2]['curvature']) == 0
 
 
+def test_line_step_is_the_largest_trial_step_that_halves_the_linear_decrease():
+  """stats['line_step'] against a brute-force evaluation of the public loss (the mean over the K
+  batches) at params - t direction for every trial t = start 2^-j: the largest t whose decrease
+  is at least half of t |direction|^2 (the gradient's slope along it), with 2t failing; 0 without
+  the option. The start is far beyond the minimum along the line, so the search backtracks."""
+  subset = Subset('bitfit')
+  trainable, frozen = subset.split(_params())
+  batches = _batches()
+  start, trials = 64.0, 12
+  cloud = make_cloud_step(LOSS, subset, CloudConfig('gradient', line_trials=trials,
+                                                    line_start=start))
+  _, direction, stats = cloud.step(cloud.init(trainable), trainable, frozen, batches)
+  slope = float((_flat(direction) ** 2).sum())
+  mean_loss = lambda t: float(np.mean([
+      LOSS(overlay(frozen, jax.tree.map(lambda p, d: p - t * d, trainable, direction)),
+           _batch(batches, k)) for k in range(K)]))
+  f0 = mean_loss(0.0)
+  steps = [start * 0.5 ** j for j in range(trials)]
+  passes = [mean_loss(t) <= f0 - 0.5 * t * slope for t in steps]
+  assert not passes[0] and any(passes), passes   # it backtracked, and found a step
+  expected = steps[passes.index(True)]
+  assert float(stats['line_step']) == pytest.approx(expected, rel=1e-6)
+  assert mean_loss(expected) < f0 and mean_loss(2 * expected) > f0 - expected * slope
+  plain = make_cloud_step(LOSS, subset, CloudConfig('gradient'))
+  assert float(plain.step(plain.init(trainable), trainable, frozen, batches)[2]['line_step']) == 0
+  with pytest.raises(ConfigError, match='line_trials'):
+    CloudConfig('gradient', line_trials=-1)
+
+
 def test_trace_is_hutchinsons_estimate_of_the_public_hessians_trace():
   """stats['trace'] against tr H and the spread of Hutchinson's estimator computed from the exact
   Hessian of the first batch's loss (jax.hessian over the flat BitFit vector, float32); a key is

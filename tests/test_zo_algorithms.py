@@ -79,9 +79,10 @@ def config(name, **over):
   if name == 'fedavg_bp':
     zo['trainable'] = 'full'   # the first-order bound on every weight, as the demo config has it
   zo.update(over.pop('zo', {}))
+  # line_search=0: the rates are the configured ones (the line search's test turns it on).
   zgr = dict(alpha=0.5, adaptive=False, ema=0.8, pool_size=2,
              refresh=1, beta=1.0, guidance_format='f32', guidance_block=256,
-             guidance_budget_bytes=0, guidance_topk=None)
+             guidance_budget_bytes=0, guidance_topk=None, line_search=0)
   zgr.update(over.pop('zgr', {}))
   cloud = dict(mode='gradient', learning_rate=1e-2, weight_decay=0.0, batches=2, batch_size=16,
                lag=0, devices=0)
@@ -544,6 +545,27 @@ def test_cooperllm_curvature_cap_sets_the_v_rate_from_the_clouds_curvature():
     assert r.metrics['cloud_step_v'] == pytest.approx(float(guided.step_ratio(expected, lr)),
                                                       rel=1e-5)
   assert 'cloud_curvature' not in history('cooperllm', rounds=1)['results'][0].metrics
+  _replays_the_edge(h, len(rs))
+
+
+def test_cooperllm_line_search_sets_both_rates_from_the_clouds_accepted_step():
+  """With zgr.line_search the round's V rate is min(lr_v, t / S) for the step t the cloud's line
+  search accepted over the round's S local steps, and the plain step runs at min(1, t / t_1) of
+  lr (t_1: the first round's step, where lr was tuned); the edge still replays."""
+  from cooperllm_jax.zoo import guided  # pylint: disable=g-import-not-at-top
+  h = history('cooperllm', rounds=3, zgr=(('line_search', 12), ('lr_v', 100.0)),
+              local_steps=STEPS)
+  alg, rs = h['alg'], h['results']
+  lr_v, lr, steps = alg.guidance.zgr.lr_v, alg.zo.lr, alg.guidance.local_steps
+  assert steps == STEPS > 1
+  line = [r.metrics['cloud_line_step'] for r in rs]
+  assert all(0 < t < lr_v * steps for t in line), line   # the search backtracked every round
+  for r, t in zip(rs, line):
+    assert r.metrics['lr_v'] == pytest.approx(min(lr_v, t / steps), rel=1e-6)
+    assert r.metrics['cloud_step_v'] == pytest.approx(
+        float(guided.step_ratio(min(lr_v, t / steps), lr)), rel=1e-5)
+    assert r.metrics['plain_share'] == pytest.approx(min(1.0, t / line[0]), rel=1e-6)
+  assert rs[0].metrics['plain_share'] == 1.0
   _replays_the_edge(h, len(rs))
 
 

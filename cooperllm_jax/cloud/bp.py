@@ -29,7 +29,17 @@ estimate mean_i w_i^T H w_i of tr H on the same batch, w_i Rademacher over the t
 drawn from the step's `key` (n Hessian-vector products; unbiased, variance 2 sum_{j != k} H_jk^2 /
 n): the plain ZO step's stable rate scales as 1 / tr H (E[(v . g)^2 v^T H v] = |g|^2 tr H +
 2 g^T H g for v ~ N(0, I)), which the edge cannot see from central differences
-(config.ZGR.trace_cap).
+(config.ZGR.trace_cap). `line_step` (with CloudConfig.line_trials = J > 0; else 0): a backtracking
+line search on the public loss along the direction over the distance the clients' step along V
+will actually travel: the largest t in {line_start 2^-j, j < J} with
+
+    f(theta - t d) <= f(theta) - t d.g / 2        (Armijo with c = 1/2; g the mean gradient),
+
+on the same K batches (at most J forward passes over them, largest t first, stopping at the first
+that passes; the smallest trial when none does). On a
+quadratic with curvature L along d it accepts t <= |d|^2 / d^T H d = 1 / L for d = g: the step
+that stops at the minimum along the line. Unlike `curvature` (one Hessian-vector product at
+theta) it sees a wall anywhere within the distance travelled (config.ZGR.line_search).
 
 On a mesh the step is jitted with FSDP/tensor-parallel shardings from the model's logical axes
 (cloud/sharding.py) for the params, the direction and the optimizer state, and the batches split
@@ -64,6 +74,8 @@ class CloudConfig:
   weight_decay: float = 0.0     # finetune only: AdamW's decoupled weight decay
   curvature: bool = False       # also measure the public loss's curvature along the direction
   trace_probes: int = 0         # > 0: also estimate tr H with this many Hutchinson probes
+  line_trials: int = 0          # > 0: also line-search the step along the direction (J trials)
+  line_start: float = 1.0       # the line search's first (largest) step, in units of direction
 
   def __post_init__(self):
     if self.mode not in MODES:
@@ -75,6 +87,10 @@ class CloudConfig:
       raise ConfigError(f'cloud weight_decay must be >= 0, got {self.weight_decay}')
     if self.trace_probes < 0:
       raise ConfigError(f'cloud trace_probes must be >= 0, got {self.trace_probes}')
+    if self.line_trials < 0:
+      raise ConfigError(f'cloud line_trials must be >= 0, got {self.line_trials}')
+    if not (math.isfinite(self.line_start) and self.line_start > 0):
+      raise ConfigError(f'cloud line_start must be finite and > 0, got {self.line_start}')
 
 
 def _f32(tree):
@@ -184,8 +200,32 @@ class CloudStep:
              'curvature': (self._curvature(loss, start, direction, grad_sq, batches)
                            if self.config.curvature else jnp.float32(0)),
              'trace': (self._trace(loss, start, batches, key_data, self.config.trace_probes)
-                       if self.config.trace_probes else jnp.float32(0))}
+                       if self.config.trace_probes else jnp.float32(0)),
+             'line_step': (self._line_step(loss, start, direction, tree_dot(direction, acc.mean),
+                                           start_loss, batches)
+                           if self.config.line_trials else jnp.float32(0))}
     return cloud_state, direction, stats
+
+  def _line_step(self, loss, params, direction, slope, start_loss, batches):
+    """The largest trial step t = line_start 2^-j (j < line_trials) with
+    mean_k f_k(params - t direction) <= start_loss - t slope / 2, else the smallest trial. The
+    trials run largest first and stop at the first accepted (usually the first or second)."""
+    n, start = self.config.line_trials, jnp.float32(self.config.line_start)
+    step_of = lambda j: start * jnp.exp2(-j.astype(jnp.float32))
+
+    def accepted(j):
+      t = step_of(j)
+      moved = jax.tree.map(lambda p, d: p - t * d, params, direction)
+      return jax.lax.map(lambda b: loss(moved, b), batches).mean() <= start_loss - 0.5 * t * slope
+
+    def body(carry):
+      j, _ = carry
+      ok = accepted(j)
+      return jnp.where(ok, j, j + 1), ok
+
+    j, _ = jax.lax.while_loop(lambda c: (~c[1]) & (c[0] < n), body,
+                              (jnp.int32(0), jnp.bool_(False)))
+    return step_of(jnp.minimum(j, n - 1))
 
   @staticmethod
   def _curvature(loss, params, direction, grad_sq, batches):
@@ -281,7 +321,7 @@ class CloudStep:
     in_sh = self.shardings(trainable, frozen, batches)
     replicated = NamedSharding(self.mesh, PartitionSpec())
     stats_sh = {'loss': replicated, 'grad_sq_norm': replicated, 'variance': replicated,
-                'curvature': replicated, 'trace': replicated}
+                'curvature': replicated, 'trace': replicated, 'line_step': replicated}
     in_sh = in_sh + (replicated,)
     return jax.jit(self._step, in_shardings=in_sh, out_shardings=(in_sh[0], in_sh[1], stats_sh),
                    donate_argnums=0), in_sh

@@ -91,6 +91,7 @@ def get_config(algorithm: str = 'cooperllm') -> ml_collections.ConfigDict:
   c.zgr.curvature_cap = 0.0     # > 0: V rate <= this / the cloud's measured curvature along V
   c.zgr.trace_cap = 0.0         # > 0: plain rate <= this / the cloud's Hutchinson tr H
   c.zgr.trace_probes = 4        # Hessian-vector products of that estimate per refresh
+  c.zgr.line_search = 12        # > 0: both rates follow the cloud's line search (this many halvings)
   # V on the downlink: f32 | int8 | int4 | ternary, or per-leaf formats under a byte budget:
   # adaptive (guidance_budget_bytes) | link (what the simulated links hide behind compute: system.*)
   c.zgr.guidance_format = 'f32'

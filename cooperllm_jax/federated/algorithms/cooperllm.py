@@ -60,6 +60,7 @@ from cooperllm_jax.mesh import make_mesh
 from cooperllm_jax.models.common import make_loss
 from cooperllm_jax.models.spec import path_str
 from cooperllm_jax.system import codec as codec_lib
+from cooperllm_jax.system.workload import BACKWARD_FACTOR
 from cooperllm_jax.tree_math import tree_dot
 from cooperllm_jax.zoo import guided
 from cooperllm_jax.zoo import keys as keys_lib
@@ -69,7 +70,8 @@ from cooperllm_jax.zoo.quantized import dequantize_tree
 CODEC_PATH = ('__guidance__', 'codec')  # the downlink's rounding stream: a path no model has
 TRACE_PATH = ('__cloud__', 'trace')     # the cloud's Hutchinson probes
 # The cloud's measurements that set a round's rates: state name -> the cloud step's stat.
-MEASURED = {'tau_sq': 'variance', 'curvature': 'curvature', 'trace': 'trace'}
+MEASURED = {'tau_sq': 'variance', 'curvature': 'curvature', 'trace': 'trace',
+            'line_step': 'line_step'}
 
 
 @dataclasses.dataclass
@@ -77,11 +79,13 @@ class CloudGuidance:
   """ZGR's cloud tier for a scalar protocol `zo`: see the module docstring. `public` holds the
   cloud's tokenized public examples {input_ids, attention_mask, labels} (client_data.public_set).
   link_budget (zgr.guidance_format='link'): sampled clients -> the round's byte budget for V,
-  from the run's simulated links (attach_clock)."""
+  from the run's simulated links (attach_clock). local_steps: each client's steps per round (the
+  distance the V step travels in a round, which zgr.line_search checks)."""
   zo: Any
   zgr: config_lib.ZGR
   cloud: config_lib.Cloud
   public: dict
+  local_steps: int = 1
   link_budget: Optional[Callable] = None
 
   def __post_init__(self):
@@ -92,8 +96,13 @@ class CloudGuidance:
                         'but the run has a mesh (mesh.*), whose data/model axes the cloud uses: '
                         'set one of the two')
     self._client_device = self._place()
-    step = dataclasses.replace(self.cloud.step, curvature=self.zgr.curvature_cap > 0,
-                               trace_probes=self.zgr.trace_probes if self.zgr.trace_cap > 0 else 0)
+    z = self.zgr
+    # The line search's first trial is the round's V displacement at the largest rate, lr_v per
+    # step over local_steps steps (at full weight, h = V^T grad taken as the public gradient's).
+    step = dataclasses.replace(self.cloud.step, curvature=z.curvature_cap > 0,
+                               trace_probes=z.trace_probes if z.trace_cap > 0 else 0,
+                               line_trials=z.line_search,
+                               line_start=max(z.lr_v, 1e-30) * self.local_steps)
     self._cloud = cloud_bp.make_cloud_step(make_loss(self.zo.model), self.zo.subset, step,
                                            mesh=self.cloud_mesh,
                                            model=self.zo.model)
@@ -119,11 +128,13 @@ class CloudGuidance:
   @property
   def costs(self) -> GuidanceCosts:
     fmt = 'f32' if self.zgr.allocates else self.zgr.guidance_format
-    # A Hessian-vector product on one batch costs about two of its gradients.
+    # A Hessian-vector product on one batch costs about two of its gradients, a forward pass a
+    # third of one; the line search runs at most line_search of them (counted as all).
     z = self.zgr
     hvp = 2 * self.cloud.batch_size * ((z.curvature_cap > 0) + (z.trace_cap > 0) * z.trace_probes)
+    line = -(-z.line_search * self.cloud.batches * self.cloud.batch_size // (1 + BACKWARD_FACTOR))
     return GuidanceCosts(pool_size=self.zgr.pool_size, codec=self.zgr.codec(fmt),
-                         cloud_examples=self.cloud.batches * self.cloud.batch_size + hvp,
+                         cloud_examples=self.cloud.batches * self.cloud.batch_size + hvp + line,
                          cloud_adamw=self.cloud.mode == 'finetune', cloud_lag=self.cloud.lag,
                          refresh=self.zgr.refresh)
 
@@ -138,7 +149,8 @@ class CloudGuidance:
     state['guidance'] = self._guidance(state['pool'].directions, jnp.zeros(m), self.zgr.alpha)
     _, state['downlink'] = self._downlink(state['pool'].directions, 0)
     empty = {'w': jnp.float32(0), 'x': jnp.float32(0), 'v': jnp.float32(0)}
-    state['mixing'] = {'grad_sq': empty, 'proj_sq': empty, **self._on_host()}
+    state['mixing'] = {'grad_sq': empty, 'proj_sq': empty, **self._on_host(),
+                       'line_first': jnp.float32(0)}
     if self.cloud.lag:
       state['pending'] = {'direction': jax.tree.map(jnp.zeros_like, trainable),
                           **self._on_host(), 'ready': jnp.bool_(False)}
@@ -163,23 +175,32 @@ class CloudGuidance:
       direction = jax.device_put(direction, self._client_device)
     return cloud_state, direction, stats
 
-  def lr_v(self, curvature) -> jax.Array:
+  def lr_v(self, measured) -> jax.Array:
     """The rate of the step along V: zgr.lr_v, capped at zgr.curvature_cap / L_V where the cloud
     measured a positive curvature L_V along its direction (a gradient step along a direction of
-    curvature L is stable below 2 / L and best at 1 / L in the quadratic model)."""
-    z, curvature = self.zgr, jnp.asarray(curvature, jnp.float32)
+    curvature L is stable below 2 / L and best at 1 / L in the quadratic model), and at the line
+    search's accepted step per local step (zgr.line_search; 0 = not measured)."""
+    z = self.zgr
+    curvature = jnp.asarray(measured['curvature'], jnp.float32)
+    line = jnp.asarray(measured['line_step'], jnp.float32) / self.local_steps
     capped = (z.curvature_cap > 0) & (curvature > 0)
     cap = z.curvature_cap / jnp.where(capped, curvature, 1.0)
-    return jnp.where(capped, jnp.minimum(z.lr_v, cap), z.lr_v).astype(jnp.float32)
+    rate = jnp.where(capped, jnp.minimum(z.lr_v, cap), z.lr_v)
+    return jnp.where(line > 0, jnp.minimum(rate, line), rate).astype(jnp.float32)
 
-  def plain_share(self, trace) -> jax.Array:
+  def plain_share(self, measured) -> jax.Array:
     """The plain step's rate as a share of lr: 1, or zgr.trace_cap / (lr tr H) where that is
     smaller and the cloud measured a positive tr H (MeZO's step -lr (v . g) v changes the loss by
-    -lr |g|^2 + lr^2 (|g|^2 tr H + 2 g^T H g) / 2 in expectation: best near lr = 1 / tr H)."""
-    z, trace = self.zgr, jnp.asarray(trace, jnp.float32)
+    -lr |g|^2 + lr^2 (|g|^2 tr H + 2 g^T H g) / 2 in expectation: best near lr = 1 / tr H); with
+    zgr.line_search also at most the line search's step over its first one (the sharpening since
+    the run began, where lr was tuned)."""
+    z, trace = self.zgr, jnp.asarray(measured['trace'], jnp.float32)
     capped = (z.trace_cap > 0) & (trace > 0)
     share = z.trace_cap / (self.zo.lr * jnp.where(capped, trace, 1.0))
-    return jnp.where(capped, jnp.minimum(1.0, share), 1.0).astype(jnp.float32)
+    share = jnp.where(capped, jnp.minimum(1.0, share), 1.0)
+    first, line = measured['line_first'], measured['line_step']
+    sharpening = jnp.where((first > 0) & (line > 0), line / jnp.where(first > 0, first, 1.0), 1.0)
+    return jnp.minimum(share, sharpening).astype(jnp.float32)
 
   @staticmethod
   def _from_cloud(stats) -> dict:
@@ -193,14 +214,14 @@ class CloudGuidance:
     return {k: jnp.float32(0 if measured is None else float(measured[k])) for k in MEASURED}
 
   def _guidance(self, basis, valid, alpha, weight=1.0, measured=None) -> guided.Guidance:
-    """The round's Guidance; the step along V runs at weight x lr_v(curvature), the plain one at
-    plain_share(trace) x lr (both relative to the plain rate, so the divergence guard's halving
+    """The round's Guidance; the step along V runs at weight x lr_v(measured), the plain one at
+    plain_share(measured) x lr (both relative to the plain rate, so the divergence guard's halving
     of lr halves both)."""
-    z, measured = self.zgr, measured or self._on_host()
+    z, measured = self.zgr, measured or dict(self._on_host(), line_first=jnp.float32(0))
     return guided.make_guidance(
         basis, valid, alpha, z.beta, z.probe_v,
-        guided.step_ratio(weight * self.lr_v(measured['curvature']), self.zo.lr),
-        self.plain_share(measured['trace']))
+        guided.step_ratio(weight * self.lr_v(measured), self.zo.lr),
+        self.plain_share(measured))
 
   def _mixing(self, state, valid, clients: int):
     """(alpha, weight on the step along V) for this round: the weight fixed at 1, or from the
@@ -212,7 +233,7 @@ class CloudGuidance:
     grad_sq, _ = mixing.pooled(state['mixing']['grad_sq'])
     curvature = state['mixing']['curvature']
     measured = (z.curvature_cap > 0) & (curvature > 0)
-    rate_curvature = jnp.where(measured, self.lr_v(curvature) * curvature, 1.0)
+    rate_curvature = jnp.where(measured, self.lr_v(state['mixing']) * curvature, 1.0)
     weight, _ = mixing.adaptive_mixing(proj_sq, grad_sq, jnp.maximum(valid.sum(), 1.0),
                                        self.zo.est.probes * clients, z.alpha, z.probe_v,
                                        rate_curvature)
@@ -246,7 +267,9 @@ class CloudGuidance:
     else:
       basis, valid = state['guidance'].basis, state['guidance'].valid
     if measured is not None:
-      state['mixing'] = dict(state['mixing'], **measured)
+      first = state['mixing']['line_first']
+      state['mixing'] = dict(state['mixing'], **measured,
+                             line_first=jnp.where(first > 0, first, measured['line_step']))
     state['guidance'] = self._guidance(basis, valid, *self._mixing(state, valid, len(clients)),
                                        measured=state['mixing'])
     return state
@@ -314,10 +337,11 @@ class CloudGuidance:
     guide = state['guidance']
     result.metrics.update(alpha=float(guide.alpha), basis_rank=int(guide.valid.sum()),
                           cloud_step_v=float(guide.step_v))
-    if self.zgr.curvature_cap > 0:
-      curvature = state['mixing']['curvature']
-      result.metrics.update(cloud_curvature=float(curvature), lr_v=float(self.lr_v(curvature)))
-    if self.zgr.trace_cap > 0:
+    if self.zgr.curvature_cap > 0 or self.zgr.line_search:
+      result.metrics.update(cloud_curvature=float(state['mixing']['curvature']),
+                            cloud_line_step=float(state['mixing']['line_step']),
+                            lr_v=float(self.lr_v(state['mixing'])))
+    if self.zgr.trace_cap > 0 or self.zgr.line_search:
       result.metrics.update(cloud_trace=float(state['mixing']['trace']),
                             plain_share=float(guide.step_plain))
     if not np.any(counts > 0) or not float(guide.valid.sum()):
@@ -350,7 +374,7 @@ class CooperLLM(OnScalarProtocol):
   @classmethod
   def from_config(cls, cfg: config_lib.RunConfig, model, public=None):
     zo = FedMeZO(**FedMeZO.options(cfg, model))
-    return cls(zo, CloudGuidance(zo, cfg.zgr, cfg.cloud, public))
+    return cls(zo, CloudGuidance(zo, cfg.zgr, cfg.cloud, public, cfg.local_steps))
 
   @property
   def costs(self) -> Costs:
