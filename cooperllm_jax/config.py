@@ -154,7 +154,8 @@ class ZGR:
   refresh: int = 1              # the cloud computes a new direction every `refresh` rounds
   beta: float = 1.0             # scale of z's plain part (1 with alpha = 1: plain ZO)
   probe_v: float = guided.DEFAULT_PROBE_V  # the probe's radius along V / the plain part's
-  lr_v: float = guided.DEFAULT_LR_V  # first-order rate of the step along V (d-free)
+  lr_v: float = guided.DEFAULT_LR_V  # first-order rate of the step along V (d-free); the largest
+  # one with line_search, which backs off from it as the loss sharpens
   # > 0: the step along V at most curvature_cap / L_V, L_V the public loss's curvature along the
   # cloud's newest direction (the cloud measures it each refresh: one Hessian-vector product)
   curvature_cap: float = 0.0

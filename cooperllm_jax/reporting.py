@@ -70,7 +70,7 @@ TB_GROUPS = {
     'sim': ('sim_round_s', 'sim_time_s'),
     'cloud': ('alpha', 'basis_rank', 'cloud_step_v', 'grad_sq', 'grad_sq_se', 'proj_sq',
               'proj_sq_se', 'proj_sq_weight', 'grad_sq_weight', 'cloud_share', 'cloud_tau_sq',
-              'cloud_curvature', 'lr_v', 'cloud_trace', 'plain_share'),
+              'cloud_curvature', 'cloud_line_step', 'lr_v', 'cloud_trace', 'plain_share'),
 }
 _TB_TAGS = {key: f'{group}/{key}' for group, keys in TB_GROUPS.items() for key in keys}
 

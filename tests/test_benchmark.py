@@ -267,9 +267,11 @@ def test_every_setting_and_method_is_a_valid_config():
 
 
 def test_a_setting_replaces_only_the_grids_it_names():
-  """bbc_minilm_full replaces the ZO grid; cooperllm's lr_V grids stay GRIDS' (it once raised)."""
+  """bbc_minilm_full replaces the ZO grid and runs cooperllm at its default lr_V only; the other
+  lr_V grids stay GRIDS' (it once raised)."""
   from experiments.benchmark_settings import GRIDS, Plan  # pylint: disable=g-import-not-at-top
   plan = Plan.of('bbc_minilm_full')
   assert plan.grid('fedmezo') == (1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3)
-  assert plan.grid('cooperllm') == GRIDS['lr_v_max']
+  assert plan.grid('cooperllm') == (0.1,)      # the default only
   assert plan.grid('cooperllm_fixed_rate') == GRIDS['lr_v']
+  assert Plan.of('bbc_minilm_lora').grid('cooperllm') == GRIDS['lr_v_max']

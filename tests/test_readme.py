@@ -75,7 +75,8 @@ def test_headline_accuracies_are_the_committed_benchmark_tables():
   assert len(quoted) == len(main), quoted
   for method, accuracy in quoted:
     assert accuracy == fmt(main[method]), method
-  columns = ('fedmezo', 'cooperllm', 'cooperllm_adaptive', 'cloud_only', 'warm_start')
+  columns = ('fedmezo', 'cooperllm', 'cooperllm_fixed_rate', 'cooperllm_adaptive', 'cloud_only',
+             'warm_start')
   for row, setting in (('Rotten Tomatoes, 256 in-domain', 'rt_indomain_minilm_lora'),
                        ('BBC News, 112 public articles', 'bbc_minilm_lora'),
                        ('BBC News (every weight', 'bbc_minilm_full')):

@@ -373,6 +373,7 @@ def test_unknown_client_backend_is_a_config_error():
     ({'refresh': 0}, {}, 'refresh'), ({'beta': 0.0}, {}, 'beta'),
     ({'alpha_min': 0.1}, {}, 'alpha_min was removed'), ({'curvature_cap': -1.0}, {}, 'curvature_cap'),
     ({'trace_cap': -1.0}, {}, 'trace_cap'), ({'trace_probes': 0}, {}, 'trace_probes'),
+    ({'line_search': -1}, {}, 'line_search'),
     ({}, {'lag': 2}, 'lag'), ({}, {'batches': 0}, 'batches'), ({}, {'mode': 'adam'}, 'mode'),
     ({}, {'devices': 1}, 'devices'), ({'guidance_format': 'int2'}, {}, 'guidance_format'),
     ({'guidance_format': 'adaptive'}, {}, 'guidance_budget_bytes'),

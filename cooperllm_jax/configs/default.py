@@ -87,7 +87,7 @@ def get_config(algorithm: str = 'cooperllm') -> ml_collections.ConfigDict:
   c.zgr.refresh = 1             # the cloud computes a new direction every `refresh` rounds
   c.zgr.beta = 1.0              # scale of z's plain part (1 with alpha = 1: plain ZO)
   c.zgr.probe_v = 1.0           # the probe's radius along V relative to the plain part's
-  c.zgr.lr_v = 0.1              # first-order rate of the step along V (free of d)
+  c.zgr.lr_v = 0.1              # first-order rate of the step along V (free of d; the largest)
   c.zgr.curvature_cap = 0.0     # > 0: V rate <= this / the cloud's measured curvature along V
   c.zgr.trace_cap = 0.0         # > 0: plain rate <= this / the cloud's Hutchinson tr H
   c.zgr.trace_probes = 4        # Hessian-vector products of that estimate per refresh

@@ -14,6 +14,10 @@ Per round r (the FedMeZO protocol plus the cloud tier):
   3. clients probe along z = beta (sqrt(alpha) v + probe_v sqrt(1-alpha) V u) from their probe keys
              and step along the plain part at lr and along V at the first-order rate lr_v
              (zoo/guided.py: both scales free of d), run local ZO steps and upload only scalars;
+             with zgr.line_search (the default) the round's V rate is at most the step the
+             cloud's backtracking line search accepted on its public loss over the round's V
+             displacement, and the plain rate shrinks by the same factor as that step since
+             round 1 (the sharpening since lr was tuned; docs/zgr.md);
   4. edge    replays every client's (address, scalar) entries under the same V.
 The client, replay and accounting are FedMeZO's: `CooperLLM` composes that protocol with a
 `CloudGuidance` component (the cloud, the pool, the downlink codec and the mixing), which prepares
