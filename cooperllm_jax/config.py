@@ -197,6 +197,11 @@ class ZGR:
     return codec_lib.LeafCodec(fmt, self.guidance_block, self.guidance_topk)
 
   @property
+  def line_trials(self) -> int:
+    """The line search's trials: none without a step along V to search (lr_v = 0)."""
+    return self.line_search if self.lr_v > 0 else 0
+
+  @property
   def allocates(self) -> bool:
     """One format per leaf and round under a byte budget ('adaptive' or 'link')."""
     return self.guidance_format in codec_lib.ALLOCATIONS

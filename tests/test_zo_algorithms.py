@@ -583,7 +583,9 @@ def test_cooperllm_trace_cap_sets_the_plain_rate_from_the_clouds_hessian_trace()
     assert r.metrics['plain_share'] == pytest.approx(min(1.0, cap / (lr * t)), rel=1e-6)
   assert 'cloud_trace' not in history('cooperllm', rounds=1)['results'][0].metrics
   _replays_the_edge(h, len(rs))
-  free = history('cooperllm', rounds=1, zgr=(('lr_v', 0.0),))
+  # Without a V step (lr_v = 0) there is nothing to line-search: the search stays off.
+  free = history('cooperllm', rounds=1, zgr=(('lr_v', 0.0), ('line_search', 12)))
+  assert 'cloud_line_step' not in free['results'][0].metrics
   moved = lambda hh: float(tree_dot(*[jax.tree.map(jnp.subtract, hh['states'][1]['trainable'],
                                                    hh['states'][0]['trainable'])] * 2))
   assert 0 < moved(h) < 0.5 * moved(free), (moved(h), moved(free))

@@ -102,11 +102,12 @@ class CloudGuidance:
     self._client_device = self._place()
     z = self.zgr
     # The line search's first trial is the round's V displacement at the largest rate, lr_v per
-    # step over local_steps steps (at full weight, h = V^T grad taken as the public gradient's).
+    # step over local_steps steps (at full weight, h = V^T grad taken as the public gradient's);
+    # with lr_v = 0 there is no V step and no search (its start is then unused).
     step = dataclasses.replace(self.cloud.step, curvature=z.curvature_cap > 0,
                                trace_probes=z.trace_probes if z.trace_cap > 0 else 0,
-                               line_trials=z.line_search,
-                               line_start=max(z.lr_v, 1e-30) * self.local_steps)
+                               line_trials=z.line_trials,
+                               line_start=(z.lr_v or 1.0) * self.local_steps)
     self._cloud = cloud_bp.make_cloud_step(make_loss(self.zo.model), self.zo.subset, step,
                                            mesh=self.cloud_mesh,
                                            model=self.zo.model)
@@ -133,10 +134,10 @@ class CloudGuidance:
   def costs(self) -> GuidanceCosts:
     fmt = 'f32' if self.zgr.allocates else self.zgr.guidance_format
     # A Hessian-vector product on one batch costs about two of its gradients, a forward pass a
-    # third of one; the line search runs at most line_search of them (counted as all).
+    # third of one; the line search runs at most line_trials of them (counted as all).
     z = self.zgr
     hvp = 2 * self.cloud.batch_size * ((z.curvature_cap > 0) + (z.trace_cap > 0) * z.trace_probes)
-    line = -(-z.line_search * self.cloud.batches * self.cloud.batch_size // (1 + BACKWARD_FACTOR))
+    line = -(-z.line_trials * self.cloud.batches * self.cloud.batch_size // (1 + BACKWARD_FACTOR))
     return GuidanceCosts(pool_size=self.zgr.pool_size, codec=self.zgr.codec(fmt),
                          cloud_examples=self.cloud.batches * self.cloud.batch_size + hvp + line,
                          cloud_adamw=self.cloud.mode == 'finetune', cloud_lag=self.cloud.lag,
@@ -153,8 +154,7 @@ class CloudGuidance:
     state['guidance'] = self._guidance(state['pool'].directions, jnp.zeros(m), self.zgr.alpha)
     _, state['downlink'] = self._downlink(state['pool'].directions, 0)
     empty = {'w': jnp.float32(0), 'x': jnp.float32(0), 'v': jnp.float32(0)}
-    state['mixing'] = {'grad_sq': empty, 'proj_sq': empty, **self._on_host(),
-                       'line_first': jnp.float32(0)}
+    state['mixing'] = {'grad_sq': empty, 'proj_sq': empty, **self._unmeasured()}
     if self.cloud.lag:
       state['pending'] = {'direction': jax.tree.map(jnp.zeros_like, trainable),
                           **self._on_host(), 'ready': jnp.bool_(False)}
@@ -217,11 +217,15 @@ class CloudGuidance:
     edge's decision must not wait on device values it replays."""
     return {k: jnp.float32(0 if measured is None else float(measured[k])) for k in MEASURED}
 
+  def _unmeasured(self) -> dict:
+    """The mixing state's cloud measurements before the first: zeros (nothing measured)."""
+    return dict(self._on_host(), line_first=jnp.float32(0))
+
   def _guidance(self, basis, valid, alpha, weight=1.0, measured=None) -> guided.Guidance:
     """The round's Guidance; the step along V runs at weight x lr_v(measured), the plain one at
     plain_share(measured) x lr (both relative to the plain rate, so the divergence guard's halving
     of lr halves both)."""
-    z, measured = self.zgr, measured or dict(self._on_host(), line_first=jnp.float32(0))
+    z, measured = self.zgr, measured or self._unmeasured()
     return guided.make_guidance(
         basis, valid, alpha, z.beta, z.probe_v,
         guided.step_ratio(weight * self.lr_v(measured), self.zo.lr),
@@ -341,11 +345,11 @@ class CloudGuidance:
     guide = state['guidance']
     result.metrics.update(alpha=float(guide.alpha), basis_rank=int(guide.valid.sum()),
                           cloud_step_v=float(guide.step_v))
-    if self.zgr.curvature_cap > 0 or self.zgr.line_search:
+    if self.zgr.curvature_cap > 0 or self.zgr.line_trials:
       result.metrics.update(cloud_curvature=float(state['mixing']['curvature']),
                             cloud_line_step=float(state['mixing']['line_step']),
                             lr_v=float(self.lr_v(state['mixing'])))
-    if self.zgr.trace_cap > 0 or self.zgr.line_search:
+    if self.zgr.trace_cap > 0 or self.zgr.line_trials:
       result.metrics.update(cloud_trace=float(state['mixing']['trace']),
                             plain_share=float(guide.step_plain))
     if not np.any(counts > 0) or not float(guide.valid.sum()):
