@@ -181,12 +181,21 @@ SETTINGS = {
         # costs 10-15 min on 2 cores), so its one-value "grid" is marked as an edge pick.
         {'zo': (1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3), 'bp': (1e-5, 3e-5, 1e-4, 3e-4, 1e-3),
          'lr_v_max': (0.1,)}),
+    # The third trainable subset of issue 15's "one set of defaults from head to full": every
+    # bias (BitFit) + the head, cooperllm again at its default largest lr_V only.
+    'bbc_minilm_bitfit': Setting(
+        'BBC News on 10 clients, in-domain public set; MiniLM, BitFit (every bias) + head',
+        ('validation_fraction=0.1', 'zo.trainable=bitfit', 'zo.distribution=gaussian',
+         'ledger=False', 'tensorboard=False'), 20, 5,
+        ('fedmezo', 'cooperllm', 'cloud_only'), {'lr_v_max': (0.1,)}),
 }
 
 # --quick: the same settings, shrunk so that the whole pipeline runs in minutes.
-QUICK = dict(rounds=2, eval_every=1, grid=2, seeds=(0, 1),
+# An evaluation is most of a quick run's time: 128 test and 128 validation examples (one batch
+# each), the test set before and after the run only.
+QUICK = dict(rounds=2, eval_every=2, grid=2, seeds=(0, 1),
              overrides=('num_clients=20', 'clients_per_round=4', 'checkpoint_every=0',
-                        'test_fraction=0.02', 'validation_fraction=0.02'),
+                        'test_fraction=0.01', 'validation_fraction=0.01'),
              methods=('cloud_only', 'cooperllm', 'fedmezo', 'warm_start'))
 
 @dataclasses.dataclass(frozen=True)
