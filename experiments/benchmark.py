@@ -176,11 +176,19 @@ def picks(record: dict) -> dict:
           if m in METHODS and r.get('knob', 'learning_rate') == METHODS[m].knob}
 
 
-def seeds(plan: Plan, root: pathlib.Path, record: dict) -> None:
+def _picked(plan: Plan, record: dict) -> dict:
+  """picks(record) of every method of the plan (a one-line error names one without)."""
   picked = picks(record)
   for method in plan.methods:
     if method not in picked:
-      raise ConfigError(f'{plan.name}: {method} has no pick in sweep.json: sweep it first')
+      raise ConfigError(f'{plan.name}: {method} has no pick in sweep.json: sweep it first '
+                        '(or leave it out of --methods)')
+  return picked
+
+
+def seeds(plan: Plan, root: pathlib.Path, record: dict) -> None:
+  picked = _picked(plan, record)
+  for method in plan.methods:
     for seed in plan.seeds_of(method):
       run_one(run_dir(root, method, picked[method], seed),
               *plan.variant(method, picked[method], seed, picked))
@@ -210,8 +218,9 @@ def report(plan: Plan, root: pathlib.Path, record: dict) -> str:
   """table.md / table.json / plots of the seeds' runs at the picked rates."""
   from cooperllm_jax.reporting import plot_accuracy  # pylint: disable=g-import-not-at-top
   runs, diverged, final_by_seed = {}, {}, {}
+  picked = _picked(plan, record)
   for method in plan.methods:
-    value = record[method]['picked']
+    value = picked[method]
     seeds = plan.seeds_of(method)
     paths = [run_dir(root, method, value, s) for s in seeds]
     missing = [p for p in paths

@@ -102,6 +102,11 @@ def test_sweep_edge_ties_and_missing_dependency(tmp_path, monkeypatch):
   with pytest.raises(ConfigError, match='sweep cooperllm first'):
     benchmark.sweep(benchmark_settings.Plan.of('bbc_minilm_lora', methods=('cooperllm_shuffled',)),
                     tmp_path)
+  # Seeds and the report of a method never swept name it (the report once raised a KeyError).
+  plan = benchmark_settings.Plan.of('bbc_minilm_lora', methods=('cooperllm', 'fedkseed'))
+  for stage in (benchmark.seeds, benchmark.report):
+    with pytest.raises(ConfigError, match='fedkseed has no pick in sweep.json'):
+      stage(plan, tmp_path, {'cooperllm': {'picked': 0.1, 'knob': 'zgr.lr_v'}})
 
 
 def _write_run(path, finals, forwards=10):
