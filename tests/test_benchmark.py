@@ -135,7 +135,8 @@ def test_paired_methods_run_more_seeds_and_report_their_paired_difference(tmp_pa
   for method, per_seed in finals.items():
     for seed, final in zip(plan.seeds_of(method), per_seed):
       _write_run(benchmark.run_dir(tmp_path, method, 1e-3, seed), [final])
-  record = {m: {'picked': 1e-3, 'at_grid_edge': False} for m in finals}
+  record = {m: {'picked': 1e-3, 'at_grid_edge': False, 'knob': benchmark_settings.METHODS[m].knob}
+            for m in finals}
   table = benchmark.report(plan, tmp_path, record)
   out = json.loads((tmp_path / 'table.json').read_text())
   rows = {r['method']: r for r in out['rows']}
@@ -158,7 +159,8 @@ def test_report_intervals_and_time_to_target(tmp_path):
   for method, per_seed in curves.items():
     for seed, finals in zip(plan.seeds, per_seed):
       _write_run(benchmark.run_dir(tmp_path, method, 1e-3, seed), finals)
-  record = {m: {'picked': 1e-3, 'at_grid_edge': m == 'fedmezo'} for m in curves}
+  record = {m: {'picked': 1e-3, 'at_grid_edge': m == 'fedmezo',
+                'knob': benchmark_settings.METHODS[m].knob} for m in curves}
   for method, per_seed in curves.items():     # cooperllm's runs live under its knob, lr_v
     for seed in plan.seeds:
       assert (benchmark.run_dir(tmp_path, method, 1e-3, seed) / 'summary.json').exists()
