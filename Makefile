@@ -16,8 +16,9 @@ TEST_LOCK := $(if $(filter 311,$(PY_MINOR)),requirements/test-lock-py311.txt,pyt
 WORKDIR ?= workdir/demo
 PYTEST_ARGS ?=
 # Test files run in this many processes (pytest-xdist; one file stays in one process, so its
-# module fixtures are built once): on 2 cores the suite takes ~60% of the serial time.
-TEST_WORKERS ?= 2
+# module fixtures are built once). On 2 cores a third process fills the time the others wait on
+# their subprocesses and single-threaded compiles: 20:11 against 21:34 with 2 (docs/development.md).
+TEST_WORKERS ?= 3
 
 .PHONY: setup test-setup demo reproduce reproduce-quick test bench clean
 
