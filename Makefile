@@ -17,7 +17,7 @@ WORKDIR ?= workdir/demo
 PYTEST_ARGS ?=
 # Test files run in this many processes (pytest-xdist; one file stays in one process, so its
 # module fixtures are built once). On 2 cores a third process fills the time the others wait on
-# their subprocesses and single-threaded compiles: 20:11 against 21:34 with 2 (docs/development.md).
+# their subprocesses and single-threaded compiles (docs/development.md: 20:11 against 21:34 with 2).
 TEST_WORKERS ?= 3
 
 .PHONY: setup test-setup demo reproduce reproduce-quick test bench clean
