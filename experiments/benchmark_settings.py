@@ -19,6 +19,12 @@ _SHIFTED = ('public_fraction=0', 'cloud.public_dataset=vader_amazon+vader_tweets
 _IN_DOMAIN = ('public_fraction=0.02',)   # 256 of the reviews themselves
 _LORA = ('zo.trainable=lora',)
 
+
+def _bbc(trainable: str) -> tuple:
+  """The embedded default's task (demo.py) with 10% of the clients' data for validation."""
+  return ('validation_fraction=0.1', f'zo.trainable={trainable}', 'zo.distribution=gaussian',
+          'ledger=False', 'tensorboard=False')
+
 # Learning-rate grids (5 values, half a decade apart) by method family: the ZO rate moves the
 # scalar-weighted directions, the BP rate is AdamW's. A setting may replace them (full
 # fine-tuning's ZO rate is orders smaller: the step grows with the trained dimension). The ZO
@@ -159,8 +165,7 @@ SETTINGS = {
     # local steps, 112 in-domain public articles), plain ZO against guided ZO and its ablations.
     'bbc_minilm_lora': Setting(
         'BBC News on 10 clients, in-domain public set; MiniLM, LoRA (q, v; rank 8) + head',
-        ('validation_fraction=0.1', 'zo.trainable=lora', 'zo.distribution=gaussian',
-         'ledger=False', 'tensorboard=False'), 20, 5,
+        _bbc('lora'), 20, 5,
         ZGR_CHECKS + ('cloud_only', 'cooperllm_curvature'),
         # "A misleading cloud costs at most 1 point": a seed's test accuracy (444 articles) has
         # about 2.3 points of standard error, so three seeds cannot show it.
@@ -171,8 +176,7 @@ SETTINGS = {
         paired_seeds=tuple(range(7))),
     'bbc_minilm_full': Setting(
         'BBC News on 10 clients, in-domain public set; MiniLM, every weight trained',
-        ('validation_fraction=0.1', 'zo.trainable=full', 'zo.distribution=gaussian',
-         'ledger=False', 'tensorboard=False'), 10, 5,
+        _bbc('full'), 10, 5,
         ('fedmezo', 'cooperllm', 'cloud_only'),
         # 1e-7..1e-5 first: every rate stayed at chance (0.17-0.18), the top one picked; the
         # grid moved up a decade (the runs below 1e-6 stay in the results, outside the grid).
@@ -188,8 +192,7 @@ SETTINGS = {
     # bias (BitFit) + the head, cooperllm again at its default largest lr_V only.
     'bbc_minilm_bitfit': Setting(
         'BBC News on 10 clients, in-domain public set; MiniLM, BitFit (every bias) + head',
-        ('validation_fraction=0.1', 'zo.trainable=bitfit', 'zo.distribution=gaussian',
-         'ledger=False', 'tensorboard=False'), 20, 5,
+        _bbc('bitfit'), 20, 5,
         ('fedmezo', 'cooperllm', 'cloud_only'), {'lr_v_max': (0.1,)}),
 }
 
