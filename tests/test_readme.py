@@ -75,6 +75,16 @@ def test_headline_accuracies_are_the_committed_benchmark_tables():
   assert len(quoted) == len(main), quoted
   for method, accuracy in quoted:
     assert accuracy == fmt(main[method]), method
+  # The 20 Newsgroups table: every row of its committed table, mean ± interval and per seed.
+  news = _benchmark_rows('20news_prior_shift_minilm_lora')
+  table = headline[headline.index('| 20 Newsgroups, prior shift'):]
+  table = table[:table.index('\n\n')]
+  quoted = re.findall(r'^\| (\w+)[^|]* \| [^|]* \| (\d\.\d{3} ± \d\.\d{3}) \| ([\d. /]+) \|$',
+                      table, re.M)
+  assert len(quoted) == len(news), quoted
+  for method, accuracy, per_seed in quoted:
+    assert accuracy == fmt(news[method]), method
+    assert per_seed == ' / '.join(f'{a:.3f}' for a in news[method]['accuracy_per_seed']), method
   columns = ('fedmezo', 'cooperllm', 'cooperllm_fixed_rate', 'cooperllm_adaptive', 'cloud_only',
              'warm_start')
   for row, setting in (('Rotten Tomatoes, 256 in-domain', 'rt_indomain_minilm_lora'),
