@@ -240,13 +240,25 @@ class Cloud:
 @dataclasses.dataclass(frozen=True)
 class Warm:
   """warm_start: the cloud trains alone (cloud_only, at cloud.learning_rate) for the first
-  `rounds` rounds, then the scalar protocol `then` (at learning_rate) for the rest."""
+  `rounds` rounds, then the scalar protocol `then` (at learning_rate) for the rest.
+  `cloud_rounds`: how many of cloud_only's rounds of compute the cloud phase spends, spread evenly
+  over its rounds (0: one a round); the run's rounds give it cloud_only's whole model."""
   rounds: int = 10
   then: str = 'fedmezo'
+  cloud_rounds: int = 0
 
   def __post_init__(self):
     _check(isinstance(self.rounds, int) and self.rounds >= 0,
            f'warm.rounds must be >= 0 (an integer), got {self.rounds!r}')
+    _check(isinstance(self.cloud_rounds, int) and self.cloud_rounds >= 0 and (
+               self.cloud_rounds == 0 or (self.rounds > 0 and self.cloud_rounds % self.rounds == 0)),
+           f'warm.cloud_rounds must be 0 or a multiple of warm.rounds ({self.rounds!r}), got '
+           f'{self.cloud_rounds!r}')
+
+  @property
+  def cloud_rounds_per_round(self) -> int:
+    """cloud_only rounds of AdamW steps in each warm round."""
+    return self.cloud_rounds // self.rounds if self.cloud_rounds else 1
 
 
 @dataclasses.dataclass(frozen=True)

@@ -24,7 +24,8 @@ whose config matches is read back, not rerun; an interrupted one resumes from it
 checkpoint, so the sweep spans sessions. A method that takes another's pick (cooperllm and
 warm_start: FedMeZO's rate for their ZO part, while cooperllm sweeps lr_V and warm_start the AdamW
 rate of its cloud phase, the first half of the rounds; warm_start_zo_swept the other way round:
-cloud_only's AdamW rate for its cloud phase, its ZO phase's rate swept; the ZGR ablations:
+cloud_only's final model (its AdamW rate and all its steps in the cloud phase), its ZO phase's
+rate swept; the ZGR ablations:
 cooperllm's picks) is swept after it. --quick shrinks every setting (rounds, clients,
 grid, seeds) to check the pipeline.
 """

@@ -54,6 +54,7 @@ class Method:
   needs: tuple = ()             # (config key, method whose pick it takes)
   rate_of: Optional[str] = None
   cloud_phase: bool = False     # warm_start: the first half of the rounds are the cloud's
+  whole_cloud: bool = False     # ... and spend cloud_only's whole compute (its final model)
 
   def depends_on(self) -> set:
     return {m for _, m in self.needs} | ({self.rate_of} if self.rate_of else set())
@@ -78,12 +79,14 @@ METHODS = {
     # not cloud_only's pick.
     'warm_start': Method('warm_start', family='bp', knob='cloud.learning_rate',
                          needs=(('learning_rate', 'fedmezo'),), cloud_phase=True),
-    # warm_start with the roles swapped: the cloud phase at cloud_only's picked AdamW rate, the
-    # ZO phase's rate swept from the cloud's model (warm_start's, FedMeZO's pick from the
-    # pretrained model, can undo the cloud's phase).
+    # warm_start as the issue defines it: cloud_only's final model (the cloud phase spends
+    # cloud_only's whole compute at its picked rate), then ZO for the second half of the rounds,
+    # its rate swept from that model (warm_start's, FedMeZO's pick from the pretrained model, can
+    # undo the cloud's phase). Its first runs spent half cloud_only's compute at cloud_only's
+    # rate, a rate picked for twice the steps: on rt_shifted that model was at chance.
     'warm_start_zo_swept': Method('warm_start', family='zo_after_cloud',
                                   needs=(('cloud.learning_rate', 'cloud_only'),),
-                                  cloud_phase=True),
+                                  cloud_phase=True, whole_cloud=True),
     'fedkseed': Method('fedkseed'),
     'decomfl': Method('decomfl'),
     'fwdllm': Method('fwdllm', ('zo.probes=4',)),
@@ -264,5 +267,8 @@ class Plan:
                           f'{source} first (add it to --methods)')
       overrides += (f'{key}={picked[source]}',)
     if m.cloud_phase:
-      overrides += (f'warm.rounds={max(1, self.rounds // 2)}',)
+      warm = max(1, self.rounds // 2)
+      overrides += (f'warm.rounds={warm}',)
+      if m.whole_cloud:   # all the rounds' cloud steps (odd rounds: a one-line config error)
+        overrides += (f'warm.cloud_rounds={self.rounds}',)
     return m.algorithm, overrides

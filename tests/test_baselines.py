@@ -97,6 +97,25 @@ def test_warm_start_is_cloud_only_then_fedmezo_from_its_model():
     assert not results[r - 1].cloud_ran
 
 
+def test_warm_start_with_the_whole_cloud_budget_starts_zo_from_cloud_only_final_model():
+  """warm.cloud_rounds = rounds: the WARM cloud rounds spend cloud_only's ROUNDS rounds of steps,
+  on the same batches in the same order, and the clock charges the cloud that much."""
+  cloud_lr = 3e-3
+  config = tz.config('warm_start', learning_rate=0.1,
+                     warm={'rounds': WARM, 'then': 'fedmezo', 'cloud_rounds': ROUNDS})
+  config.cloud.learning_rate = cloud_lr
+  alg, _, states, results = _run(make_algorithm(config, tz.MODEL, tz.PUBLIC), WARM)
+  want = _adamw_on_public(ROUNDS, cloud_lr, dict(config.cloud))
+  for r in range(1, WARM + 1):     # warm round r holds cloud_only's round r * ROUNDS / WARM
+    for x, y in zip(jax.tree.leaves(states[r]['trainable']),
+                    jax.tree.leaves(want[r * ROUNDS // WARM - 1])):
+      np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6)
+    assert results[r - 1].cloud_ran
+  one_a_round = make_algorithm(tz.config('warm_start', warm={'rounds': WARM}), tz.MODEL, tz.PUBLIC)
+  assert (alg.costs.guidance.cloud_examples
+          == ROUNDS // WARM * one_a_round.costs.guidance.cloud_examples > 0)
+
+
 def test_baselines_reject_what_they_cannot_run():
   with pytest.raises(ConfigError, match='public'):
     make_algorithm(tz.config('cloud_only'), tz.MODEL, None)
@@ -104,6 +123,9 @@ def test_baselines_reject_what_they_cannot_run():
     make_algorithm(tz.config('warm_start', warm={'then': 'fedavg_bp'}), tz.MODEL, tz.PUBLIC)
   with pytest.raises(ConfigError, match='warm.rounds'):
     make_algorithm(tz.config('warm_start', warm={'rounds': -1}), tz.MODEL, tz.PUBLIC)
+  with pytest.raises(ConfigError, match='warm.cloud_rounds must be 0 or a multiple'):
+    make_algorithm(tz.config('warm_start', warm={'rounds': 3, 'cloud_rounds': 4}), tz.MODEL,
+                   tz.PUBLIC)
 
 
 @pytest.mark.parametrize('mode', ['head', 'lora'])

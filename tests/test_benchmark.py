@@ -75,8 +75,9 @@ def test_sweep_picks_on_validation_and_feeds_dependants(tmp_path, monkeypatch):
                                                  benchmark_settings.GRIDS['bp']]
   assert record['warm_start']['picked'] == 3e-4          # 'cloud_only' is not in its path
   assert all('learning_rate=0.01' in c[2] and 'warm.rounds=20' in c[2] for c in calls[5:])
-  # warm_start_zo_swept the other way round: cloud_only's AdamW rate for its cloud phase, its
-  # ZO phase's rate swept on the grid for a trained model.
+  assert not any('warm.cloud_rounds' in o for c in calls for o in c[2])   # half the cloud's steps
+  # warm_start_zo_swept the other way round: cloud_only's final model (its AdamW rate, all its
+  # rounds' steps in the cloud phase), its ZO phase's rate swept on the grid for a trained model.
   calls.clear()
   plan = benchmark_settings.Plan.of('rt_shifted_minilm_lora',
                                     methods=('warm_start_zo_swept', 'cloud_only'))
@@ -85,7 +86,8 @@ def test_sweep_picks_on_validation_and_feeds_dependants(tmp_path, monkeypatch):
   assert [c[0].parts[-2] for c in calls[5:]] == [
       f'lr={v:g}' for v in benchmark_settings.GRIDS['zo_after_cloud']]
   assert all('cloud.learning_rate=0.0003' in c[2] and 'warm.rounds=20' in c[2]
-             and c[1] == 'warm_start' for c in calls[5:])
+             and 'warm.cloud_rounds=40' in c[2] and c[1] == 'warm_start' for c in calls[5:])
+  assert not any('warm.cloud_rounds' in o for c in calls[:5] for o in c[2])
   assert record['warm_start_zo_swept']['picked'] == 1e-2    # the peak (1e-2): the grid's edge
   assert record['warm_start_zo_swept']['at_grid_edge']
   # sweep.json keeps what an earlier call swept.

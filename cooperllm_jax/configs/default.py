@@ -114,6 +114,7 @@ def get_config(algorithm: str = 'cooperllm') -> ml_collections.ConfigDict:
   c.warm = ml_collections.ConfigDict()
   c.warm.rounds = 10
   c.warm.then = 'fedmezo'
+  c.warm.cloud_rounds = 0   # cloud_only rounds of compute the warm rounds spend (0: one a round)
   # The simulated system (cooperllm_jax/system): device profiles of the tiers and the SPC schedule,
   # which give every round a simulated wall-clock latency (metrics: sim_round_s, sim_time_s).
   c.system = ml_collections.ConfigDict()

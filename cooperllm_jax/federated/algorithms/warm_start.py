@@ -1,7 +1,9 @@
 """warm_start: the control a reviewer runs next to cloud_only. The cloud trains alone on its public
 set for the first warm.rounds rounds (cloud_only at cloud.learning_rate), then the ZO protocol
 warm.then (FedMeZO by default, at learning_rate) fine-tunes that model on the clients for the
-remaining rounds. Whatever CooperLLM gains must exceed what this sequence gets."""
+remaining rounds. Whatever CooperLLM gains must exceed what this sequence gets. With
+warm.cloud_rounds = rounds the cloud phase spends cloud_only's whole compute (its rounds' batches,
+in order), so the ZO phase starts from cloud_only's final model."""
 
 import dataclasses
 from typing import ClassVar, Optional
@@ -20,6 +22,7 @@ from cooperllm_jax.zoo.quantized import dequantize_tree
 class WarmStart(OnScalarProtocol):
   trainer: Optional[PublicTrainer] = None
   warm_rounds: int = 0
+  cloud_rounds_per_round: int = 1   # cloud_only rounds of AdamW steps in each warm round
   local_steps: int = 1
 
   replayable: ClassVar[bool] = False   # the warm rounds' dense updates are not in the ledger
@@ -32,11 +35,14 @@ class WarmStart(OnScalarProtocol):
                         '(fedmezo, fedkseed, decomfl, fwdllm)')
     trainer = PublicTrainer(model, cfg.zo.subset, cfg.cloud, public, cfg.seed,
                             cfg.cloud.learning_rate, cfg.cloud.weight_decay)
-    return cls(then.from_config(cfg, model, public), trainer, cfg.warm.rounds, cfg.local_steps)
+    return cls(then.from_config(cfg, model, public), trainer, cfg.warm.rounds,
+               cfg.warm.cloud_rounds_per_round, cfg.local_steps)
 
   @property
   def costs(self) -> Costs:
-    return dataclasses.replace(self.zo.costs, guidance=self.trainer.costs)
+    guidance = self.trainer.costs
+    return dataclasses.replace(self.zo.costs, guidance=dataclasses.replace(
+        guidance, cloud_examples=guidance.cloud_examples * self.cloud_rounds_per_round))
 
   def init(self, params):
     state = self.zo.init(params)
@@ -46,7 +52,9 @@ class WarmStart(OnScalarProtocol):
   def run_round(self, state, batches, counts, clients, round_index):
     if round_index > self.warm_rounds:
       return self.zo.run_round(state, batches, counts, clients, round_index)
-    cloud, trainable = self.trainer.run(state['cloud'], state['trainable'],
-                                        dequantize_tree(state['frozen']), round_index)
+    cloud, trainable, frozen = state['cloud'], state['trainable'], dequantize_tree(state['frozen'])
+    k = self.cloud_rounds_per_round
+    for cloud_round in range((round_index - 1) * k + 1, round_index * k + 1):
+      cloud, trainable = self.trainer.run(cloud, trainable, frozen, cloud_round)
     return (self.zo.on_mesh(dict(state, cloud=cloud, trainable=trainable)),
             cloud_round_result(len(clients), self.local_steps))
