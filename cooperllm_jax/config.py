@@ -250,8 +250,8 @@ class Warm:
   def __post_init__(self):
     _check(isinstance(self.rounds, int) and self.rounds >= 0,
            f'warm.rounds must be >= 0 (an integer), got {self.rounds!r}')
-    _check(isinstance(self.cloud_rounds, int) and self.cloud_rounds >= 0 and (
-               self.cloud_rounds == 0 or (self.rounds > 0 and self.cloud_rounds % self.rounds == 0)),
+    whole = self.cloud_rounds == 0 or (self.rounds > 0 and self.cloud_rounds % self.rounds == 0)
+    _check(isinstance(self.cloud_rounds, int) and self.cloud_rounds >= 0 and whole,
            f'warm.cloud_rounds must be 0 or a multiple of warm.rounds ({self.rounds!r}), got '
            f'{self.cloud_rounds!r}')
 
