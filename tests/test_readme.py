@@ -89,7 +89,7 @@ def test_headline_accuracies_are_the_committed_benchmark_tables():
     assert accuracy == fmt(news[method]), method
     assert per_seed == ' / '.join(f'{a:.3f}' for a in news[method]['accuracy_per_seed']), method
   columns = ('fedmezo', 'cooperllm', 'cooperllm_fixed_rate', 'cooperllm_adaptive', 'cloud_only',
-             'warm_start')
+             'warm_start', 'warm_start_zo_swept')
   for row, setting in (('Rotten Tomatoes, 256 in-domain', 'rt_indomain_minilm_lora'),
                        ('BBC News, 112 public articles (LoRA', 'bbc_minilm_lora'),
                        ('BBC News, 112 public articles (BitFit', 'bbc_minilm_bitfit'),
