@@ -79,15 +79,20 @@ def test_headline_accuracies_are_the_committed_benchmark_tables():
   assert len(quoted) == len(main), quoted
   for method, accuracy in quoted:
     assert accuracy == fmt(main[method]), method
-  # The 20 Newsgroups table: every row of its committed table, mean ± interval and per seed.
-  news = _benchmark_rows('20news_prior_shift_minilm_lora')
-  table = headline[headline.index('| 20 Newsgroups, prior shift'):]
-  table = table[:table.index('\n\n')]
-  quoted = re.findall(_ROW + r' ([\d. /]+) \|$', table, re.M)
-  assert len(quoted) == len(news), quoted
-  for method, accuracy, per_seed in quoted:
-    assert accuracy == fmt(news[method]), method
-    assert per_seed == ' / '.join(f'{a:.3f}' for a in news[method]['accuracy_per_seed']), method
+  # The 20 Newsgroups and local-steps tables: every row of the committed table, mean ± interval
+  # and per seed.
+  for title, setting in (('20 Newsgroups, prior shift', '20news_prior_shift_minilm_lora'),
+                         ('Rotten Tomatoes, shifted public, 4 local',
+                          'rt_shifted_minilm_lora_local4')):
+    rows = _benchmark_rows(setting)
+    table = headline[headline.index(f'| {title}'):]
+    table = table[:table.index('\n\n')]
+    quoted = re.findall(_ROW + r' ([\d. /]+) \|$', table, re.M)
+    assert len(quoted) == len(rows), (setting, quoted)
+    for method, accuracy, per_seed in quoted:
+      assert accuracy == fmt(rows[method]), (setting, method)
+      per_seed_table = ' / '.join(f'{a:.3f}' for a in rows[method]['accuracy_per_seed'])
+      assert per_seed == per_seed_table, (setting, method)
   columns = ('fedmezo', 'cooperllm', 'cooperllm_fixed_rate', 'cooperllm_adaptive', 'cloud_only',
              'warm_start', 'warm_start_zo_swept')
   for row, setting in (('Rotten Tomatoes, 256 in-domain', 'rt_indomain_minilm_lora'),
