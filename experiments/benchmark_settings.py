@@ -88,6 +88,13 @@ METHODS = {
     'warm_start_zo_swept': Method('warm_start', family='zo_after_cloud',
                                   needs=(('cloud.learning_rate', 'cloud_only'),),
                                   cloud_phase=True, whole_cloud=True),
+    # cooperllm guided by the cloud's AdamW direction instead of its raw public gradient
+    # (cloud.mode=finetune: K AdamW steps from the global model at cloud_only's picked rate, the
+    # optimizer state carried over rounds): the preconditioned direction cloud_only trains along.
+    'cooperllm_cloud_adamw': Method('cooperllm', COOPERLLM + ('cloud.mode=finetune',),
+                                    **dict(_GUIDED, family='lr_v_max',
+                                           needs=(('learning_rate', 'fedmezo'),
+                                                  ('cloud.learning_rate', 'cloud_only')))),
     'fedkseed': Method('fedkseed'),
     'decomfl': Method('decomfl'),
     'fwdllm': Method('fwdllm', ('zo.probes=4',)),
@@ -148,9 +155,10 @@ SETTINGS = {
     'rt_shifted_minilm_lora': Setting(
         'Rotten Tomatoes on 200 clients, public: 256 VADER Amazon + tweet snippets (another '
         'domain); MiniLM, LoRA (q, v; rank 8) + head', _RT + _FEDSGD + _SHIFTED + _LORA, 40, 10,
+        MAIN_METHODS + ('cooperllm_cloud_adamw',),
         # cooperllm (the line search's) picked the largest lr_V 0.03, the shared grid's lower
         # edge: the grid moved down a decade (the runs at 1 and 3 stay, outside the grid).
-        grids={'lr_v_max': (0.003, 0.01, 0.03, 0.1, 0.3)}),
+        {'lr_v_max': (0.003, 0.01, 0.03, 0.1, 0.3)}),
     # The paper's second protocol: several local steps a round (each client's ZO steps on its own
     # batches before it reports), the decisive methods only.
     'rt_shifted_minilm_lora_local4': Setting(
