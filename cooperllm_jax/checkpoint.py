@@ -16,6 +16,8 @@ older one is tried. Saves are synchronous: a round's state is donated by the nex
 
 import hashlib
 import json
+import logging
+import os
 import pathlib
 from typing import Callable, Optional
 
@@ -67,12 +69,45 @@ def config_differences(saved: dict, current: dict, prefix: str = '') -> list:
   return out
 
 
+class _UnretrievedReadErrors(logging.Filter):
+  """Drops asyncio's '... exception was never retrieved' for failures raised inside orbax. When
+  one array of a damaged step fails to read, the restore raises (restore() logs one line and skips
+  the step) while the step's other reads may fail later, unawaited; asyncio would print each one's
+  traceback when its task or gather is collected, at a time that depends on the garbage collector."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return not ('exception was never retrieved' in record.getMessage() and record.exc_info
+                and _raised_in(record.exc_info[1], ORBAX_DIR))
+
+
+ORBAX_DIR = os.path.dirname(ocp.__file__)
+
+
+def _raised_in(error: Optional[BaseException], directory: str) -> bool:
+  """Whether a frame of `error`'s traceback, or of an exception it was raised from, is a file
+  under `directory`."""
+  seen = set()
+  while error is not None and id(error) not in seen:
+    seen.add(id(error))
+    tb = error.__traceback__
+    while tb is not None:
+      if tb.tb_frame.f_code.co_filename.startswith(directory + os.sep):
+        return True
+      tb = tb.tb_next
+    error = error.__cause__ or error.__context__
+  return False
+
+
+UNRETRIEVED_READ_ERRORS = _UnretrievedReadErrors()
+
+
 class Checkpointer:
   """Numbered checkpoints of one run in `directory`, the newest `keep` kept."""
 
   def __init__(self, directory, keep: int = 3, log: Callable = print):
     self.directory = pathlib.Path(directory).absolute()
     self.log = log
+    logging.getLogger('asyncio').addFilter(UNRETRIEVED_READ_ERRORS)   # once: filters are a set
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
                                            enable_async_checkpointing=False)
     self._manager = ocp.CheckpointManager(self.directory, options=options)

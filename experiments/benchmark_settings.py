@@ -182,11 +182,12 @@ SETTINGS = {
         _RT + _FEDSGD + _SHIFTED + ('model=smollm2', 'zo.trainable=lora',
                                     "prompt_suffix='\\nSentiment:'",
                                     "label_words=('negative', 'positive')"), 40, 10,
-        # The decisive comparison only: a run costs about 18 min on 2 CPU cores (17 s a round,
-        # 86 s an evaluation of the 1,921 held-out reviews), 5-7 times a MiniLM run.
+        # The decisive comparison only: a run costs 4-7 min on 2 CPU cores (its sweep's
+        # train_seconds, beside a second job), 2-3 times a MiniLM run.
         ('cloud_only', 'cooperllm', 'fedmezo', 'warm_start', 'warm_start_zo_swept'),
         # cloud_only picked 1e-4, the shared AdamW grid's lower edge (validation 0.777 / 0.770 /
-        # 0.747 / 0.734 / 0.578 at 1e-4 .. 1e-2; untrained 0.708): the grid moved down a decade.
+        # 0.747 / 0.734 / 0.578 at 1e-4 .. 1e-2; untrained 0.708): the grid moved down a decade
+        # (those runs were lost uncommitted; the grid's were rerun).
         {'bp': (1e-5, 3e-5, 1e-4, 3e-4, 1e-3)}),
     '20news_prior_shift_minilm_lora': Setting(
         '20 Newsgroups on 200 clients; public: 256 posts of the first 10 of the 20 groups only (a '
