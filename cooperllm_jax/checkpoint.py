@@ -69,17 +69,6 @@ def config_differences(saved: dict, current: dict, prefix: str = '') -> list:
   return out
 
 
-class _UnretrievedReadErrors(logging.Filter):
-  """Drops asyncio's '... exception was never retrieved' for failures raised inside orbax. When
-  one array of a damaged step fails to read, the restore raises (restore() logs one line and skips
-  the step) while the step's other reads may fail later, unawaited; asyncio would print each one's
-  traceback when its task or gather is collected, at a time that depends on the garbage collector."""
-
-  def filter(self, record: logging.LogRecord) -> bool:
-    return not ('exception was never retrieved' in record.getMessage() and record.exc_info
-                and _raised_in(record.exc_info[1], ORBAX_DIR))
-
-
 ORBAX_DIR = os.path.dirname(ocp.__file__)
 
 
@@ -96,6 +85,17 @@ def _raised_in(error: Optional[BaseException], directory: str) -> bool:
       tb = tb.tb_next
     error = error.__cause__ or error.__context__
   return False
+
+
+class _UnretrievedReadErrors(logging.Filter):
+  """Drops asyncio's '... exception was never retrieved' for failures raised inside orbax. When
+  one array of a damaged step fails to read, the restore raises (restore() logs one line and skips
+  the step) while the step's other reads may fail later, unawaited; asyncio would print each one's
+  traceback when its task or gather is collected, at a time that depends on the garbage collector."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return not ('exception was never retrieved' in record.getMessage() and record.exc_info
+                and _raised_in(record.exc_info[1], ORBAX_DIR))
 
 
 UNRETRIEVED_READ_ERRORS = _UnretrievedReadErrors()
