@@ -43,6 +43,7 @@ import jax
 import numpy as np
 
 from cooperllm_jax.errors import ConfigError, CooperError, TrainingError
+from cooperllm_jax.io import write_text_atomic
 from experiments.benchmark_settings import METHODS, QUICK, SETTINGS, Plan
 
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Directory of the runs and tables.', required=True)
@@ -130,7 +131,7 @@ def final_validation(path: pathlib.Path) -> Optional[float]:
 def sweep(plan: Plan, root: pathlib.Path) -> dict:
   """Runs each method's grid at the first seed and picks its value; sweep.json (each value's final
   validation accuracy and the pick) keeps the methods swept before (--methods runs a few)."""
-  record = read_sweep(root) if (root / 'sweep.json').exists() else {}
+  record = _swept(root)
   pending = list(plan.methods)
   picked = picks(record)   # earlier picks count unless this call sweeps the method again
   done = lambda: set(picked) - set(pending)
@@ -159,9 +160,16 @@ def sweep(plan: Plan, root: pathlib.Path) -> dict:
                                        else best in (grid[0], grid[-1]))}
     print(f'{plan.name}: {method} picks {METHODS[method].knob}={best:g} (validation '
           f'{scores[best]:.4f})', flush=True)
-    root.mkdir(parents=True, exist_ok=True)
-    (root / 'sweep.json').write_text(json.dumps(record, indent=1))
+    # Another process may have swept other methods of this setting meanwhile (side by side):
+    # this method's entry goes into the file as it is now, not as it was when this call began.
+    record = {**_swept(root), method: record[method]}
+    write_text_atomic(root / 'sweep.json', json.dumps(record, indent=1))
   return record
+
+
+def _swept(root: pathlib.Path) -> dict:
+  """sweep.json's record; {} before the first method's sweep."""
+  return read_sweep(root) if (root / 'sweep.json').exists() else {}
 
 
 def read_sweep(root: pathlib.Path) -> dict:

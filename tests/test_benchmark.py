@@ -97,6 +97,24 @@ def test_sweep_picks_on_validation_and_feeds_dependants(tmp_path, monkeypatch):
       'cloud_only', 'warm_start', 'fedmezo'}
 
 
+def test_sweeps_side_by_side_keep_each_others_picks(tmp_path, monkeypatch):
+  """Two processes sweeping different methods of one setting: each writes its pick into sweep.json
+  as the file is when it finishes (the later one once dropped the earlier one's pick)."""
+  other = {'knob': 'learning_rate', 'val_accuracy': {'0.0003': 0.7}, 'picked': 3e-4,
+           'rate_of': None, 'at_grid_edge': False}
+
+  def val(path):   # the other process finishes cloud_only during this one's fedmezo sweep
+    if _lr(path) == 1e-3:
+      (tmp_path / 'sweep.json').write_text(json.dumps({'cloud_only': other}))
+    return _lr(path)
+  _fake_runs(monkeypatch, val)
+  benchmark.sweep(benchmark_settings.Plan.of('rt_shifted_minilm_lora', methods=('fedmezo',)),
+                  tmp_path)
+  record = json.loads((tmp_path / 'sweep.json').read_text())
+  assert record['cloud_only'] == other and record['fedmezo']['picked'] == 1e-1
+  assert [p.name for p in tmp_path.iterdir()] == ['sweep.json']   # no temp file left behind
+
+
 def test_sweep_edge_ties_and_missing_dependency(tmp_path, monkeypatch):
   _fake_runs(monkeypatch, lambda path: 0.9 if _lr(path) >= 3e-3 else 0.5)
   plan = benchmark_settings.Plan.of('bbc_minilm_lora', methods=('fedmezo',))

@@ -29,7 +29,7 @@ import numpy as np
 
 from cooperllm_jax.errors import CheckpointError
 from cooperllm_jax.federated.clients import Uplink
-from cooperllm_jax.io import save_npz_atomic
+from cooperllm_jax.io import save_npz_atomic, write_text_atomic
 from cooperllm_jax.zoo.guided import Guidance
 
 GUARD_NONE, GUARD_ACCEPTED, GUARD_ROLLED_BACK = 0, 1, 2
@@ -57,9 +57,7 @@ class Ledger:
 
   def start(self, meta: dict) -> None:
     self.directory.mkdir(parents=True, exist_ok=True)
-    tmp = self.directory / '.meta.json.tmp'
-    tmp.write_text(json.dumps(meta, indent=2))
-    tmp.replace(self.directory / 'meta.json')
+    write_text_atomic(self.directory / 'meta.json', json.dumps(meta, indent=2))
     self.sha256 = _chain('', self.directory / 'meta.json')
 
   def meta(self) -> dict:
