@@ -183,7 +183,8 @@ SETTINGS = {
                                     "prompt_suffix='\\nSentiment:'",
                                     "label_words=('negative', 'positive')"), 40, 10,
         # The decisive comparison only: a run costs 4-7 min on 2 CPU cores (its sweep's
-        # train_seconds, beside a second job), cooperllm's about 17 (the cloud's every round).
+        # train_seconds, beside a second job), cooperllm's 19-36 beside other jobs (the cloud's
+        # backprop and line search every round).
         ('cloud_only', 'cooperllm', 'fedmezo', 'warm_start', 'warm_start_zo_swept'),
         # cloud_only picked 1e-4, the shared AdamW grid's lower edge (validation 0.777 / 0.770 /
         # 0.747 / 0.734 / 0.578 at 1e-4 .. 1e-2; untrained 0.708): the grid moved down a decade
