@@ -79,11 +79,12 @@ def test_headline_accuracies_are_the_committed_benchmark_tables():
   assert len(quoted) == len(main), quoted
   for method, accuracy in quoted:
     assert accuracy == fmt(main[method]), method
-  # The 20 Newsgroups and local-steps tables: every row of the committed table, mean ± interval
+  # The 20 Newsgroups, local-steps and SmolLM2 tables: every row of the committed table, mean ± interval
   # and per seed.
   for title, setting in (('20 Newsgroups, prior shift', '20news_prior_shift_minilm_lora'),
                          ('Rotten Tomatoes, shifted public, 4 local',
-                          'rt_shifted_minilm_lora_local4')):
+                          'rt_shifted_minilm_lora_local4'),
+                         ('Rotten Tomatoes, shifted public, SmolLM2', 'rt_shifted_smollm2_lora')):
     rows = _benchmark_rows(setting)
     table = headline[headline.index(f'| {title}'):]
     table = table[:table.index('\n\n')]
