@@ -79,8 +79,8 @@ def test_headline_accuracies_are_the_committed_benchmark_tables():
   assert len(quoted) == len(main), quoted
   for method, accuracy in quoted:
     assert accuracy == fmt(main[method]), method
-  # The 20 Newsgroups, local-steps and SmolLM2 tables: every row of the committed table, mean ± interval
-  # and per seed.
+  # The 20 Newsgroups, local-steps and SmolLM2 tables: every row of the committed table, mean ±
+  # interval and per seed.
   for title, setting in (('20 Newsgroups, prior shift', '20news_prior_shift_minilm_lora'),
                          ('Rotten Tomatoes, shifted public, 4 local',
                           'rt_shifted_minilm_lora_local4'),
