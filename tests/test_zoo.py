@@ -389,6 +389,23 @@ def test_subset_config_errors():
       zoo.Subset(mode).split(bare)
 
 
+def test_lora_targets_take_peft_names_and_an_error_lists_the_valid_ones():
+  enc, dec = np_params(MODELS['encoder']), np_params(MODELS['decoder'])
+  key = jax.random.key(0)
+  ours, _ = zoo.Subset('lora', lora_targets=('attn/q', 'attn/v')).split(enc, key)
+  peft, _ = zoo.Subset('lora', lora_targets=('q_proj', 'value', 'attn/q')).split(enc, key)
+  assert jax.tree.structure(peft) == jax.tree.structure(ours)
+  assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(peft), jax.tree.leaves(ours)))
+  assert zoo.Subset('lora', lora_targets=('gate_proj',)).lora_targets == ('mlp/gate',)
+  with pytest.raises(ConfigError, match=r"'q_prj' is not a layer weight of this model; choose "
+                     r'from attn/k, attn/o, attn/q, attn/v, mlp/down, mlp/up \(or their PEFT '
+                     r'names q_proj, k_proj, v_proj, o_proj, query, key, value, up_proj, '
+                     r'down_proj\)'):
+    zoo.Subset('lora', lora_targets=('q_prj',)).split(enc, key)
+  with pytest.raises(ConfigError, match='mlp/down, mlp/gate, mlp/up'):   # a decoder's has gate
+    zoo.Subset('lora', lora_targets=('nope',)).split(dec, key)
+
+
 def test_lora_target_naming_a_leaf_is_a_config_error():
   enc = np_params(MODELS['encoder'])
   with pytest.raises(ConfigError, match='attn/q/kernel'):

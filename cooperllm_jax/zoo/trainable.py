@@ -27,6 +27,11 @@ from cooperllm_jax.tree_math import PyTree
 
 MODES = ('full', 'bitfit', 'head', 'lora')
 BODY_GROUPS = ('embed', 'layers')
+# The usual PEFT (Hugging Face) target_modules names of the layer weights, Llama-style and
+# BERT-style, as this package's models name them.
+LORA_ALIASES = {'q_proj': 'attn/q', 'k_proj': 'attn/k', 'v_proj': 'attn/v', 'o_proj': 'attn/o',
+                'query': 'attn/q', 'key': 'attn/k', 'value': 'attn/v', 'gate_proj': 'mlp/gate',
+                'up_proj': 'mlp/up', 'down_proj': 'mlp/down'}
 
 
 def overlay(base, top):
@@ -52,6 +57,16 @@ def _select(tree, keep, prefix=()):
   return out
 
 
+def lora_weights(layers: PyTree, prefix: tuple = ()) -> list:
+  """The names LoRA targets can take in a model's stacked `layers`: every dense weight (a group
+  holding a 'kernel'), as 'attn/q'."""
+  out = ['/'.join(prefix)] if prefix and 'kernel' in layers else []
+  for name, node in layers.items():
+    if isinstance(node, dict):
+      out += lora_weights(node, prefix + (name,))
+  return out
+
+
 def merge_lora(p, scale: float):
   """A layer's (or stacked layers') params with every lora_a/lora_b pair folded into its kernel."""
   if not isinstance(p, dict):
@@ -74,6 +89,9 @@ class Subset:
   def __post_init__(self):
     if self.mode not in MODES:
       raise ConfigError(f'unknown trainable mode {self.mode!r}; choose one of {", ".join(MODES)}')
+    # PEFT's names stand for ours (LORA_ALIASES); a weight named twice is adapted once.
+    object.__setattr__(self, 'lora_targets', tuple(dict.fromkeys(
+        LORA_ALIASES.get(t, t) for t in self.lora_targets)))
     if self.mode == 'lora' and self.lora_rank < 1:
       raise ConfigError(f'lora_rank must be >= 1, got {self.lora_rank}')
 
@@ -98,16 +116,17 @@ class Subset:
       if key is None:
         raise ValueError('Subset(mode="lora").split needs a key to initialize the adapters')
       layers = params['layers']
+      valid = sorted(lora_weights(layers))
       adapters = {}
       for target in self.lora_targets:
-        node = layers
+        if target not in valid:
+          peft = [a for a, ours in LORA_ALIASES.items() if ours in valid]
+          raise ConfigError(f'lora target {target!r} is not a layer weight of this model; choose '
+                            f'from {", ".join(valid)} (or their PEFT names {", ".join(peft)})')
         names = target.split('/')
+        node = layers
         for name in names:
-          if not isinstance(node, dict) or name not in node:
-            raise ConfigError(f'lora target {target!r} is not a layer weight of this model')
           node = node[name]
-        if not isinstance(node, dict) or 'kernel' not in node:
-          raise ConfigError(f'lora target {target!r} has no kernel')
         n, d_in, d_out = node['kernel'].shape
         path = ('layers',) + tuple(names) + ('lora_a',)
         a = jax.random.normal(jax.random.fold_in(key, path_hash(path)), (n, d_in, self.lora_rank))
