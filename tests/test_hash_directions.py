@@ -28,13 +28,17 @@ def z():
   return _draw()
 
 
+def _assert_standard_normal_moments(x):
+  # Standard errors of the sample moments of N(0, 1): sqrt(1/n), sqrt(2/n), sqrt(6/n), sqrt(24/n).
+  n = x.size
+  assert abs(x.mean()) < 4 * math.sqrt(1 / n)
+  assert abs(x.var() - 1) < 4 * math.sqrt(2 / n)
+  assert abs(stats.skew(x)) < 4 * math.sqrt(6 / n)
+  assert abs(stats.kurtosis(x)) < 4 * math.sqrt(24 / n)
+
+
 def test_gaussian_moments(z):
-  x = z.ravel()
-  # Standard errors of the sample moments of N(0, 1): sqrt(1/N), sqrt(2/N), sqrt(6/N), sqrt(24/N).
-  assert abs(x.mean()) < 4 * math.sqrt(1 / N)
-  assert abs(x.var() - 1) < 4 * math.sqrt(2 / N)
-  assert abs(stats.skew(x)) < 4 * math.sqrt(6 / N)
-  assert abs(stats.kurtosis(x)) < 4 * math.sqrt(24 / N)
+  _assert_standard_normal_moments(z.ravel())
 
 
 def test_gaussian_passes_kolmogorov_smirnov_and_anderson_darling(z):
@@ -60,6 +64,27 @@ def test_neighbouring_counters_rows_addresses_and_leaves_are_uncorrelated(z):
                 _draw(path='stats/v')):                                 # another leaf
     assert corr(z, other) < bound
     assert corr(z ** 2, other ** 2) < bound
+
+
+def test_one_weight_over_many_addresses_is_iid_normal():
+  """What an SGD run averages over: a weight's z across rounds, clients, steps and probes. Per
+  address field, 2^14 consecutive values (the other fields fixed) x 16 weights: the pooled 2^20
+  draws have N(0, 1)'s moments and pass Kolmogorov-Smirnov, and a weight's z at neighbouring
+  addresses is uncorrelated, linearly and in its square."""
+  n, width = 1 << 14, 16
+  draw = jax.jit(jax.vmap(lambda k: zoo.leaf_direction(k, 'stats/w', (width,), 'gaussian_hash')))
+  pooled = []
+  for field, name in enumerate(keys_lib.ADDRESS_FIELDS):
+    addresses = np.ones((n, len(keys_lib.ADDRESS_FIELDS)), np.int32)
+    addresses[:, field] = np.arange(n)
+    z = np.asarray(draw(zoo.address_keys(3, jnp.asarray(addresses))), np.float64)  # [n, width]
+    bound = 5 / math.sqrt(z[1:].size)
+    for a, b in ((z[:-1], z[1:]), (z[:-1] ** 2, z[1:] ** 2)):                  # address k, k + 1
+      assert abs(np.corrcoef(a.ravel(), b.ravel())[0, 1]) < bound, name
+    pooled.append(z.ravel())
+  x = np.concatenate(pooled)
+  _assert_standard_normal_moments(x)
+  assert stats.kstest(x, 'norm').statistic < 1.628 / math.sqrt(x.size)
 
 
 def test_counter_bits_are_uniform():
