@@ -109,7 +109,7 @@ class ZO:
   eps: float = 1e-3
   probes: int = 1
   scheme: str = 'central'       # or 'one_sided'
-  distribution: str = 'gaussian'  # or 'rademacher'; '_hash' variants: the counter hash (keys.py)
+  distribution: str = 'gaussian_hash'  # or 'gaussian' (threefry), 'rademacher[_hash]' (keys.py)
   clip: Optional[float] = None  # |g| bound; None = off
   trainable: str = 'head'       # full | bitfit | head | lora
   lora_rank: int = 8

@@ -25,7 +25,7 @@ from absl import app
 from absl import flags
 
 from cooperllm_jax.errors import CooperError
-from experiments.variants import run_variants, write_report
+from experiments.variants import RECORDED, run_variants, write_report
 
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for the runs, table and plot.',
                                required=True)
@@ -62,7 +62,7 @@ def main(argv):
     sys.exit(2)
   def common(algorithm):
     rounds = _BASELINE_ROUNDS.value if algorithm == 'fedmezo' else _ROUNDS.value
-    return [f'rounds={rounds}', f'eval_every={_EVAL_EVERY.value}']
+    return [*RECORDED, f'rounds={rounds}', f'eval_every={_EVAL_EVERY.value}']
 
   variants = {'fedmezo': ('fedmezo', common('fedmezo'))}
   for group, runs in GROUPS.items():

@@ -10,12 +10,13 @@ target is resolved. Measured on 2 CPU cores shared with other jobs: full mode 19
 in the default list, 4 min more), --quick 7.5 min.
 
 Each algorithm runs `experiments/configs/demo.py:<algorithm>` (its tuned rate) in its own
-subdirectory of --workdir (a finished run with the same config is reused); --set entries
-(key=value) apply to all of them and come last. --workdir gets table.md / table.json (final
-accuracy; rounds and simulated seconds to the target accuracy; speed-up over the best ZO baseline;
-client memory; bytes per client and round; simulated and real time), accuracy.png (vs round) and
-accuracy_vs_time.png (vs simulated time). The target defaults to the best ZO baseline's final
-accuracy: how much sooner each algorithm gets where zeroth-order federated tuning ends up.
+subdirectory of --workdir (a finished run with the same config is reused), with the committed
+table's threefry Gaussian directions (variants.RECORDED); --set entries (key=value) apply to all of
+them and come last. --workdir gets table.md / table.json (final accuracy; rounds and simulated
+seconds to the target accuracy; speed-up over the best ZO baseline; client memory; bytes per client
+and round; simulated and real time), accuracy.png (vs round) and accuracy_vs_time.png (vs simulated
+time). The target defaults to the best ZO baseline's final accuracy: how much sooner each
+algorithm gets where zeroth-order federated tuning ends up.
 """
 
 import pathlib
@@ -25,7 +26,7 @@ from absl import app
 from absl import flags
 
 from cooperllm_jax.errors import ConfigError, CooperError
-from experiments.variants import ZO_BASELINES, run_variants, write_report
+from experiments.variants import RECORDED, ZO_BASELINES, run_variants, write_report
 
 # (rounds, fedavg_bp rounds, eval_every); rounds None: the config's own.
 FULL = (None, 10, 1)
@@ -67,7 +68,7 @@ def main(argv):
   variants = {}
   for name in _ALGORITHMS.value:
     n = bp_rounds if name == 'fedavg_bp' else rounds
-    variants[name] = (name, [f'eval_every={eval_every}'] + ([f'rounds={n}'] if n else [])
+    variants[name] = (name, [*RECORDED, f'eval_every={eval_every}'] + ([f'rounds={n}'] if n else [])
                       + list(_OVERRIDES.value))
   try:
     check_flags(_ALGORITHMS.value, _TARGET.value)

@@ -9,6 +9,10 @@ from cooperllm_jax.errors import ConfigError
 
 # The zeroth-order baselines CooperLLM is measured against (fedavg_bp is first-order: the bound).
 ZO_BASELINES = ('fedmezo', 'fedkseed', 'decomfl', 'fwdllm')
+# The committed tables of reproduce and ablate_zgr (experiments/results) were run with threefry
+# Gaussian directions; their runs pin it whatever zo.distribution's default, so a rerun reads the
+# committed runs back (same config) and draws the same bits.
+RECORDED = ('zo.distribution=gaussian',)
 
 
 def apply_override(config, override: str):
