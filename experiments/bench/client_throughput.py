@@ -3,20 +3,25 @@ r"""Simulated client-steps per second of one federated round, for several client
   python -m experiments.bench.client_throughput --clients=1,8,64 --chunk=8 --local_steps=2
   python -m experiments.bench.client_throughput --clients=20,100,1000 --trainable=lora \
       --local_steps=1 --rounds=1 --plot=experiments/results/client_throughput_cpu.png
+  python -m experiments.bench.client_throughput --population=1000 --clients=10,20,50,100 \
+      --trainable=lora --local_steps=1 --rounds=3
 
 Runs the algorithm object API (make_algorithm / init / run_round) on synthetic batches
 {name: [C, S, B, T]}: one warm-up round (compiles), then --rounds timed rounds, each blocked on the
 new state. client-steps/s = C * S / seconds per round, so it includes the edge's replay of the
-round's C * S * P ledger entries as well as the clients' local steps.
+round's C * S * P ledger entries as well as the clients' local steps. With --population=N the
+federation has N clients (config num_clients) and each round samples its C of them as the training
+loop does (client_data.sample_clients), so the timed rounds run different clients; without it the
+C clients are the whole federation and every round runs them all.
 
 Beside the speed, per client count: the forward-pass floor (a client-step runs
 Estimator.forwards_per_step forwards of one [B, T] batch; `over_floor` is the round's time over
 that many forwards, timed in the same process just before; the clients' vmapped chunks can beat
-it, their matmuls being --chunk times larger), the process's peak resident memory
-during the timed rounds (host), and XLA's plan for the clients' jitted call (device): both should
-stay flat as the clients grow, since the clients run in a lax.map of --chunk at a time and only
-their [C, S, P] scalars leave it. Prints one JSON object on stdout, progress on stderr; --plot
-also draws the curve.
+it, their matmuls being --chunk times larger), the process's peak resident memory during the timed
+rounds (host; also after each round, to show it bounded), and XLA's plan for the clients' jitted
+call (device): both should stay flat as the clients grow, since the clients run in a lax.map of
+--chunk at a time and only their [C, S, P] scalars leave it. Prints one JSON object on stdout,
+progress on stderr; --plot also draws the curve.
 """
 
 import pathlib
@@ -29,6 +34,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from cooperllm_jax.federated import client_data
 from cooperllm_jax.federated.algorithms import make_algorithm
 from cooperllm_jax.memory import memory_of
 from cooperllm_jax.models.common import make_loss
@@ -47,6 +53,9 @@ _ALGORITHM = flags.DEFINE_string('algorithm', 'fedmezo', 'fedmezo, fedkseed, dec
 _TRAINABLE = flags.DEFINE_string('trainable', 'full', 'Trainable subset: full, bitfit, head, lora.')
 _BACKEND = flags.DEFINE_enum('backend', 'map', ['map', 'loop'], 'client_backend.')
 _PROBES = flags.DEFINE_integer('probes', 1, 'SPSA probes per local step.')
+_POPULATION = flags.DEFINE_integer('population', None, 'Clients in the federation, of which each '
+                                   'round samples --clients (default: each count is the whole '
+                                   'federation).')
 _PLOT = flags.DEFINE_string('plot', None, 'Also draw client-steps/s and memory against clients '
                             '(a matplotlib png at this path).')
 
@@ -60,6 +69,8 @@ def config() -> ml_collections.ConfigDict:
   c.zo.probes = _PROBES.value
   c.zo.trainable = _TRAINABLE.value
   c.zo.fwdllm_min_probes = min(2, _PROBES.value)
+  if _POPULATION.value:
+    c.num_clients = _POPULATION.value
   return c
 
 
@@ -98,38 +109,47 @@ def bench_clients(alg, params, vocab_size, num_clients):
   steps = _LOCAL_STEPS.value
   batches = common.synthetic_batch(vocab_size, (num_clients, steps, _BATCH.value), _SEQ.value)
   counts = jnp.full((num_clients,), steps * _BATCH.value, jnp.float32)
-  clients = jnp.arange(num_clients, dtype=jnp.int32)
+  population = _POPULATION.value or num_clients
+
+  def clients(r):
+    if not _POPULATION.value:
+      return jnp.arange(num_clients, dtype=jnp.int32)
+    return jnp.asarray(client_data.sample_clients(population, num_clients, 0, r), jnp.int32)
+
   state = alg.init(params)
-  common.log(f'  {num_clients} clients: warm-up round (compiles)')
+  common.log(f'  {num_clients} of {population} clients: warm-up round (compiles)')
   start = time.perf_counter()
-  state, _ = alg.run_round(state, batches, counts, clients, 0)
+  state, _ = alg.run_round(state, batches, counts, clients(0), 0)
   jax.block_until_ready(state)
   first = time.perf_counter() - start
   fwd_s, fwd_cpu = forward_seconds(alg, state, jax.tree.map(lambda x: x[0, 0], batches))
-  times, cpu = [], []
+  times, cpu, rss_rounds = [], [], []
   peak_rss_reset()
   for r in range(1, _ROUNDS.value + 1):
     start, cpu_start = time.perf_counter(), time.process_time()
-    state, _ = alg.run_round(state, batches, counts, clients, r)
+    state, _ = alg.run_round(state, batches, counts, clients(r), r)
     jax.block_until_ready(state)
     times.append(time.perf_counter() - start)
     cpu.append(time.process_time() - cpu_start)
-  rss = peak_rss_bytes()
+    rss_rounds.append(peak_rss_bytes())
+  rss = rss_rounds[-1]
   median = statistics.median(times)
   device = memory_of(alg.round.clients.lower(state['trainable'], state['frozen'], batches,
-                                             clients, jnp.int32(0), state['lr']).compile())
+                                             clients(0), jnp.int32(0), state['lr']).compile())
   forwards = int(alg.est.forwards(_PROBES.value, 1)) * num_clients * steps
   # CPU seconds of this process (all its threads) per round: the work done, whatever share of the
   # cores other processes left it (wall time on a shared machine depends on that share).
-  out = {'clients': num_clients, 'client_steps': num_clients * steps,
-         'round': common.summary(times), 'cpu_s_per_round': statistics.median(cpu),
+  out = {'clients': num_clients, 'population': population, 'client_steps': num_clients * steps,
+         'round': common.summary(times), 'round_s': times,
+         'cpu_s_per_round': statistics.median(cpu),
          'warmup_round_s': first, 'client_steps_per_s': num_clients * steps / median,
          'forward': {'wall_s': fwd_s, 'cpu_s': fwd_cpu, 'forwards_per_round': forwards},
          'floor_client_steps_per_s': num_clients * steps / (forwards * fwd_s),
          'over_floor': median / (forwards * fwd_s),
          'over_floor_cpu': statistics.median(cpu) / (forwards * fwd_cpu),
-         'peak_rss_bytes': rss, 'clients_call_memory': device}
-  common.log(f'  {num_clients} clients: {median:.3f} s/round, '
+         'peak_rss_bytes': rss, 'peak_rss_after_round_bytes': rss_rounds,
+         'clients_call_memory': device}
+  common.log(f'  {num_clients} of {population} clients: {median:.3f} s/round, '
              f'{out["client_steps_per_s"]:.2f} client-steps/s ({out["over_floor"]:.2f}x the '
              f'forward floor), peak RSS {rss / 2**20:.0f} MiB, clients call '
              f'{device["peak_bytes"] / 2**20:.0f} MiB')
@@ -172,7 +192,8 @@ def main(argv):
   alg = make_algorithm(cfg, pre.model)
   report = {'benchmark': 'client_throughput', 'env': common.environment(),
             'config': {'model': _MODEL.value, 'algorithm': cfg.algorithm, 'backend': _BACKEND.value,
-                       'trainable': _TRAINABLE.value, 'chunk': _CHUNK.value,
+                       'trainable': _TRAINABLE.value, 'population': _POPULATION.value,
+                       'distribution': cfg.zo.distribution, 'chunk': _CHUNK.value,
                        'local_steps': _LOCAL_STEPS.value, 'batch': _BATCH.value,
                        'seq': _SEQ.value, 'probes': _PROBES.value, 'rounds': _ROUNDS.value},
             'results': [bench_clients(alg, pre.params, pre.model.cfg.vocab_size, int(c))
