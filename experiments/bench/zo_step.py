@@ -15,16 +15,21 @@ by side, under report['models'][model]['zo'][distribution][subset]. Prints one J
 stdout, progress on stderr; on a loaded machine compare the min_s ratios too.
 
 --breakdown adds the memory of the estimate (forwards only) and of the update (apply_directions)
-alone; --dump_dir writes each executable's optimized HLO.
+alone; --dump_dir writes each executable's optimized HLO. --mezo times a peer in the same rounds:
+PyTorch MeZO's in-place step on every weight of MiniLM and its forward pass, on the same weights,
+batch and CPU threads (report['models']['minilm']['mezo']: our full-weight step's speed-up over it
+per distribution).
 """
 
 import itertools
+import os
 import pathlib
 
 from absl import app
 from absl import flags
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from cooperllm_jax import zoo
@@ -44,9 +49,12 @@ _DISTRIBUTIONS = flags.DEFINE_list('distributions', ['gaussian', 'gaussian_hash'
 _BREAKDOWN = flags.DEFINE_bool('breakdown', False, 'Also report the memory of the ZO estimate '
                                '(forwards only) and of the update (apply_directions) alone.')
 _DUMP_DIR = flags.DEFINE_string('dump_dir', None, "Write each compiled function's HLO here.")
+_MEZO = flags.DEFINE_bool('mezo', False, "Also time PyTorch MeZO's step on every weight and its "
+                          'forward pass, interleaved with ours (minilm only; needs torch and '
+                          'transformers).')
 
 TARGET = 1.15   # ZO step peak / forward peak, from the issue
-LR = 1e-5
+EPS, LR = 1e-3, 1e-5
 
 
 def _tag(mode, distribution):
@@ -70,6 +78,71 @@ def prepare(name, fn, *args, state=0):
   init = tuple(jax.tree.map(jnp.copy, a) for a in args[:state])  # donated: the caller keeps args
   call = lambda s: tuple(compiled(*s, *args[state:])[:state]) if state else compiled(*args)
   return memory_of(compiled), (call, init)
+
+
+def mezo_calls(pre, batch, eps, lr):
+  """The peer: PyTorch MeZO's ZO-SGD step (Malladi et al. 2023, its trainer's zo_step and
+  zo_update) on our MiniLM's weights: transformers' BertModel of the same checkpoint, our
+  classifier head, mean pooling and cross-entropy, the same batch, as many threads as XLA's CPU
+  backend. Each step reseeds torch's generator and draws z = torch.normal per weight four times,
+  adding it in place (+eps, -2 eps, +eps, then -lr g), every weight trained. Its in-place add_ is
+  one pass per weight where the reference's param.data = param.data + s * z * eps makes three, so
+  the peer runs at its faster form.
+
+  Returns ({'mezo_forward', 'mezo_step'}: (call, state) for common.timed, the gap between its loss
+  and ours at the same weights, torch's thread count)."""
+  import torch  # pylint: disable=g-import-not-at-top
+  import transformers  # pylint: disable=g-import-not-at-top
+  from cooperllm_jax import assets  # pylint: disable=g-import-not-at-top
+  torch.set_num_threads(os.cpu_count())
+  bert = transformers.BertModel.from_pretrained(str(assets.MINILM.path()),
+                                                add_pooling_layer=False).eval()
+  kernel, bias = (pre.params['head']['classifier'][k] for k in ('kernel', 'bias'))
+  head = torch.nn.Linear(*kernel.shape)
+  with torch.no_grad():
+    head.weight.copy_(torch.from_numpy(np.asarray(kernel).T.copy()))
+    head.bias.copy_(torch.from_numpy(np.array(bias)))
+  weights = [*bert.parameters(), *head.parameters()]
+  for w in weights:
+    w.requires_grad_(False)
+  n_ours = sum(x.size for x in jax.tree.leaves(pre.params))
+  if sum(w.numel() for w in weights) != n_ours:
+    raise ValueError(f'MeZO trains {sum(w.numel() for w in weights)} weights, ours {n_ours}')
+  ids, mask, labels = (torch.from_numpy(np.asarray(batch[k]).astype(np.int64))
+                       for k in ('input_ids', 'attention_mask', 'labels'))
+
+  @torch.inference_mode()
+  def loss():
+    hidden = bert(input_ids=ids, attention_mask=mask).last_hidden_state
+    m = mask.unsqueeze(-1).float()
+    pooled = (hidden * m).sum(1) / m.sum(1).clamp(min=1.0)
+    return torch.nn.functional.cross_entropy(head(pooled), labels)
+
+  @torch.inference_mode()
+  def move(seed, scale):
+    torch.manual_seed(seed)
+    for w in weights:
+      w.add_(torch.normal(0.0, 1.0, size=w.shape, dtype=w.dtype), alpha=scale)
+
+  seeds = itertools.count()
+
+  def forward(state):
+    loss()
+    return state
+
+  def step(state):
+    seed = next(seeds)
+    move(seed, eps)
+    plus = loss()
+    move(seed, -2 * eps)
+    minus = loss()
+    move(seed, eps)
+    move(seed, -lr * ((plus - minus).item() / (2 * eps)))
+    return state
+
+  gap = abs(loss().item() - float(jax.jit(make_loss(pre.model))(pre.params, batch)))
+  calls = {'mezo_forward': (forward, ()), 'mezo_step': (step, ())}
+  return calls, gap, torch.get_num_threads()
 
 
 def bench_model(name):
@@ -100,7 +173,7 @@ def bench_model(name):
     trainable, frozen = sub.split(params, jax.random.key(0))
     sizes[mode] = sum(x.size for x in jax.tree.leaves(trainable))
     for dist in _DISTRIBUTIONS.value:
-      est, tag = zoo.Estimator(eps=1e-3, probes=_PROBES.value, distribution=dist), _tag(mode, dist)
+      est, tag = zoo.Estimator(eps=EPS, probes=_PROBES.value, distribution=dist), _tag(mode, dist)
       memory[tag], calls[tag] = prepare(f'{name}.{tag}', zoo.make_zo_step(loss, est, sub),
                                         trainable, frozen, batch, keys, jnp.float32(LR), state=1)
     if mode != 'full':   # BP + AdamW on the same subset: the same job
@@ -108,7 +181,7 @@ def bench_model(name):
     for dist in _DISTRIBUTIONS.value if _BREAKDOWN.value else ():
       tag = _tag(mode, dist)
       coefs = jnp.full((_PROBES.value,), LR, jnp.float32)
-      est = zoo.Estimator(eps=1e-3, probes=_PROBES.value, distribution=dist)
+      est = zoo.Estimator(eps=EPS, probes=_PROBES.value, distribution=dist)
       extra[tag] = {
           'estimate_memory': memory_of(compile_(f'{name}.{tag}.estimate',
                                                 zoo.make_estimate(loss, est, sub), trainable,
@@ -118,6 +191,9 @@ def bench_model(name):
               lambda t, k, c, d=dist: zoo.apply_directions(t, k, c, d),
               trainable, keys, coefs, donate_argnums=0))}
 
+  if _MEZO.value:
+    peer, mezo_gap, torch_threads = mezo_calls(pre, batch, EPS, LR)
+    calls.update(peer)
   common.log(f'{name}: timing {", ".join(calls)} ({_REPEATS.value} rounds)')
   load_before = common.environment()['loadavg']
   times = common.timed(calls, _REPEATS.value)
@@ -145,6 +221,19 @@ def bench_model(name):
     common.log(f'  {tag}: {r["time"]["median_s"]:.3f} s ({r["time_over_forward"]:.2f}x forward), '
                f'peak {peak / 2**20:.1f} MiB ({r["peak_over_forward"]:.3f}x forward, '
                f'{r["peak_over_bp"]:.3f}x bp)')
+  if _MEZO.value:
+    fwd, step = (common.summary(times[k]) for k in ('mezo_forward', 'mezo_step'))
+    over = lambda a, b: a['median_s'] / b['median_s']
+    out['mezo'] = {'forward': fwd, 'step': step, 'step_over_forward': over(step, fwd),
+                   'forward_over_ours': over(fwd, out['forward']['time']),
+                   'loss_gap_to_ours': mezo_gap, 'torch_threads': torch_threads,
+                   # our full-weight step's speed-up: MeZO's step time / ours (median, min)
+                   'speedup': {d: over(step, out['zo'][d]['full']['time']) for d in out['zo']},
+                   'speedup_min': {d: step['min_s'] / out['zo'][d]['full']['time']['min_s']
+                                   for d in out['zo']}}
+    common.log(f'  mezo: step {step["median_s"]:.3f} s ({out["mezo"]["step_over_forward"]:.2f}x '
+               f'its forward, {out["mezo"]["forward_over_ours"]:.2f}x ours); ours faster by '
+               + ', '.join(f'{x:.2f}x ({d})' for d, x in out['mezo']['speedup'].items()))
   return out
 
 
@@ -157,6 +246,9 @@ def main(argv):
                        'distributions': _DISTRIBUTIONS.value,
                        'target_peak_over_forward': TARGET},
             'models': {}}
+  if _MEZO.value and (_MODELS.value != ['minilm'] or 'full' not in _SUBSETS.value):
+    raise app.UsageError('--mezo compares full-weight steps on MiniLM: pass --models=minilm and '
+                         'full among --subsets')
   for name in _MODELS.value:
     report['models'][name] = bench_model(name)
   report['target_met'] = all(r['meets_target'] for m in report['models'].values()
