@@ -201,7 +201,7 @@ SETTINGS = {
          'zo.distribution=gaussian') + _LORA, 40, 10,
         # The decisive comparison only (a run costs 2-3 times a Rotten Tomatoes run: 64 tokens,
         # 2,824 held-out posts), cooperllm against the cloud alone, the cloud then ZO, and ZO.
-        ('cloud_only', 'cooperllm', 'fedmezo', 'warm_start', 'warm_start_zo_swept'),
+        ('cloud_only', 'cooperllm', 'fedmezo', 'warm_start', 'warm_start_zo_swept', 'fedavg_bp'),
         # cooperllm picked the shared grid's top edge (3): the grid moved up a decade (the runs
         # at 0.03 and 0.1 stay in the results, outside the grid).
         {'lr_v_max': (0.3, 1.0, 3.0, 10.0, 30.0)}),
