@@ -68,17 +68,6 @@ from experiments.variants import apply_override
 CANDIDATES = ('pool', 'history', 'pca', 'pca_adam', 'pca_drop2', 'head', 'random', 'full')
 GRIDS = {'sgd': (0.01, 0.03, 0.1, 0.3, 1.0), 'adam': (1e-4, 3e-4, 1e-3, 3e-3, 1e-2)}
 
-_SETTINGS = flags.DEFINE_list('settings', ['rt_shifted_minilm_lora'], 'Benchmark settings.')
-_SEEDS = flags.DEFINE_list('seeds', ['0'], 'Seeds (the cloud_only run and the clients).')
-_CANDIDATES = flags.DEFINE_list('candidates', list(CANDIDATES), 'V constructions.')
-_MS = flags.DEFINE_list('ms', ['4', '8', '16', '32', '64'], 'Subspace dimensions m.')
-_RULE = flags.DEFINE_enum('rule', 'sgd', list(GRIDS), 'The edge\'s step rule.')
-_LRS = flags.DEFINE_list('lrs', [], 'Rates to try (default: the rule\'s grid).')
-_STAGE = flags.DEFINE_enum('stage', 'all', ['all', 'runs', 'report'], 'Runs, the table, or both.')
-_OUT = flags.DEFINE_string('out', 'experiments/results/oracle_subspace', 'Result JSON files.')
-_CACHE = flags.DEFINE_string('cache', 'workdir/oracle_cache', 'Cached cloud training (npz).')
-_BENCHMARK = flags.DEFINE_string('benchmark', 'experiments/results/benchmark',
-                                 'The benchmark\'s results (sweep picks, fedavg_bp\'s accuracy).')
 _PRIVATE_EXAMPLES = 256   # private per-example gradients for the subspace distance
 _CHUNK = 16               # per-example gradients computed this many at a time
 
@@ -114,6 +103,21 @@ def read_sweep(bench: pathlib.Path, setting: str) -> dict:
   if not path.exists():
     raise ConfigError(f'{path}: no sweep (run experiments.benchmark --stage=sweep first)')
   return json.loads(path.read_text())
+
+
+def fit_bias(logits: np.ndarray, labels: np.ndarray, steps: int = 50) -> np.ndarray:
+  """The offset b [C] minimizing the mean cross-entropy of softmax(logits + b) (Newton's method;
+  the loss is convex in b, and flat along b + c 1, which the damping fixes)."""
+  num_classes = logits.shape[1]
+  b, onehot = np.zeros(num_classes), np.eye(num_classes)[labels]
+  for _ in range(steps):
+    z = logits + b
+    p = np.exp(z - z.max(1, keepdims=True))
+    p /= p.sum(1, keepdims=True)
+    grad = (p - onehot).mean(0)
+    hess = np.diag(p.mean(0)) - np.einsum('ni,nj->ij', p, p) / len(p)
+    b -= np.linalg.solve(hess + 1e-6 * np.eye(num_classes), grad)
+  return b
 
 
 class Study:
@@ -222,15 +226,7 @@ class Study:
     then the test accuracy of logits + b. A recalibration, not private learning."""
     val, val_y = self.logits(flat, 'validation')
     test, test_y = self.logits(flat, 'test')
-    b = np.zeros(val.shape[1])
-    onehot = np.eye(val.shape[1])[val_y]
-    for _ in range(50):
-      z = val + b
-      p = np.exp(z - z.max(1, keepdims=True))
-      p /= p.sum(1, keepdims=True)
-      grad = (p - onehot).mean(0)
-      hess = (np.einsum('ni,ij->nij', p, np.eye(len(b))) - np.einsum('ni,nj->nij', p, p)).mean(0)
-      b -= np.linalg.lstsq(hess + 1e-6 * np.eye(len(b)), grad, rcond=None)[0]
+    b = fit_bias(val, val_y)
     return {'bias_offset': b.tolist(),
             'val_accuracy': float(((val + b).argmax(1) == val_y).mean()),
             'test_accuracy': float(((test + b).argmax(1) == test_y).mean()),
@@ -457,22 +453,39 @@ def report(out: pathlib.Path) -> str:
   return text
 
 
+def define_flags() -> None:
+  """The command line (defined when run as a script, so importing the module defines none)."""
+  flags.DEFINE_list('settings', ['rt_shifted_minilm_lora'], 'Benchmark settings.')
+  flags.DEFINE_list('seeds', ['0'], 'Seeds (the cloud_only run and the clients).')
+  flags.DEFINE_list('candidates', list(CANDIDATES), 'V constructions.')
+  flags.DEFINE_list('ms', ['4', '8', '16', '32', '64'], 'Subspace dimensions m.')
+  flags.DEFINE_enum('rule', 'adam', list(GRIDS), 'The edge\'s step rule.')
+  flags.DEFINE_list('lrs', [], 'Rates to try (default: the rule\'s grid).')
+  flags.DEFINE_enum('stage', 'all', ['all', 'runs', 'report'], 'Runs, the table, or both.')
+  flags.DEFINE_string('out', 'experiments/results/oracle_subspace', 'Result JSON files.')
+  flags.DEFINE_string('cache', 'workdir/oracle_cache', 'Cached cloud training (npz).')
+  flags.DEFINE_string('benchmark', 'experiments/results/benchmark',
+                      'The benchmark\'s results (sweep picks, fedavg_bp\'s accuracy).')
+
+
 def main(argv):
   del argv
-  out, cache, bench = pathlib.Path(_OUT.value), pathlib.Path(_CACHE.value), pathlib.Path(
-      _BENCHMARK.value)
-  unknown = sorted(set(_CANDIDATES.value) - set(CANDIDATES))
+  f = flags.FLAGS
+  out, cache, bench = pathlib.Path(f.out), pathlib.Path(f.cache), pathlib.Path(
+      f.benchmark)
+  unknown = sorted(set(f.candidates) - set(CANDIDATES))
   if unknown:
     raise app.UsageError(f'unknown candidates {unknown}; choose from {", ".join(CANDIDATES)}')
-  if _STAGE.value in ('all', 'runs'):
-    lrs = [float(x) for x in _LRS.value] or GRIDS[_RULE.value]
-    for setting in _SETTINGS.value:
-      for seed in _SEEDS.value:
-        study_one(setting, int(seed), _CANDIDATES.value, [int(m) for m in _MS.value],
-                  _RULE.value, lrs, out, cache, bench)
-  if _STAGE.value in ('all', 'report'):
+  if f.stage in ('all', 'runs'):
+    lrs = [float(x) for x in f.lrs] or GRIDS[f.rule]
+    for setting in f.settings:
+      for seed in f.seeds:
+        study_one(setting, int(seed), f.candidates, [int(m) for m in f.ms],
+                  f.rule, lrs, out, cache, bench)
+  if f.stage in ('all', 'report'):
     print(report(out))
 
 
 if __name__ == '__main__':
+  define_flags()
   app.run(main)

@@ -1,0 +1,71 @@
+"""The oracle study's linear algebra against ground truth: principal directions against numpy's
+SVD, the subspace distance at its known extremes, and the bias refit of the recalibration
+control against the closed form for constant logits."""
+
+import numpy as np
+import pytest
+
+from experiments.bench.oracle_subspace import distance, fit_bias, orthonormal, principal
+
+
+def test_principal_directions_match_the_svd():
+  rng = np.random.default_rng(0)
+  rows = (rng.standard_normal((12, 3)) @ rng.standard_normal((3, 50))
+          + 0.01 * rng.standard_normal((12, 50))).astype(np.float32)
+  _, s, vt = np.linalg.svd(rows.astype(np.float64), full_matrices=False)
+  got = principal(rows, 3)
+  for j in range(3):   # the same directions up to sign
+    assert abs(float(got[:, j] @ vt[j])) == pytest.approx(1.0, abs=1e-4)
+  skipped = principal(rows, 2, skip=1)
+  assert abs(float(skipped[:, 0] @ vt[1])) == pytest.approx(1.0, abs=1e-4)
+  assert s[0] > s[1] > s[2] > 10 * s[3]
+
+
+def test_orthonormal_spans_and_drops_dependent_columns():
+  rng = np.random.default_rng(1)
+  a = rng.standard_normal((40, 3))
+  cols = np.concatenate([a, a[:, :1] * 2.0], axis=1)   # the fourth column repeats the first
+  q = orthonormal(cols)
+  assert q.shape == (40, 3)
+  np.testing.assert_allclose(q.T @ q, np.eye(3), atol=1e-5)
+  np.testing.assert_allclose(q @ (q.T @ a), a, atol=1e-4)   # a lies in the span
+
+
+def test_distance_is_zero_for_the_same_span_and_one_for_orthogonal_spans():
+  eye = np.eye(10, dtype=np.float32)
+  rotated = orthonormal(eye[:, :3] @ np.array([[1.0, 2, 0], [0, 1, 3], [1, 0, 1]]))
+  assert distance(rotated, eye[:, :3]) == pytest.approx(0.0, abs=1e-3)
+  assert distance(eye[:, 3:6], eye[:, :3]) == pytest.approx(1.0, abs=1e-6)
+  half = eye[:, [0, 1, 5, 6]]   # two of four directions shared: sqrt(1 - 2/4)
+  assert distance(half, eye[:, :4]) == pytest.approx(np.sqrt(0.5), abs=1e-6)
+
+
+def test_bias_refit_recovers_the_class_frequencies_for_constant_logits():
+  # With logits c 1, the cross-entropy's minimizer is softmax(b) = the label frequencies.
+  labels = np.array([0] * 60 + [1] * 30 + [2] * 10)
+  b = fit_bias(np.full((100, 3), 0.7), labels)
+  p = np.exp(b - b.max())
+  np.testing.assert_allclose(p / p.sum(), [0.6, 0.3, 0.1], atol=1e-6)
+
+
+def test_report_picks_by_validation_and_measures_the_gap_on_test(tmp_path):
+  import json
+  from experiments.bench.oracle_subspace import report
+  root = tmp_path / 'rt' / 'seed=0'
+  root.mkdir(parents=True)
+  (root / 'start.json').write_text(json.dumps(dict(
+      setting='rt', seed=0, d=100, rounds=40, val_accuracy=0.70, test_accuracy=0.70,
+      fedavg_bp_test_accuracy=0.80)))
+  def run(lr, val, test, diverged=False):
+    (root / f'pca_m8_adam_lr{lr:g}.json').write_text(json.dumps(dict(
+        candidate='pca', m=8, rule='adam', lr=lr, diverged=diverged, val_accuracy=val,
+        test_accuracy=test, val_loss=0.5, distance=0.9, captured=0.1)))
+  run(1e-3, 0.71, 0.79)   # the best test accuracy, but not the validation pick
+  run(3e-3, 0.74, 0.75)
+  run(1e-2, 0.0, 0.0, diverged=True)
+  report(tmp_path)
+  (row,) = json.loads((tmp_path / 'oracle.json').read_text())
+  assert row['lr'] == 3e-3 and row['test_accuracy'] == 0.75
+  assert row['gap_closed'] == pytest.approx(0.5)
+  assert not row['grid_edge']
+  assert '| pca | 8 | adam | 0.003 |' in (tmp_path / 'oracle.md').read_text()
