@@ -66,25 +66,40 @@ def test_neighbouring_counters_rows_addresses_and_leaves_are_uncorrelated(z):
     assert corr(z ** 2, other ** 2) < bound
 
 
-def test_one_weight_over_many_addresses_is_iid_normal():
+def _assert_standard_normal(x):
+  _assert_standard_normal_moments(x)
+  assert stats.kstest(x, 'norm').statistic < 1.628 / math.sqrt(x.size)
+
+
+def _assert_fair_signs(x):
+  assert set(np.unique(x).tolist()) == {-1.0, 1.0}
+  assert abs(x.mean()) < 4 / math.sqrt(x.size)
+
+
+# The marginal law's check and the powers of z whose correlation must vanish (z and z^2 for the
+# Gaussian; for fair +-1 signs, uncorrelated is independent).
+LAWS = [('gaussian_hash', _assert_standard_normal, (1, 2)),
+        ('rademacher_hash', _assert_fair_signs, (1,))]
+
+
+@pytest.mark.parametrize('distribution,law,powers', LAWS)
+def test_one_weight_over_many_addresses_is_iid(distribution, law, powers):
   """What an SGD run averages over: a weight's z across rounds, clients, steps and probes. Per
   address field, 2^14 consecutive values (the other fields fixed) x 16 weights: the pooled 2^20
-  draws have N(0, 1)'s moments and pass Kolmogorov-Smirnov, and a weight's z at neighbouring
-  addresses is uncorrelated, linearly and in its square."""
+  draws follow the law (N(0, 1): moments and Kolmogorov-Smirnov; Rademacher: fair signs), and a
+  weight's z at neighbouring addresses is uncorrelated."""
   n, width = 1 << 14, 16
-  draw = jax.jit(jax.vmap(lambda k: zoo.leaf_direction(k, 'stats/w', (width,), 'gaussian_hash')))
+  draw = jax.jit(jax.vmap(lambda k: zoo.leaf_direction(k, 'stats/w', (width,), distribution)))
   pooled = []
   for field, name in enumerate(keys_lib.ADDRESS_FIELDS):
     addresses = np.ones((n, len(keys_lib.ADDRESS_FIELDS)), np.int32)
     addresses[:, field] = np.arange(n)
     z = np.asarray(draw(zoo.address_keys(3, jnp.asarray(addresses))), np.float64)  # [n, width]
     bound = 5 / math.sqrt(z[1:].size)
-    for a, b in ((z[:-1], z[1:]), (z[:-1] ** 2, z[1:] ** 2)):                  # address k, k + 1
-      assert abs(np.corrcoef(a.ravel(), b.ravel())[0, 1]) < bound, name
+    for p in powers:                                                           # address i, i + 1
+      assert abs(np.corrcoef(z[:-1].ravel() ** p, z[1:].ravel() ** p)[0, 1]) < bound, name
     pooled.append(z.ravel())
-  x = np.concatenate(pooled)
-  _assert_standard_normal_moments(x)
-  assert stats.kstest(x, 'norm').statistic < 1.628 / math.sqrt(x.size)
+  law(np.concatenate(pooled))
 
 
 def test_counter_bits_are_uniform():
@@ -96,10 +111,16 @@ def test_counter_bits_are_uniform():
 
 
 def test_rademacher_signs():
-  r = np.asarray(zoo.leaf_direction(KEY, 'stats/r', (ROWS, COLS), 'rademacher_hash'))
-  assert r.dtype == np.float32 and set(np.unique(r).tolist()) == {-1.0, 1.0}
-  assert abs(r.mean()) < 4 / math.sqrt(N)
-  assert abs(np.corrcoef(r[:, :-1].ravel(), r[:, 1:].ravel())[0, 1]) < 5 / math.sqrt(N)
+  r = _draw(path='stats/r', distribution='rademacher_hash')
+  assert zoo.leaf_direction(KEY, 'stats/r', (2, 2), 'rademacher_hash').dtype == jnp.float32
+  _assert_fair_signs(r.ravel())
+  corr = lambda a, b: abs(np.corrcoef(a.ravel(), b.ravel())[0, 1])
+  assert corr(r[:, :-1], r[:, 1:]) < 5 / math.sqrt(N)                   # counter e, e + 1
+  assert corr(r[:-1], r[1:]) < 5 / math.sqrt(N)                         # e, e + COLS
+  for other in (_draw(zoo.address_key(3, (1, 2, 3, 1)), 'stats/r', 'rademacher_hash'),
+                _draw(zoo.address_key(4, (1, 2, 3, 0)), 'stats/r', 'rademacher_hash'),
+                _draw(KEY, 'stats/s', 'rademacher_hash')):
+    assert corr(r, other) < 5 / math.sqrt(N)
 
 
 @pytest.mark.parametrize('distribution', ['gaussian_hash', 'rademacher_hash'])
