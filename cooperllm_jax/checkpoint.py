@@ -1,10 +1,12 @@
 """Orbax checkpoints of a run, written atomically and checked on restore.
 
-A checkpoint at round r holds two items: `state`, a pytree of arrays (the algorithm's state without
-its frozen weights, which are a pure function of the pretrained model and the seed, and the
-divergence guard's last good state), and `meta`, JSON (the round, the training-relevant config,
+A checkpoint at round r holds two items: `state`, a pytree of arrays (the algorithm's ServerState
+without its frozen weights, which are a pure function of the pretrained model and the seed, and
+the divergence guard's last good state), and `meta`, JSON (the round, the training-relevant config,
 the seed, hashes of the base model and of the data, the downlink tracker, the guard's losses, the
-privacy releases, train seconds) together with the sha256 of every array of `state`.
+privacy releases, train seconds) together with the sha256 of every array of `state` and of its
+layout (every leaf's path, dtype and shape). A checkpoint whose layout is not the one this version
+restores (the untyped dict states of earlier versions) is refused in one line.
 
 Atomicity is orbax's: CheckpointManager writes step r into a temporary directory and renames it
 to `r` only when both items are complete (the rename is atomic on a local file system), so a
@@ -27,6 +29,7 @@ import orbax.checkpoint as ocp
 
 from cooperllm_jax import config as config_lib
 from cooperllm_jax.errors import CheckpointError
+from cooperllm_jax.federated.api import ServerState
 from cooperllm_jax.federated.ledger import Ledger
 
 # Config fields that do not change what a run computes: a resumed run may change them.
@@ -52,9 +55,21 @@ def tree_sha256(tree) -> str:
   return h.hexdigest()
 
 
+def tree_layout(tree) -> str:
+  """sha256 over every leaf's path, dtype and shape (tree order): the tree's layout, not its
+  values (a template of ShapeDtypeStructs has its tree's)."""
+  h = hashlib.sha256()
+  for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+    h.update(f'{jax.tree_util.keystr(path)}|{np.dtype(leaf.dtype).str}|{tuple(leaf.shape)}|'
+             .encode())
+  return h.hexdigest()
+
+
 def training_config(config) -> dict:
-  """The config as JSON data, without the fields that do not change what a run computes."""
-  return {k: v for k, v in json.loads(config.to_json()).items() if k not in NOT_TRAINING}
+  """The config as JSON data in today's layout (config.canonical), without the fields that do not
+  change what a run computes."""
+  return {k: v for k, v in config_lib.canonical(json.loads(config.to_json())).items()
+          if k not in NOT_TRAINING}
 
 
 def config_differences(saved: dict, current: dict, prefix: str = '') -> list:
@@ -116,7 +131,8 @@ class Checkpointer:
     return sorted(self._manager.all_steps())
 
   def save(self, round_index: int, tree, meta: dict) -> None:
-    meta = dict(meta, round=round_index, state_sha256=tree_sha256(tree))
+    meta = dict(meta, round=round_index, state_sha256=tree_sha256(tree),
+                layout_sha256=tree_layout(tree))
     self._manager.save(round_index, args=ocp.args.Composite(
         state=ocp.args.StandardSave(tree), meta=ocp.args.JsonSave(meta)))
     self._manager.wait_until_finished()
@@ -128,8 +144,10 @@ class Checkpointer:
     """(round, tree, meta) of the newest step (at most `upto`) that reads back with its hash;
     `template` gives the tree's structure, shapes and dtypes; check(meta) may raise a
     CheckpointError for a checkpoint of another run, which is not skipped, or return why this
-    step cannot be used, which is. None if no step."""
+    step cannot be used, which is. A step of another layout than `template`'s is a
+    CheckpointError. None if no step."""
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, template)
+    layout = tree_layout(abstract)
     for step in reversed(self.steps()):
       if upto is not None and step > upto:
         continue
@@ -143,6 +161,10 @@ class Checkpointer:
       if reason:
         self.log(f'checkpoint {step}: {reason}; trying an older one')
         continue
+      if meta.get('layout_sha256') != layout:
+        raise CheckpointError(f'{self.directory / str(step)} holds an algorithm state of another '
+                              'layout than this version restores (earlier versions wrote untyped '
+                              'dict states): rerun it with this version')
       try:
         tree = self._manager.restore(step, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(abstract))).state
@@ -166,12 +188,12 @@ class Checkpointer:
     self._manager.close()
 
 
-def without_frozen(state) -> dict:
+def without_frozen(state: ServerState) -> ServerState:
   """The state to save: the frozen weights follow from the pretrained model and the seed."""
-  return {k: v for k, v in state.items() if k != 'frozen'}
+  return state._replace(frozen=None)
 
 
-def template(state, good: bool) -> dict:
+def template(state: ServerState, good: bool) -> dict:
   """The structure of a run's checkpoint tree: the state without its frozen weights and, with
   the divergence guard on, the guard's last good state."""
   tree = {'state': without_frozen(state)}
@@ -198,7 +220,8 @@ class RunStore:
     """CheckpointError naming what differs between this run and a checkpoint's; or why this
     checkpoint cannot be continued from (written by an older version, or the ledger up to it is
     not the one the run wrote), to try an older one."""
-    diffs = config_differences(meta.get('config', {}), self.identity['config'])
+    diffs = config_differences(config_lib.canonical(meta.get('config', {})),
+                               self.identity['config'])
     if diffs:
       raise CheckpointError('cannot resume: the config differs from the checkpointed run in '
                             + '; '.join(diffs[:4]) + (' ...' if len(diffs) > 4 else ''))
@@ -237,6 +260,5 @@ class RunStore:
     self.checkpoints.delete_after(round_index)
     if self.ledger is not None:
       self.ledger.truncate(round_index)
-    frozen = {'frozen': state['frozen']} if 'frozen' in state else {}
-    return (round_index, dict(tree['state'], **frozen),
-            dict(tree['good'], **frozen) if good else None, meta)
+    return (round_index, tree['state']._replace(frozen=state.frozen),
+            tree['good']._replace(frozen=state.frozen) if good else None, meta)

@@ -3,46 +3,55 @@
 fills defaults, validates every value once and rejects unknown keys with a one-line ConfigError
 (with a close-match suggestion).
 
-Library code receives sections (`ZO`, `ZGR`, `Cloud`, `Warm`, `Aggregation`, `Faults`, `DP`, `Guard`,
-`System`, `Mesh`, `Checkpoint`, `Data`, `Model`), never the ConfigDict. The ConfigDict's layout is
-the one its users already write: most sections are nested dicts (config.zo.eps), a few fields sit at
-the top level for brevity (config.dataset, config.checkpoint_every, config.aggregation); `_FLAT`
-says where each of those belongs.
+Library code receives sections (`ZO`, `Cloud`, `Aggregation`, `Faults`, `DP`, `Guard`, `System`,
+`Mesh`, `Checkpoint`, `Data`, `Model`), never the ConfigDict. The ConfigDict's layout is the one its
+users already write: most sections are nested dicts (config.zo.eps), a few fields sit at the top
+level for brevity (config.dataset, config.checkpoint_every, config.aggregation); `_FLAT` says where
+each of those belongs.
+
+An algorithm owns its section (cooperllm's `zgr`, fwdllm's `fwdllm`): a frozen dataclass in its own
+module, registered with it (federated/registry.py calls `add_section`), parsed and validated here
+like the shared ones and read as `cfg.<section>`. `algorithm_module` names modules to import before
+anything else, so an algorithm in a user's code (and its section) is known to the CLI, the replay
+and the benchmark alike: they all parse the same config (or its saved config.json).
 """
 
+import copy
 import dataclasses
 import difflib
+import importlib
 import math
 from typing import Any, Optional
 
 from cooperllm_jax.cloud.bp import CloudConfig
 from cooperllm_jax.errors import ConfigError
 from cooperllm_jax.system import clock as clock_lib
-from cooperllm_jax.system import codec as codec_lib
 from cooperllm_jax.system import profiles as profiles_lib
-from cooperllm_jax.zoo import guided, quantized
+from cooperllm_jax.zoo import quantized
 from cooperllm_jax.zoo.spsa import Estimator
 from cooperllm_jax.zoo.trainable import Subset
 
 DTYPES = ('float32', 'bfloat16', 'float16')
 AGGREGATIONS = ('mean', 'clip', 'trimmed_mean', 'median')
-GUIDANCE_FORMATS = codec_lib.FORMATS + codec_lib.ALLOCATIONS
 CLIENT_BACKENDS = ('map', 'loop')
 
 
-def _check(ok: bool, message: str) -> None:
+def check(ok: bool, message: str) -> None:
+  """A one-line ConfigError with `message` unless `ok` (sections validate with it)."""
   if not ok:
     raise ConfigError(message)
 
 
-def _positive(section: str, obj, *names) -> None:
+def positive(section: str, obj, *names) -> None:
+  """Each field `names` of `obj` is an integer >= 1 (section: the error's prefix, e.g. 'zo.')."""
   for name in names:
     value = getattr(obj, name)
-    _check(isinstance(value, int) and value >= 1, f'{section}{name} must be >= 1 (an integer), '
-           f'got {value!r}')
+    check(isinstance(value, int) and value >= 1, f'{section}{name} must be >= 1 (an integer), '
+          f'got {value!r}')
 
 
-def _finite(value) -> bool:
+def finite(value) -> bool:
+  """A real number that is neither inf nor nan."""
   return isinstance(value, (int, float)) and math.isfinite(value)
 
 
@@ -57,8 +66,8 @@ class Model:
 
   def __post_init__(self):
     for name in ('dtype', 'param_dtype'):
-      _check(getattr(self, name) in DTYPES, f'{name} {getattr(self, name)!r} is not supported; '
-             f'choose one of {", ".join(DTYPES)}')
+      check(getattr(self, name) in DTYPES, f'{name} {getattr(self, name)!r} is not supported; '
+            f'choose one of {", ".join(DTYPES)}')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,23 +86,23 @@ class Data:
   validation_fraction: float = 0.0  # held out of the clients' data for tuning (val_accuracy)
 
   def __post_init__(self):
-    _positive('', self, 'max_length', 'num_clients')
-    _check(isinstance(self.min_client_size, int) and self.min_client_size >= 0,
-           f'min_client_size must be >= 0 (an integer), got {self.min_client_size!r}')
-    _check(_finite(self.dirichlet_alpha) and self.dirichlet_alpha > 0,
-           f'dirichlet_alpha must be > 0, got {self.dirichlet_alpha}')
+    positive('', self, 'max_length', 'num_clients')
+    check(isinstance(self.min_client_size, int) and self.min_client_size >= 0,
+          f'min_client_size must be >= 0 (an integer), got {self.min_client_size!r}')
+    check(finite(self.dirichlet_alpha) and self.dirichlet_alpha > 0,
+          f'dirichlet_alpha must be > 0, got {self.dirichlet_alpha}')
     for name in ('test_fraction', 'public_fraction', 'validation_fraction'):
       value = getattr(self, name)
-      _check(_finite(value) and 0 <= value < 1, f'{name} must be in [0, 1), got {value}')
+      check(finite(value) and 0 <= value < 1, f'{name} must be in [0, 1), got {value}')
     for name in ('text_column', 'label_column'):
       value = getattr(self, name)
-      _check(isinstance(value, str) and value != '',
-             f'{name} must be a column name (non-empty text), got {value!r}')
-    _check(self.text_column != self.label_column,
-           f'text_column and label_column are both {self.text_column!r}; name two columns')
-    _check(all(isinstance(n, str) and n for n in self.label_names)
-           and len(set(self.label_names)) == len(self.label_names),
-           f'label_names must be distinct non-empty names, got {list(self.label_names)}')
+      check(isinstance(value, str) and value != '',
+            f'{name} must be a column name (non-empty text), got {value!r}')
+    check(self.text_column != self.label_column,
+          f'text_column and label_column are both {self.text_column!r}; name two columns')
+    check(all(isinstance(n, str) and n for n in self.label_names)
+          and len(set(self.label_names)) == len(self.label_names),
+          f'label_names must be distinct non-empty names, got {list(self.label_names)}')
 
   @property
   def file_options(self) -> dict:
@@ -118,19 +127,12 @@ class ZO:
   perturb_impl: str = 'xla'     # or 'pallas': the fused kernel perturbs 2-D weights
   base_weights: str = 'f32'     # frozen weights kept on the client as 'int8' or 'int4' (packed)
   base_group: int = 32          # columns per quantization scale of the frozen weights
-  kseed_candidates: int = 4096  # fedkseed: K
-  fwdllm_candidates: int = 4    # fwdllm: directions drawn per probe slot, best cosine kept
-  fwdllm_min_probes: int = 1    # fwdllm: probes per step run between min and probes (max)
-  fwdllm_var_threshold: float = 0.5
 
   def __post_init__(self):
     self.estimator, self.subset  # pylint: disable=pointless-statement  # both validate
-    _check(self.base_weights in quantized.FORMATS, f'unknown base_weights {self.base_weights!r}; '
-           f'choose one of {", ".join(quantized.FORMATS)}')
-    _positive('zo.', self, 'base_group', 'kseed_candidates', 'fwdllm_candidates',
-              'fwdllm_min_probes')
-    _check(_finite(self.fwdllm_var_threshold) and self.fwdllm_var_threshold >= 0,
-           f'fwdllm_var_threshold must be >= 0, got {self.fwdllm_var_threshold}')
+    check(self.base_weights in quantized.FORMATS, f'unknown base_weights {self.base_weights!r}; '
+          f'choose one of {", ".join(quantized.FORMATS)}')
+    positive('zo.', self, 'base_group')
 
   @property
   def estimator(self) -> Estimator:
@@ -141,70 +143,6 @@ class ZO:
   @property
   def subset(self) -> Subset:
     return Subset(self.trainable, self.lora_rank, self.lora_alpha, tuple(self.lora_targets))
-
-
-@dataclasses.dataclass(frozen=True)
-class ZGR:
-  """Guided probes z = beta (sqrt(alpha) v + probe_v sqrt(1-alpha) V u), steps along V at the
-  first-order rate lr_v (zoo/guided.py: both free of d)."""
-  alpha: float = 0.5            # share of the random part; 1 = plain ZO (FedMeZO)
-  adaptive: bool = False        # the V step's weight from the edge's estimates
-  ema: float = 0.8              # forgetting factor of the adaptive estimates' pooling
-  pool_size: int = 1            # m: the last m cloud directions span V
-  refresh: int = 1              # the cloud computes a new direction every `refresh` rounds
-  beta: float = 1.0             # scale of z's plain part (1 with alpha = 1: plain ZO)
-  probe_v: float = guided.DEFAULT_PROBE_V  # the probe's radius along V / the plain part's
-  lr_v: float = guided.DEFAULT_LR_V  # first-order rate of the step along V (d-free); the largest
-  # one with line_search, which backs off from it as the loss sharpens
-  # > 0: the step along V at most curvature_cap / L_V, L_V the public loss's curvature along the
-  # cloud's newest direction (the cloud measures it each refresh: one Hessian-vector product)
-  curvature_cap: float = 0.0
-  # > 0: the plain step's rate at most trace_cap / tr H, tr H the public loss's Hessian trace
-  # (Hutchinson, trace_probes Hessian-vector products on the cloud each refresh)
-  trace_cap: float = 0.0
-  trace_probes: int = 4
-  # > 0: the step along V at most the rate the cloud's backtracking line search accepts on the
-  # public loss over a round's V displacement (this many halvings of lr_v tried), and the plain
-  # step slowed by the same factor the accepted step shrank since the first round; 0 = off
-  line_search: int = 12
-  guidance_format: str = 'f32'  # V on the downlink: f32 | int8 | int4 | ternary | adaptive | link
-  guidance_block: int = 256     # values per codec scale
-  guidance_budget_bytes: int = 0  # adaptive: bytes of V per client and round (> 0)
-  guidance_topk: Optional[float] = None  # keep this share of V's entries; None = all
-
-  def __post_init__(self):
-    _positive('zgr.', self, 'pool_size', 'refresh')
-    _check(0.0 <= self.alpha <= 1.0, f'zgr.alpha must be in [0, 1], got {self.alpha}')
-    _check(_finite(self.beta) and self.beta > 0, f'zgr.beta must be > 0, got {self.beta}')
-    _check(_finite(self.probe_v) and self.probe_v > 0,
-           f'zgr.probe_v must be > 0, got {self.probe_v}')
-    _check(_finite(self.lr_v) and self.lr_v >= 0, f'zgr.lr_v must be >= 0, got {self.lr_v}')
-    _check(0.0 <= self.ema < 1.0, f'zgr.ema must be in [0, 1), got {self.ema}')
-    _check(_finite(self.curvature_cap) and self.curvature_cap >= 0,
-           f'zgr.curvature_cap must be >= 0, got {self.curvature_cap}')
-    _check(_finite(self.trace_cap) and self.trace_cap >= 0,
-           f'zgr.trace_cap must be >= 0, got {self.trace_cap}')
-    _positive('zgr.', self, 'trace_probes')
-    _check(self.line_search >= 0, f'zgr.line_search must be >= 0, got {self.line_search}')
-    _check(self.guidance_format in GUIDANCE_FORMATS,
-           f'zgr.guidance_format must be one of {", ".join(GUIDANCE_FORMATS)}, got '
-           f'{self.guidance_format!r}')
-    _check(self.guidance_format != 'adaptive' or self.guidance_budget_bytes > 0,
-           'zgr.guidance_format=adaptive needs zgr.guidance_budget_bytes > 0')
-    self.codec('f32')  # checks guidance_block and guidance_topk
-
-  def codec(self, fmt: str) -> codec_lib.LeafCodec:
-    return codec_lib.LeafCodec(fmt, self.guidance_block, self.guidance_topk)
-
-  @property
-  def line_trials(self) -> int:
-    """The line search's trials: none without a step along V to search (lr_v = 0)."""
-    return self.line_search if self.lr_v > 0 else 0
-
-  @property
-  def allocates(self) -> bool:
-    """One format per leaf and round under a byte budget ('adaptive' or 'link')."""
-    return self.guidance_format in codec_lib.ALLOCATIONS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -225,40 +163,16 @@ class Cloud:
 
   def __post_init__(self):
     self.step  # pylint: disable=pointless-statement  # validates mode and rates
-    _positive('cloud.', self, 'batches', 'batch_size')
-    _check(self.lag in (0, 1), f'cloud.lag must be 0 or 1, got {self.lag}')
-    _check(self.devices >= 0, f'cloud.devices must be >= 0, got {self.devices}')
-    _check(self.public_examples >= 0,
-           f'cloud.public_examples must be >= 0, got {self.public_examples}')
+    positive('cloud.', self, 'batches', 'batch_size')
+    check(self.lag in (0, 1), f'cloud.lag must be 0 or 1, got {self.lag}')
+    check(self.devices >= 0, f'cloud.devices must be >= 0, got {self.devices}')
+    check(self.public_examples >= 0,
+          f'cloud.public_examples must be >= 0, got {self.public_examples}')
 
   @property
   def step(self) -> CloudConfig:
     """What the cloud's BP step needs (cloud/bp.py)."""
     return CloudConfig(self.mode, self.learning_rate, self.weight_decay)
-
-
-@dataclasses.dataclass(frozen=True)
-class Warm:
-  """warm_start: the cloud trains alone (cloud_only, at cloud.learning_rate) for the first
-  `rounds` rounds, then the scalar protocol `then` (at learning_rate) for the rest.
-  `cloud_rounds`: how many of cloud_only's rounds of compute the cloud phase spends, spread evenly
-  over its rounds (0: one a round); the run's rounds give it cloud_only's whole model."""
-  rounds: int = 10
-  then: str = 'fedmezo'
-  cloud_rounds: int = 0
-
-  def __post_init__(self):
-    _check(isinstance(self.rounds, int) and self.rounds >= 0,
-           f'warm.rounds must be >= 0 (an integer), got {self.rounds!r}')
-    whole = self.cloud_rounds == 0 or (self.rounds > 0 and self.cloud_rounds % self.rounds == 0)
-    _check(isinstance(self.cloud_rounds, int) and self.cloud_rounds >= 0 and whole,
-           f'warm.cloud_rounds must be 0 or a multiple of warm.rounds ({self.rounds!r}), got '
-           f'{self.cloud_rounds!r}')
-
-  @property
-  def cloud_rounds_per_round(self) -> int:
-    """cloud_only rounds of AdamW steps in each warm round."""
-    return self.cloud_rounds // self.rounds if self.cloud_rounds else 1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -270,10 +184,10 @@ class Aggregation:
   clip: float = 1.0             # clip: a client's scalar norm is capped at this x the median's
 
   def __post_init__(self):
-    _check(self.rule in AGGREGATIONS,
-           f'unknown aggregation {self.rule!r}; choose one of {", ".join(AGGREGATIONS)}')
-    _check(0.0 <= self.trim <= 0.5, f'aggregation_trim must be in [0, 0.5], got {self.trim}')
-    _check(_finite(self.clip) and self.clip > 0, f'aggregation_clip must be > 0, got {self.clip}')
+    check(self.rule in AGGREGATIONS,
+          f'unknown aggregation {self.rule!r}; choose one of {", ".join(AGGREGATIONS)}')
+    check(0.0 <= self.trim <= 0.5, f'aggregation_trim must be in [0, 0.5], got {self.trim}')
+    check(finite(self.clip) and self.clip > 0, f'aggregation_clip must be > 0, got {self.clip}')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -289,13 +203,13 @@ class Faults:
   def __post_init__(self):
     for name, upper in (('dropout', 0.99), ('byzantine', 1.0), ('nonfinite', 1.0)):
       value = getattr(self, name)
-      _check(0.0 <= value <= upper, f'faults.{name} must be in [0, {upper}], got {value}')
-    _check(self.deadline >= 0, f'faults.deadline must be >= 0 (0 = no deadline), got '
-           f'{self.deadline}')
-    _check(self.latency_sigma >= 0, f'faults.latency_sigma must be >= 0, got '
-           f'{self.latency_sigma}')
-    _check(_finite(self.byzantine_scale),
-           f'faults.byzantine_scale must be finite, got {self.byzantine_scale}')
+      check(0.0 <= value <= upper, f'faults.{name} must be in [0, {upper}], got {value}')
+    check(self.deadline >= 0, f'faults.deadline must be >= 0 (0 = no deadline), got '
+          f'{self.deadline}')
+    check(self.latency_sigma >= 0, f'faults.latency_sigma must be >= 0, got '
+          f'{self.latency_sigma}')
+    check(finite(self.byzantine_scale),
+          f'faults.byzantine_scale must be finite, got {self.byzantine_scale}')
 
   @property
   def active(self) -> bool:
@@ -315,12 +229,12 @@ class DP:
   delta: float = 1e-5           # epsilon is reported at this delta
 
   def __post_init__(self):
-    _check(_finite(self.clip) and self.clip >= 0, f'dp.clip must be > 0 (0 = DP off), got '
-           f'{self.clip}')
+    check(finite(self.clip) and self.clip >= 0, f'dp.clip must be > 0 (0 = DP off), got '
+          f'{self.clip}')
     if self.clip:
-      _check(_finite(self.noise) and self.noise > 0,
-             f'dp.noise must be > 0 when dp.clip is set, got {self.noise}')
-      _check(0 < self.delta < 1, f'dp.delta must be in (0, 1), got {self.delta}')
+      check(finite(self.noise) and self.noise > 0,
+            f'dp.noise must be > 0 when dp.clip is set, got {self.noise}')
+      check(0 < self.delta < 1, f'dp.delta must be in (0, 1), got {self.delta}')
 
   @property
   def active(self) -> bool:
@@ -335,10 +249,10 @@ class Guard:
   max_rollbacks: int = 5        # then give up with an error
 
   def __post_init__(self):
-    _check(self.spike == 0 or self.spike > 1,
-           f'guard.spike must be > 1 (or 0 = off), got {self.spike}')
-    _positive('guard.', self, 'window')
-    _check(self.max_rollbacks >= 0, f'guard.max_rollbacks must be >= 0, got {self.max_rollbacks}')
+    check(self.spike == 0 or self.spike > 1,
+          f'guard.spike must be > 1 (or 0 = off), got {self.spike}')
+    positive('guard.', self, 'window')
+    check(self.max_rollbacks >= 0, f'guard.max_rollbacks must be >= 0, got {self.max_rollbacks}')
 
   @property
   def active(self) -> bool:
@@ -374,16 +288,20 @@ class Checkpoint:
   ledger: bool = True           # workdir/ledger: each round's received uplinks (experiments.replay)
 
   def __post_init__(self):
-    _check(isinstance(self.every, int) and self.every >= 0,
-           f'checkpoint_every must be >= 0 (0 = off), got {self.every}')
-    _check(isinstance(self.keep, int) and self.keep >= 1,
-           f'keep_checkpoints must be >= 1, got {self.keep}')
+    check(isinstance(self.every, int) and self.every >= 0,
+          f'checkpoint_every must be >= 0 (0 = off), got {self.every}')
+    check(isinstance(self.keep, int) and self.keep >= 1,
+          f'keep_checkpoints must be >= 1, got {self.keep}')
 
 
 @dataclasses.dataclass(frozen=True)
 class RunConfig:
-  """A whole run: the top-level fields plus one instance of every section."""
+  """A whole run: the top-level fields, one instance of every shared section and, in `sections`,
+  of every registered algorithm's own, read like the others (cfg.zgr)."""
   algorithm: str = 'cooperllm'
+  # Modules imported before the algorithm is looked up ('pkg.mod' or 'a.b,c.d'): algorithms in a
+  # user's code register themselves, and their config sections, when imported.
+  algorithm_module: str = ''
   seed: int = 0
   rounds: int = 20
   clients_per_round: int = 4
@@ -399,9 +317,7 @@ class RunConfig:
   model: Model = Model()
   data: Data = Data()
   zo: ZO = ZO()
-  zgr: ZGR = ZGR()
   cloud: Cloud = Cloud()
-  warm: Warm = Warm()
   aggregation: Aggregation = Aggregation()
   faults: Faults = Faults()
   dp: DP = DP()
@@ -409,37 +325,47 @@ class RunConfig:
   system: System = System()
   mesh: Mesh = Mesh()
   checkpoint: Checkpoint = Checkpoint()
+  # (name, section) of every registered algorithm section, by name (defaults unless parsed)
+  sections: tuple = dataclasses.field(default_factory=lambda: tuple(
+      (name, cls()) for name, cls in sorted(_ALGORITHM_SECTIONS.items())))
+
+  def __getattr__(self, name: str):
+    """An algorithm's own section by its name: cfg.zgr."""
+    section = dict(self.__dict__.get('sections', ())).get(name)
+    if section is None:
+      raise AttributeError(f'RunConfig has no field or algorithm section {name!r}')
+    return section
 
   def __post_init__(self):
-    _positive('', self, 'rounds', 'clients_per_round', 'local_steps', 'batch_size',
-              'client_chunk', 'eval_every', 'eval_batch_size')
-    _check(isinstance(self.seed, int) and 0 <= self.seed < 2**31,
-           f'seed must be >= 0 (an integer below 2^31), got {self.seed!r}')
-    _check(_finite(self.learning_rate) and self.learning_rate > 0,
-           f'learning_rate must be finite and > 0, got {self.learning_rate}')
-    _check(_finite(self.weight_decay) and self.weight_decay >= 0,
-           f'weight_decay must be >= 0, got {self.weight_decay}')
-    _check(self.client_backend in CLIENT_BACKENDS,
-           f"client_backend must be 'map' or 'loop', got {self.client_backend!r}")
-    _check(self.clients_per_round <= self.data.num_clients,
-           f'clients_per_round={self.clients_per_round} exceeds '
-           f'num_clients={self.data.num_clients}')
+    positive('', self, 'rounds', 'clients_per_round', 'local_steps', 'batch_size',
+             'client_chunk', 'eval_every', 'eval_batch_size')
+    check(isinstance(self.seed, int) and 0 <= self.seed < 2**31,
+          f'seed must be >= 0 (an integer below 2^31), got {self.seed!r}')
+    check(finite(self.learning_rate) and self.learning_rate > 0,
+          f'learning_rate must be finite and > 0, got {self.learning_rate}')
+    check(finite(self.weight_decay) and self.weight_decay >= 0,
+          f'weight_decay must be >= 0, got {self.weight_decay}')
+    check(self.client_backend in CLIENT_BACKENDS,
+          f"client_backend must be 'map' or 'loop', got {self.client_backend!r}")
+    check(self.clients_per_round <= self.data.num_clients,
+          f'clients_per_round={self.clients_per_round} exceeds '
+          f'num_clients={self.data.num_clients}')
     d = self.data
-    _check(d.test_fraction + d.public_fraction + d.validation_fraction < 1,
-           f'test_fraction + public_fraction + validation_fraction must be < 1, got '
-           f'{d.test_fraction} + {d.public_fraction} + {d.validation_fraction}')
-    _check(not (self.cloud.public_dataset and d.public_fraction),
-           f'cloud.public_dataset={self.cloud.public_dataset!r} replaces the public slice of the '
-           f'clients\' dataset: set public_fraction=0 (got {d.public_fraction})')
+    check(d.test_fraction + d.public_fraction + d.validation_fraction < 1,
+          f'test_fraction + public_fraction + validation_fraction must be < 1, got '
+          f'{d.test_fraction} + {d.public_fraction} + {d.validation_fraction}')
+    check(not (self.cloud.public_dataset and d.public_fraction),
+          f'cloud.public_dataset={self.cloud.public_dataset!r} replaces the public slice of the '
+          f'clients\' dataset: set public_fraction=0 (got {d.public_fraction})')
     profiles = profiles_lib.load_profiles(self.system.profiles or None)
     profiles_lib.pick(profiles, self.system.cloud, 'cloud')
     profiles_lib.pick(profiles, self.system.edge, 'edge')
     clock_lib.client_devices(self.system.clients, profiles, self.data.num_clients, self.seed)
 
 
-SECTIONS = {'model': Model, 'data': Data, 'zo': ZO, 'zgr': ZGR, 'cloud': Cloud, 'warm': Warm,
-            'aggregation': Aggregation, 'faults': Faults, 'dp': DP, 'guard': Guard,
-            'system': System, 'mesh': Mesh, 'checkpoint': Checkpoint}
+SECTIONS = {'model': Model, 'data': Data, 'zo': ZO, 'cloud': Cloud, 'aggregation': Aggregation,
+            'faults': Faults, 'dp': DP, 'guard': Guard, 'system': System, 'mesh': Mesh,
+            'checkpoint': Checkpoint}
 # Top-level ConfigDict keys that belong to a section: key -> (section, field).
 _FLAT = {'model': ('model', 'name'), 'pooling': ('model', 'pooling'),
          'dtype': ('model', 'dtype'), 'param_dtype': ('model', 'param_dtype'),
@@ -449,8 +375,61 @@ _FLAT = {'model': ('model', 'name'), 'pooling': ('model', 'pooling'),
          'aggregation_clip': ('aggregation', 'clip'),
          'checkpoint_every': ('checkpoint', 'every'), 'keep_checkpoints': ('checkpoint', 'keep'),
          'ledger': ('checkpoint', 'ledger')}
-_NESTED = ('zo', 'zgr', 'cloud', 'warm', 'faults', 'dp', 'guard', 'system', 'mesh')
-_TOP = tuple(f.name for f in dataclasses.fields(RunConfig) if f.name not in SECTIONS)
+_NESTED = ('zo', 'cloud', 'faults', 'dp', 'guard', 'system', 'mesh')
+_TOP = tuple(f.name for f in dataclasses.fields(RunConfig)
+             if f.name not in SECTIONS and f.name != 'sections')
+# Algorithm sections: name -> frozen dataclass (add_section). A section class may name
+#   RENAMED = {'zo.old_key': 'field'}: where an earlier version kept a field (canonical() moves it)
+#   RETIRED = {'field': (value, why)}: a removed field, accepted at the value it always had
+_ALGORITHM_SECTIONS: dict = {}
+
+
+def add_section(name: str, cls: type) -> None:
+  """Makes `name` a config section parsed into `cls`, a frozen dataclass whose __post_init__
+  validates it (registry.register calls this for an algorithm's own section)."""
+  taken = set(SECTIONS) | set(_FLAT) | set(_TOP) | {'sections'}
+  if name in taken or _ALGORITHM_SECTIONS.get(name, cls) is not cls:
+    raise ValueError(f'config section {name!r} is taken')
+  if not (dataclasses.is_dataclass(cls) and cls.__dataclass_params__.frozen):
+    raise TypeError(f'config section {name!r} must be a frozen dataclass, got {cls!r}')
+  _ALGORITHM_SECTIONS[name] = cls
+
+
+def algorithm_sections() -> dict:
+  """{name: section class} of every registered algorithm section."""
+  return dict(_ALGORITHM_SECTIONS)
+
+
+def load_modules(names: str) -> None:
+  """Imports the modules of `algorithm_module` ('a.b,c.d'; '' = none), registering the
+  algorithms and sections they define; one that cannot be imported is a one-line ConfigError."""
+  check(isinstance(names, str), f'algorithm_module must be module names, got {names!r}')
+  for name in filter(None, (n.strip() for n in names.split(','))):
+    try:
+      importlib.import_module(name)
+    except ImportError as e:
+      raise ConfigError(f'algorithm_module {name!r} cannot be imported ({e}); it must be on the '
+                        'Python path (an installed package, or run from its directory)') from None
+
+
+def canonical(raw: dict) -> dict:
+  """A copy of a config as plain data (ConfigDict.to_dict(), or a saved config.json) in today's
+  layout: algorithm_module's modules imported, and every field a section's RENAMED lists moved
+  from where an earlier version kept it (zo.kseed_candidates -> fedkseed.candidates), so a
+  finished run's config.json parses, compares and resumes as the same run."""
+  raw = copy.deepcopy(dict(raw))
+  load_modules(raw.get('algorithm_module', ''))
+  for name, cls in sorted(_ALGORITHM_SECTIONS.items()):
+    for old, new in getattr(cls, 'RENAMED', {}).items():
+      where, key = old.split('.')
+      if isinstance(raw.get(where), dict) and key in raw[where]:
+        value = raw[where].pop(key)
+        section = raw.setdefault(name, {})
+        check(section.get(new, value) == value,
+              f'{old}={value!r} and {name}.{new}={section.get(new)!r} disagree: {old} is the '
+              f'former name of {name}.{new}; set that one only')
+        section[new] = value
+  return raw
 
 
 def _unknown(key: str, known, where: str = '') -> ConfigError:
@@ -464,16 +443,12 @@ def _plain(value):
   return tuple(value) if isinstance(value, list) else value
 
 
-# Fields of earlier versions that config.json files of finished runs still hold: accepted at the
-# value they always had (so those runs stay comparable and resumable), an error otherwise.
-_RETIRED = {'zgr.': {'alpha_min': (0.05, 'the adaptive mixing no longer moves alpha'),
-                     'alpha_max': (0.95, 'the adaptive mixing no longer moves alpha')}}
-
-
 def _section(cls, values: dict, where: str):
   names = {f.name for f in dataclasses.fields(cls)}
   values = dict(values)
-  for key, (old, why) in _RETIRED.get(where, {}).items():
+  # Fields of earlier versions that config.json files of finished runs still hold: accepted at the
+  # value they always had (so those runs stay comparable and resumable), an error otherwise.
+  for key, (old, why) in getattr(cls, 'RETIRED', {}).items():
     if key in values:
       value = values.pop(key)
       if value != old:
@@ -491,11 +466,12 @@ def parse(config: Any) -> RunConfig:
   """The typed, validated run config of a ConfigDict (or a plain dict of the same layout)."""
   if isinstance(config, RunConfig):
     return config
-  raw = config.to_dict() if hasattr(config, 'to_dict') else dict(config)
-  sections = {name: {} for name in SECTIONS}
+  raw = canonical(config.to_dict() if hasattr(config, 'to_dict') else config)
+  nested = set(_NESTED) | set(_ALGORITHM_SECTIONS)
+  sections = {name: {} for name in (*SECTIONS, *_ALGORITHM_SECTIONS)}
   top = {}
   for key, value in raw.items():
-    if key in _NESTED:
+    if key in nested:
       if not isinstance(value, dict):
         raise ConfigError(f'config field {key} must be a section (a dict), got {value!r}')
       sections[key].update(value)
@@ -505,10 +481,12 @@ def parse(config: Any) -> RunConfig:
     elif key in _TOP:
       top[key] = _plain(value)
     else:
-      raise _unknown(key, set(_TOP) | set(_FLAT) | set(_NESTED))
+      raise _unknown(key, set(_TOP) | set(_FLAT) | nested)
   built = {name: _section(cls, sections[name], f'{name}.' if name in _NESTED else '')
            for name, cls in SECTIONS.items()}
+  own = tuple((name, _section(cls, sections[name], f'{name}.'))
+              for name, cls in sorted(_ALGORITHM_SECTIONS.items()))
   try:
-    return RunConfig(**top, **built)
+    return RunConfig(**top, **built, sections=own)
   except TypeError as e:
     raise ConfigError(f'config: {e}') from None

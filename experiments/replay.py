@@ -2,14 +2,16 @@ r"""Rebuilds a run's global model from the pretrained weights and its ledger, an
 
   python -m experiments.replay --workdir=workdir/demo
 
-Reads the run's config.json, loads its model and data (the base weights and the edge's settings
-come from them), checks the ledger's sha256 of the base trainable weights, replays every round
-with the run's own edge function (`algorithm.edge_update`, the same jitted code on the same inputs)
-and compares the rebuilt trainable weights with every checkpoint kept in workdir/checkpoints. The
-comparison is bitwise: the edge is deterministic on a given machine and backend, so any difference
-is a corrupt or mismatched ledger (a resumed run's ledger replays like an uninterrupted one's).
-Prints one `replay:` line; a mismatch, a missing round or a corrupt record prints one `error:` line
-and exits 2. fedavg_bp's ledger is not replayable (its clients upload dense deltas).
+Reads the run's config.json (its algorithm_module imported, so an algorithm in a user's code
+replays too), loads its model and data (the base weights and the edge's settings come from them),
+checks the ledger's sha256 of the base trainable weights, replays every round with the run's own
+edge update (`algorithm.edge_update`: the same jitted code on the same inputs, the algorithm's own
+state with it) and compares the rebuilt trainable weights with every checkpoint kept in
+workdir/checkpoints. The comparison is bitwise: the edge is deterministic on a given machine and
+backend, so any difference is a corrupt or mismatched ledger (a resumed run's ledger replays like
+an uninterrupted one's). Prints one `replay:` line; an algorithm that is not replayable
+(`replayable = False`: fedavg_bp, cloud_only, warm_start), a mismatch, a missing round or a corrupt
+record prints one `error:` line and exits 2.
 """
 
 import json
@@ -42,42 +44,45 @@ def replay(workdir, log=print) -> str:
   from cooperllm_jax import checkpoint as checkpoint_lib  # pylint: disable=g-import-not-at-top
   from cooperllm_jax import config as config_lib  # pylint: disable=g-import-not-at-top
   from cooperllm_jax.federated import ledger as ledger_lib  # pylint: disable=g-import-not-at-top
+  from cooperllm_jax.federated import registry  # pylint: disable=g-import-not-at-top
   from cooperllm_jax.run import loop  # pylint: disable=g-import-not-at-top
   workdir = pathlib.Path(workdir)
   try:
     config = ml_collections.ConfigDict(json.loads((workdir / 'config.json').read_text()))
   except (OSError, ValueError):
     raise CheckpointError(f'{workdir} holds no run (no readable config.json)') from None
+  cfg = config_lib.parse(config)
+  if not registry.lookup(cfg.algorithm).replayable:
+    raise CheckpointError(f'{cfg.algorithm} is not replayable: the ledger does not hold all its '
+                          'updates (its class sets replayable = False)')
   ledger = ledger_lib.Ledger(workdir / 'ledger')
   meta = ledger.meta()
-  if not meta['replayable']:
-    raise CheckpointError(f'{meta["algorithm"]} is not replayable: its clients upload dense '
-                          'deltas, which the ledger does not keep')
   if not (workdir / 'checkpoints').is_dir():
     raise CheckpointError(f'{workdir} has no checkpoints to compare the replay with '
                           '(checkpoint_every was 0)')
-  cfg = config_lib.parse(config)
   task, algorithm = loop.prepare(cfg)
   state = algorithm.init(task.pre.params)
-  if checkpoint_lib.tree_sha256(algorithm.trainable(state)) != meta['base_trainable_sha256']:
+  if checkpoint_lib.tree_sha256(state.trainable) != meta['base_trainable_sha256']:
     raise CheckpointError('the pretrained trainable weights differ from the ones the ledger '
                           'started from (another model, seed or asset version)')
   checkpoints = checkpoint_lib.Checkpointer(workdir / 'checkpoints', log=log)
   template = checkpoint_lib.template(state, cfg.guard.active)
   targets = {}
-  for step in checkpoints.steps():
-    found = checkpoints.restore(template, upto=step)
-    if found is not None and found[0] == step:
-      targets[step] = found[1]['state']['trainable']
-  checkpoints.close()   # before any error: an open manager left to the exit prints tracebacks
+  try:
+    for step in checkpoints.steps():
+      found = checkpoints.restore(template, upto=step)
+      if found is not None and found[0] == step:
+        targets[step] = found[1]['state'].trainable
+  finally:
+    checkpoints.close()   # before any error: an open manager left to the exit prints tracebacks
   if not targets:
     raise CheckpointError(f'no readable checkpoint in {workdir / "checkpoints"} to compare with')
-  guide = state.get('guidance')
   verified, last = [], 0
-  for r, trainable in ledger_lib.rebuild(ledger, algorithm.edge_update, state['trainable'], guide):
+  for r, rebuilt in ledger_lib.rebuild(ledger, algorithm.edge_update,
+                                       state._replace(frozen=None), algorithm.guide(state)):
     last = r
     if r in targets:
-      diff = _first_difference(trainable, targets[r])
+      diff = _first_difference(rebuilt.trainable, targets[r])
       if diff:
         raise CheckpointError(f'round {r}: the model rebuilt from the ledger differs from '
                               f'checkpoint {r}: {diff}')

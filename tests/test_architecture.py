@@ -1,5 +1,6 @@
-"""The package's shape: no import cycles, no algorithm names compared outside the registry, one
-algorithm = one file plus a registry line (a toy one registered here), typed config parsing."""
+"""The package's shape: no import cycles, no algorithm names compared outside the registry, typed
+algorithm states, one algorithm = one file plus a registry line (a toy one registered here), typed
+config parsing."""
 
 import ast
 import dataclasses
@@ -85,6 +86,16 @@ def test_no_algorithm_name_is_compared_outside_the_registry():
   for path in PACKAGE.rglob('*.py'):
     for i, line in enumerate(path.read_text().splitlines(), 1):
       if 'algorithm ==' in line or 'self.name ==' in line or '.algorithm in ' in line:
+        offenders.append(f'{path.relative_to(REPO)}:{i}: {line.strip()}')
+  assert not offenders, offenders
+
+
+def test_states_are_read_by_their_typed_fields():
+  """Algorithm states are NamedTuples (api.ServerState and each algorithm's own): no key lookups."""
+  offenders = []
+  for path in PACKAGE.rglob('*.py'):
+    for i, line in enumerate(path.read_text().splitlines(), 1):
+      if 'state[' in line or 'state.get(' in line:
         offenders.append(f'{path.relative_to(REPO)}:{i}: {line.strip()}')
   assert not offenders, offenders
 

@@ -55,13 +55,13 @@ def test_cloud_only_is_adamw_on_the_public_set_and_never_reads_the_clients():
   cloud = dict(tz.config('cloud_only').cloud)
   want = _adamw_on_public(ROUNDS, lr, cloud)
   for r in range(ROUNDS):
-    for x, y in zip(jax.tree.leaves(states[r + 1]['trainable']), jax.tree.leaves(want[r])):
+    for x, y in zip(jax.tree.leaves(states[r + 1].trainable), jax.tree.leaves(want[r])):
       np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6)
   # The clients' batches do not matter: garbage in their place gives the same model.
   garbage = lambda r: jax.tree.map(jnp.zeros_like, tz.round_batches(r))
   _, other, _, _ = _run(make_algorithm(tz.config('cloud_only', learning_rate=lr), tz.MODEL,
                                        tz.PUBLIC), ROUNDS, garbage)
-  for x, y in zip(jax.tree.leaves(state['trainable']), jax.tree.leaves(other['trainable'])):
+  for x, y in zip(jax.tree.leaves(state.trainable), jax.tree.leaves(other.trainable)):
     np.testing.assert_array_equal(x, y)
   for result in results:     # no client ran, sent or received anything; the cloud worked
     assert result.forwards.sum() == result.uplink_bytes.sum() == 0 and result.cloud_ran
@@ -80,18 +80,18 @@ def test_warm_start_is_cloud_only_then_fedmezo_from_its_model():
   _, _, cloud_states, _ = _run(make_algorithm(tz.config('cloud_only', learning_rate=cloud_lr),
                                               tz.MODEL, tz.PUBLIC), WARM)
   for r in range(1, WARM + 1):
-    for x, y in zip(jax.tree.leaves(states[r]['trainable']),
-                    jax.tree.leaves(cloud_states[r]['trainable'])):
+    for x, y in zip(jax.tree.leaves(states[r].trainable),
+                    jax.tree.leaves(cloud_states[r].trainable)):
       np.testing.assert_array_equal(x, y)
     assert results[r - 1].cloud_ran and results[r - 1].uplink is None
   # ... and the later rounds FedMeZO's, started from the warm model.
   fedmezo = make_algorithm(tz.config('fedmezo', learning_rate=zo_lr), tz.MODEL)
   params = jax.tree.map(jnp.asarray, tz.PARAMS_NP)
-  params = dict(params, head=jax.tree.map(jnp.asarray, states[WARM]['trainable']['head']))
+  params = dict(params, head=jax.tree.map(jnp.asarray, states[WARM].trainable['head']))
   state = fedmezo.init(params)
   for r in range(WARM + 1, ROUNDS + 1):
     state, result = fedmezo.run_round(state, tz.round_batches(r), tz.COUNTS, tz.CLIENT_IDS, r)
-    for x, y in zip(jax.tree.leaves(states[r]['trainable']), jax.tree.leaves(state['trainable'])):
+    for x, y in zip(jax.tree.leaves(states[r].trainable), jax.tree.leaves(state.trainable)):
       np.testing.assert_array_equal(x, y)
     np.testing.assert_array_equal(results[r - 1].uplink.scalars, result.uplink.scalars)
     assert not results[r - 1].cloud_ran
@@ -107,7 +107,7 @@ def test_warm_start_with_the_whole_cloud_budget_starts_zo_from_cloud_only_final_
   alg, _, states, results = _run(make_algorithm(config, tz.MODEL, tz.PUBLIC), WARM)
   want = _adamw_on_public(ROUNDS, cloud_lr, dict(config.cloud))
   for r in range(1, WARM + 1):     # warm round r holds cloud_only's round r * ROUNDS / WARM
-    for x, y in zip(jax.tree.leaves(states[r]['trainable']),
+    for x, y in zip(jax.tree.leaves(states[r].trainable),
                     jax.tree.leaves(want[r * ROUNDS // WARM - 1])):
       np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6)
     assert results[r - 1].cloud_ran
@@ -135,9 +135,9 @@ def test_fedavg_bp_trains_the_runs_trainable_subset_only(mode):
   alg, state, states, _ = _run(make_algorithm(config, tz.MODEL), 2)
   start = Subset(mode, lora_rank=4, lora_alpha=8.0).split(
       jax.tree.map(jnp.asarray, tz.PARAMS_NP), jax.random.key(0))
-  assert jax.tree.structure(state['trainable']) == jax.tree.structure(start[0])
-  for x, y in zip(jax.tree.leaves(state['frozen']), jax.tree.leaves(start[1])):
+  assert jax.tree.structure(state.trainable) == jax.tree.structure(start[0])
+  for x, y in zip(jax.tree.leaves(state.frozen), jax.tree.leaves(start[1])):
     np.testing.assert_array_equal(x, y)                     # the frozen body never moves
-  assert any(not np.array_equal(x, y) for x, y in zip(jax.tree.leaves(state['trainable']),
+  assert any(not np.array_equal(x, y) for x, y in zip(jax.tree.leaves(state.trainable),
                                                       jax.tree.leaves(start[0])))
   assert tz.full_loss(alg.model_params(state)) < tz.full_loss(tz.PARAMS_NP)

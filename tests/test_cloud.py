@@ -335,12 +335,12 @@ for devices in (0, 4):
   finals[devices] = state
   if devices:
     out['cloud_mesh_devices'] = sorted(d.id for d in alg.guidance.cloud_mesh.devices.flat)
-    out['pending_devices'] = sorted({d.id for x in jax.tree.leaves(state['pending']['direction'])
+    out['pending_devices'] = sorted({d.id for x in jax.tree.leaves(state.extra.pending.direction)
                                      for d in x.devices()})
-    out['trainable_devices'] = sorted({d.id for x in jax.tree.leaves(state['trainable'])
+    out['trainable_devices'] = sorted({d.id for x in jax.tree.leaves(state.trainable)
                                        for d in x.devices()})
-out['split_vs_single'] = tc._diff(finals[4]['trainable'], finals[0]['trainable'])
-out['split_moved'] = tc._diff(finals[4]['trainable'],
+out['split_vs_single'] = tc._diff(finals[4].trainable, finals[0].trainable)
+out['split_moved'] = tc._diff(finals[4].trainable,
                               {'head': jax.tree.map(jnp.asarray, tz.PARAMS_NP['head'])})
 print('RESULT ' + json.dumps(out))
 '''

@@ -26,6 +26,7 @@ from cooperllm_jax.federated import faults as faults_lib
 from cooperllm_jax.federated.clients import Uplink
 from cooperllm_jax.run import guard as guard_lib
 from cooperllm_jax.federated.algorithms import make_algorithm
+from cooperllm_jax.federated.api import ServerState
 from cooperllm_jax.federated.privacy import GaussianPrivacy
 from cooperllm_jax.reporting import truncate_metrics
 
@@ -67,7 +68,7 @@ def _attacked_round(name, rules):
   """Round 1 of test_zo_algorithms' cached run, with client 0's scalars x -10: the distance of each
   rule's update from the clean FedAvg update, and the clean update's size."""
   h = tz.history(name)
-  result, start, clean = h['results'][0], h['states'][0], h['states'][1]['trainable']
+  result, start, clean = h['results'][0], h['states'][0], h['states'][1].trainable
   attacked = result.uplink._replace(
       scalars=result.uplink.scalars * np.float32([-10, 1, 1])[:, None, None])
   dist = {}
@@ -75,12 +76,12 @@ def _attacked_round(name, rules):
     c = tz.config(name)
     c.aggregation = rule
     alg = make_algorithm(c, tz.MODEL, tz.PUBLIC)
-    new = alg.edge_update(jax.tree.map(jnp.asarray, start['trainable']), attacked,
-                          result.client_weights, start['lr'], None)
+    new = alg.edge_update(jax.tree.map(jnp.asarray, start), attacked, result.client_weights,
+                          None).trainable
     dist[rule] = math.sqrt(sum(float(np.sum((np.asarray(a) - b) ** 2)) for a, b in
                                zip(jax.tree.leaves(new), jax.tree.leaves(clean))))
   step = math.sqrt(sum(float(np.sum((a - b) ** 2)) for a, b in
-                       zip(jax.tree.leaves(clean), jax.tree.leaves(start['trainable']))))
+                       zip(jax.tree.leaves(clean), jax.tree.leaves(start.trainable))))
   return dist, step
 
 
@@ -137,9 +138,9 @@ def test_a_round_in_which_every_client_drops_leaves_the_model_unchanged():
                                             byzantine=0.0, byzantine_scale=-10.0, nonfinite=0.0))
   alg = make_algorithm(c, tz.MODEL, tz.PUBLIC)
   state = alg.init(jax.tree.map(jnp.asarray, tz.PARAMS_NP))
-  before = tz.snapshot(state['trainable'])
+  before = tz.snapshot(state.trainable)
   state, result = alg.run_round(state, tz.round_batches(1), tz.COUNTS, tz.CLIENT_IDS, 1)
-  for x, y in zip(jax.tree.leaves(state['trainable']), jax.tree.leaves(before)):
+  for x, y in zip(jax.tree.leaves(state.trainable), jax.tree.leaves(before)):
     np.testing.assert_array_equal(x, y)
   assert result.metrics['dropped'] == 3 and result.uplink_bytes.sum() == 0
   assert result.forwards.sum() == 0
@@ -163,7 +164,7 @@ def test_fault_and_aggregation_fields_are_validated():
 # -- divergence guard ------------------------------------------------------------------------------
 
 def _state(v, lr=0.1):
-  return {'trainable': {'w': jnp.full(3, float(v))}, 'lr': jnp.float32(lr)}
+  return ServerState({'w': jnp.full(3, float(v))}, None, jnp.float32(lr))
 
 
 def test_guard_rolls_back_to_the_last_vouched_model_and_halves_the_rate():
@@ -172,13 +173,13 @@ def test_guard_rolls_back_to_the_last_vouched_model_and_halves_the_rate():
   for r, loss in enumerate([1.0, 0.9, 1.1, 2.5], 1):                  # no spike yet
     state, rolled = guard.after_round(guard_lib.copy_state(state), _state(r), loss, r)
     assert not rolled
-  assert float(guard.good['trainable']['w'][0]) == 3    # the model that entered round 4
+  assert float(guard.good.trainable['w'][0]) == 3    # the model that entered round 4
   state, rolled = guard.after_round(guard_lib.copy_state(state), _state(5), None, 5)
-  assert not rolled and float(state['trainable']['w'][0]) == 5     # nobody reported: no verdict
+  assert not rolled and float(state.trainable['w'][0]) == 5     # nobody reported: no verdict
   # median(0.9, 1.1, 2.5) = 1.1: 3.4 > 3 x 1.1 is a spike -> back to the model vouched for last.
   state, rolled = guard.after_round(guard_lib.copy_state(state), _state(6), 3.4, 6)
-  assert rolled and float(state['trainable']['w'][0]) == 3
-  assert float(state['lr']) == pytest.approx(0.05)
+  assert rolled and float(state.trainable['w'][0]) == 3
+  assert float(state.lr) == pytest.approx(0.05)
   with pytest.raises(TrainingError, match='rollbacks'):
     guard.after_round(guard_lib.copy_state(state), _state(7), float('nan'), 7)
   with pytest.raises(ConfigError, match='guard.spike'):
@@ -192,7 +193,7 @@ def test_guard_catches_a_blow_up_before_it_has_a_median():
   state, rolled = guard.after_round(guard_lib.copy_state(_state(0)), _state(1), 0.7, 1)
   assert not rolled and not guard.is_spike(9.9)
   state, rolled = guard.after_round(guard_lib.copy_state(state), _state(2), 3e9, 2)
-  assert rolled and float(state['trainable']['w'][0]) == 0   # the model round 1's loss vouched for
+  assert rolled and float(state.trainable['w'][0]) == 0   # the model round 1's loss vouched for
   with pytest.raises(TrainingError, match='after 1 rollbacks'):
     guard.after_round(guard_lib.copy_state(state), _state(3), 11.0, 3)
 

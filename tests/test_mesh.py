@@ -47,7 +47,7 @@ def run(name, mesh=None):
                                        tz.BATCH, 0, r)
     batches, counts = mesh_lib.host_local_batches(alg.mesh, SAMPLED, load)
     state, result = alg.run_round(state, batches, counts, SAMPLED, r)
-    leaves = jax.tree.leaves(state['trainable'])
+    leaves = jax.tree.leaves(state.trainable)
     rounds.append({'trainable': [np.asarray(x).tolist() for x in leaves],
                    'addresses': result.uplink.addresses.tolist(),
                    'scalars': result.uplink.scalars.tolist(), 'losses': result.losses.tolist()})
@@ -120,7 +120,7 @@ out = {}
 for name in ('fedmezo', 'cooperllm'):
   _, _, _, out[name + '_one'] = tm.run(name)
   alg, state, batches, out[name + '_mesh'] = tm.run(name, (8, 1, 1))
-  x, leaves = batches['input_ids'], jax.tree.leaves(state['trainable'])
+  x, leaves = batches['input_ids'], jax.tree.leaves(state.trainable)
   out[name + '_facts'] = {
       'mesh': dict(alg.mesh.shape), 'batch_spec': list(x.sharding.spec),
       'batch_shards': sorted({tuple(s.data.shape) for s in x.addressable_shards}),
@@ -131,8 +131,8 @@ for name in ('fedmezo', 'cooperllm'):
     out[name + '_facts']['cloud_mesh'] = dict(alg.guidance.cloud_mesh.shape)
   else:  # the clients' program its rounds ran, compiled for its last round's inputs
     batches, _, clients, r = mesh_lib.place_round(alg.mesh, batches, None, tm.SAMPLED, ROUND)
-    compiled = alg.round.clients.lower(state['trainable'], state['frozen'], batches, clients, r,
-                                  state['lr']).compile()
+    compiled = alg.round.clients.lower(state.trainable, state.frozen, batches, clients, r,
+                                  state.lr).compile()
 
 # That program: batches enter split over 'clients', one client per device, and the only
 # collectives gather the uplinks and losses.

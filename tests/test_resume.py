@@ -165,15 +165,14 @@ def test_resume_without_checkpoints_or_run_is_one_line(tmp_path):
   assert 'pass one of them' in _error_line(_train(tmp_path / 'x', '--resume', '--overwrite'))
 
 
-def test_replay_refuses_dense_protocols_and_missing_ledgers(tmp_path):
-  wd = _fake_run(tmp_path, 'fedavg_bp')
+@pytest.mark.parametrize('algorithm, message', [
+    ('fedavg_bp', 'fedavg_bp is not replayable'), ('cloud_only', 'cloud_only is not replayable'),
+    ('fedmezo', 'no readable ledger meta.json')])
+def test_replay_refuses_dense_protocols_and_missing_ledgers(tmp_path, algorithm, message):
+  wd = _fake_run(tmp_path, algorithm)
   cmd = [sys.executable, '-m', 'experiments.replay', f'--workdir={wd}']
-  run = lambda: subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
-  assert 'no readable ledger meta.json' in _error_line(run())
-  (wd / 'ledger').mkdir()
-  (wd / 'ledger' / 'meta.json').write_text(json.dumps({'algorithm': 'fedavg_bp',
-                                                       'replayable': False}))
-  assert 'fedavg_bp is not replayable' in _error_line(run())
+  assert message in _error_line(subprocess.run(cmd, cwd=REPO, capture_output=True, text=True,
+                                               timeout=300))
 
 
 # -- bad inputs that need files -------------------------------------------------------------------

@@ -171,7 +171,7 @@ def test_pooling_against_a_direct_sum():
   weighted sum written out; a round given 1/10,000 the weight barely moves the pooled estimate."""
   x, se, decay = np.array([1.0, 2.0, 50.0]), np.array([0.5, 0.4, 40.0]), 0.8
   weight = 1.0 / np.array([0.5, 0.4, 50.0]) ** 2
-  running = {'w': 0.0, 'x': 0.0, 'v': 0.0}
+  running = mixing.Pooled.empty()
   for xi, si, wi in zip(x, se, weight):
     running = mixing.accumulate(running, jnp.float32(xi), jnp.float32(si), jnp.float32(wi), decay)
   w = decay ** np.arange(len(x))[::-1] * weight
@@ -179,7 +179,7 @@ def test_pooling_against_a_direct_sum():
   assert float(mean) == pytest.approx(np.sum(w * x) / np.sum(w), rel=1e-5)
   assert float(err) == pytest.approx(np.sqrt(np.sum(w ** 2 * se ** 2)) / np.sum(w), rel=1e-5)
   assert abs(float(mean) - 1.6) < 0.1
-  empty_mean, empty_se = mixing.pooled({'w': 0.0, 'x': 0.0, 'v': 0.0})
+  empty_mean, empty_se = mixing.pooled(mixing.Pooled.empty())
   assert float(empty_mean) == 0.0 and np.isinf(float(empty_se))
 
 
@@ -199,7 +199,7 @@ def test_pooled_estimates_are_unbiased_over_many_rounds():
   g = b * u @ np.full(m, np.sqrt(h_sq / m), np.float32) + a * np.sqrt(g_sq) * (
       rng.standard_normal((rounds, n)).astype(np.float32))
   ests = jax.vmap(lambda gg, uu: mixing.regression(gg, uu, guide))(g, u)
-  empty = {'w': 0.0, 'x': 0.0, 'v': 0.0}
+  empty = mixing.Pooled.empty()
   proj, grad, by_own_se = empty, empty, empty
   for k in range(rounds):
     e = jax.tree.map(lambda x: x[k], ests)

@@ -72,8 +72,7 @@ def round_batches(round_index):
 def config(name, **over):
   zo = dict(eps=1e-3, probes=2, scheme='central', distribution='gaussian', clip=None,
             trainable='head', lora_rank=4, lora_alpha=8.0, lora_targets=('attn/q', 'attn/v'),
-            kseed_candidates=4096, fwdllm_candidates=FWD_CANDIDATES, fwdllm_min_probes=FWD_MIN,
-            fwdllm_var_threshold=0.5, perturb_impl='xla', base_weights='f32', base_group=32)
+            perturb_impl='xla', base_weights='f32', base_group=32)
   if name == 'fwdllm':
     zo['probes'] = FWD_PROBES
   if name == 'fedavg_bp':
@@ -90,8 +89,11 @@ def config(name, **over):
   lr = {'fedavg_bp': 3e-3}.get(name, 0.1)  # cooperllm's step along V has its own rate (zgr lr_v)
   # clients_per_round: what a mesh of up to 8 'clients' devices must divide (test_mesh.py); the
   # rounds here pass their own client ids.
+  fwdllm = dict(candidates=FWD_CANDIDATES, min_probes=FWD_MIN, var_threshold=0.5)
+  fwdllm.update(over.pop('fwdllm', {}))
   c = dict(algorithm=name, learning_rate=lr, weight_decay=0.0, clients_per_round=8,
-           client_chunk=1, client_backend='map', seed=0, zo=zo, zgr=zgr, cloud=cloud)
+           client_chunk=1, client_backend='map', seed=0, zo=zo, zgr=zgr, cloud=cloud,
+           fwdllm=fwdllm)
   c.update(over)
   return ml_collections.ConfigDict(c)
 
@@ -126,7 +128,7 @@ def history(name, rounds=ROUNDS, chunk=1, backend='map', link_budget=None, **ove
 
 def zoo_size(h) -> int:
   """d: the trainable weights the estimator spans."""
-  return sum(x.size for x in jax.tree.leaves(h['states'][0]['trainable']))
+  return sum(x.size for x in jax.tree.leaves(h['states'][0].trainable))
 
 
 def weights():
@@ -181,7 +183,7 @@ def test_fedmezo_global_model_is_the_count_weighted_average_of_local_results():
   client = jax.jit(alg.client_update)
   for r in (1, 2):
     before, after = h['states'][r - 1], h['states'][r]
-    t0, frozen = before['trainable'], before['frozen']
+    t0, frozen = before.trainable, before.frozen
     uplink = h['results'][r - 1].uplink
     local = []
     for i, c in enumerate(CLIENT_IDS):
@@ -193,7 +195,7 @@ def test_fedmezo_global_model_is_the_count_weighted_average_of_local_results():
       local.append(snapshot(t))
     avg = jax.tree.map(lambda *xs: sum(w * x for w, x in zip(weights(), xs)), *local)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7),
-                 after['trainable'], avg)
+                 after.trainable, avg)
     # Power: the unweighted mean, or any single client, is off by far more than the tolerance.
     plain = jax.tree.map(lambda *xs: sum(xs) / 3, *local)
     assert max_rel_diff(plain, avg) > 1e-3
@@ -218,12 +220,12 @@ def test_decomfl_shares_directions_and_its_edge_equals_replaying_every_client(di
   for r in (1, 2):
     up = h['results'][r - 1].uplink
     coefs = zoo.coefficients(alg.lr, up.scalars, up.weights) * weights()[:, None, None]
-    every = replay(h['states'][r - 1]['trainable'], alg.seed,
+    every = replay(h['states'][r - 1].trainable, alg.seed,
                    jnp.asarray(up.addresses).reshape(-1, 4), coefs.reshape(-1),
                    distribution=distribution)
     jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-7),
-                 h['states'][r]['trainable'], every)
-    moved = max_rel_diff(h['states'][r]['trainable'], h['states'][r - 1]['trainable'])
+                 h['states'][r].trainable, every)
+    moved = max_rel_diff(h['states'][r].trainable, h['states'][r - 1].trainable)
     assert moved > 1e-3
 
 
@@ -252,10 +254,10 @@ def test_fedkseed_draws_from_the_candidate_pool_and_fits_its_byte_budget():
     np.add.at(acc, up.addresses[..., 3].ravel(), coefs.ravel())
   used = np.nonzero(acc)[0]
   ledger = np.stack([np.full_like(used, -1)] * 3 + [used], -1).astype(np.int32)
-  synced = jax.jit(zoo.replay)(h['states'][0]['trainable'], alg.seed, jnp.asarray(ledger),
+  synced = jax.jit(zoo.replay)(h['states'][0].trainable, alg.seed, jnp.asarray(ledger),
                                jnp.asarray(acc[used], jnp.float32))
   jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-6),
-               synced, h['states'][-1]['trainable'])
+               synced, h['states'][-1].trainable)
 
 
 def _stops_here(g, thr):
@@ -297,8 +299,8 @@ def test_fwdllm_adaptive_probes_and_cosine_choice():
     np.testing.assert_array_equal(result.uplink_bytes, n.sum(-1) * 5 + STEPS + 4)
   assert len(set(used_counts)) > 1, used_counts                          # it does adapt
   # Round 2's choices maximize |cos(z, previous global update)| among each slot's candidates.
-  prev = jax.tree.map(lambda a, b: a - b, h['states'][1]['trainable'], h['states'][0]['trainable'])
-  jax.tree.map(np.testing.assert_array_equal, h['states'][1]['prev_update'], prev)
+  prev = jax.tree.map(lambda a, b: a - b, h['states'][1].trainable, h['states'][0].trainable)
+  jax.tree.map(np.testing.assert_array_equal, h['states'][1].extra.prev_update, prev)
   up = h['results'][1].uplink
   for c, s in ((0, 0), (2, STEPS - 1)):
     slot = 0
@@ -310,10 +312,10 @@ def test_fwdllm_adaptive_probes_and_cosine_choice():
   # Replaying the uplink (unused slots included, with weight 0) gives the edge's model.
   r = 2
   coefs = zoo.coefficients(alg.lr, up.scalars, up.weights) * weights()[:, None, None]
-  every = jax.jit(zoo.replay)(h['states'][r - 1]['trainable'], alg.seed,
+  every = jax.jit(zoo.replay)(h['states'][r - 1].trainable, alg.seed,
                               jnp.asarray(up.addresses).reshape(-1, 4), coefs.reshape(-1))
   jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-7),
-               h['states'][r]['trainable'], every)
+               h['states'][r].trainable, every)
 
 
 @pytest.mark.parametrize('chunk,backend', [(2, 'map'), (1, 'loop')])
@@ -337,10 +339,10 @@ def test_client_backends_agree(chunk, backend):
     g_tol = 4 * np.spacing(np.float32(np.abs(a.losses).max())) / alg.est.eps
     np.testing.assert_allclose(b.uplink.scalars, a.uplink.scalars, rtol=0, atol=g_tol)
     w_tol = alg.lr * STEPS * g_tol * 4
-    new, old = other['states'][r]['trainable'], ref['states'][r]['trainable']
+    new, old = other['states'][r].trainable, ref['states'][r].trainable
     jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=0, atol=w_tol), new, old)
     moved = max(np.abs(x - y).max() for x, y in zip(jax.tree.leaves(old), jax.tree.leaves(
-        ref['states'][r - 1]['trainable'])))
+        ref['states'][r - 1].trainable)))
     assert moved > 100 * w_tol
 
 
@@ -351,8 +353,8 @@ def test_make_algorithm_rejects_bad_configs():
     make_algorithm(config('fedmezo', zo={'scheme': 'forward'}), MODEL)
   with pytest.raises(ConfigError, match='trainable mode'):
     make_algorithm(config('fedmezo', zo={'trainable': 'everything'}), MODEL)
-  with pytest.raises(ConfigError, match='fwdllm_min_probes'):
-    make_algorithm(config('fwdllm', zo={'fwdllm_min_probes': FWD_PROBES + 1}), MODEL)
+  with pytest.raises(ConfigError, match=r'fwdllm\.min_probes=5 must be at most zo\.probes=4'):
+    make_algorithm(config('fwdllm', fwdllm={'min_probes': FWD_PROBES + 1}), MODEL)
   with pytest.raises(ConfigError, match='client_chunk'):
     make_algorithm(config('fedmezo', client_chunk=0), MODEL)
   assert set(ALGORITHMS) == {'cooperllm', 'fedmezo', 'fedkseed', 'decomfl', 'fwdllm', 'fedavg_bp',
@@ -395,8 +397,8 @@ def test_cooperllm_with_alpha_one_is_fedmezo():
   mixed = history('cooperllm', rounds=2, learning_rate=0.1)
   plain = history('fedmezo', rounds=2)
   for a, b, c in zip(guided_run['states'][1:], plain['states'][1:], mixed['states'][1:]):
-    assert max_rel_diff(a['trainable'], b['trainable']) < 1e-4
-    assert max_rel_diff(c['trainable'], b['trainable']) > 1e-2      # alpha = 0.5 is not plain
+    assert max_rel_diff(a.trainable, b.trainable) < 1e-4
+    assert max_rel_diff(c.trainable, b.trainable) > 1e-2      # alpha = 0.5 is not plain
   assert guided_run['results'][0].metrics['basis_rank'] == 1       # one direction after round 1
 
 
@@ -407,10 +409,10 @@ def _replays_the_edge(h, r):
   up = h['results'][r - 1].uplink
   coefs = zoo.coefficients(alg.zo.lr, up.scalars, up.weights) * weights()[:, None, None]
   replayed = jax.jit(zoo.replay, static_argnames='distribution')(
-      before['trainable'], alg.zo.seed, jnp.asarray(up.addresses).reshape(-1, 4), coefs.reshape(-1),
-      guide=after['guidance'])
+      before.trainable, alg.zo.seed, jnp.asarray(up.addresses).reshape(-1, 4), coefs.reshape(-1),
+      guide=after.extra.guidance)
   jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-8),
-               after['trainable'], replayed)
+               after.trainable, replayed)
 
 
 def test_cooperllm_pool_is_the_cloud_gradient_and_the_edge_replays_under_it():
@@ -424,20 +426,20 @@ def test_cooperllm_pool_is_the_cloud_gradient_and_the_edge_replays_under_it():
     before, after = h['states'][r - 1], h['states'][r]
     # The newest pool entry is the mean public gradient at the round's starting model.
     pub = client_data.public_batches(PUBLIC, 2, 16, alg.zo.seed, r)
-    grads = [jax.grad(lambda t: loss(overlay(before['frozen'], t), jax.tree.map(lambda x: x[k], pub)))(
-        before['trainable']) for k in range(2)]
+    grads = [jax.grad(lambda t: loss(overlay(before.frozen, t), jax.tree.map(lambda x: x[k], pub)))(
+        before.trainable) for k in range(2)]
     want = jax.tree.map(lambda a, b: (a + b) / 2, *grads)
-    got = jax.tree.map(lambda x: x[0], after['pool'].directions)
+    got = jax.tree.map(lambda x: x[0], after.extra.pool.directions)
     jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-6), got, want)
-    assert int(after['pool'].filled) == min(r, 2)
-    basis, valid = pool_lib.orthonormalize(after['pool'])
-    np.testing.assert_array_equal(after['guidance'].valid, valid)
+    assert int(after.extra.pool.filled) == min(r, 2)
+    basis, valid = pool_lib.orthonormalize(after.extra.pool)
+    np.testing.assert_array_equal(after.extra.guidance.valid, valid)
     _replays_the_edge(h, r)
     assert h["results"][r - 1].guidance_bytes == 2 * zoo_size(h) * 4 + 4
 
 
 def test_cooperllm_halving_the_rate_halves_the_step_along_v_too():
-  """The divergence guard halves state['lr']; the step along V (rate lr_V) must shrink with it,
+  """The divergence guard halves state.lr; the step along V (rate lr_V) must shrink with it,
   or a rollback would leave the cloud-directed part of a diverging step at full size. One local
   step, so that every probe sees the same model and the update is linear in the rate."""
   h = history('cooperllm', rounds=1)
@@ -446,14 +448,14 @@ def test_cooperllm_halving_the_rate_halves_the_step_along_v_too():
   deltas = []
   for scale in (1.0, 0.5):
     state = jax.tree.map(jnp.asarray, start)
-    state['lr'] = start['lr'] * scale
+    state = state._replace(lr=start.lr * scale)
     after, _ = alg.run_round(state, batches, COUNTS, CLIENT_IDS, 2)
-    deltas.append(jax.tree.map(lambda a, b: np.asarray(a, np.float64) - b, after['trainable'],
-                               start['trainable']))
+    deltas.append(jax.tree.map(lambda a, b: np.asarray(a, np.float64) - b, after.trainable,
+                               start.trainable))
   full, half = (np.concatenate([x.ravel() for x in jax.tree.leaves(d)]) for d in deltas)
   np.testing.assert_allclose(half, 0.5 * full, rtol=1e-4, atol=1e-7 * np.abs(full).max())
   basis = np.concatenate([np.asarray(x, np.float64).reshape(x.shape[0], -1)
-                          for x in jax.tree.leaves(after['guidance'].basis)], axis=1)
+                          for x in jax.tree.leaves(after.extra.guidance.basis)], axis=1)
   along_v = np.linalg.norm(basis @ full) / np.linalg.norm(full)
   assert along_v > 0.05, along_v      # the step has a V part for the halving to act on
 
@@ -472,14 +474,14 @@ def test_cooperllm_cloud_lag_uses_the_previous_rounds_direction():
   # Round 1 has no guidance yet (plain ZO); round r's pool holds the direction computed at
   # round r-1's starting model, which is what the lag-0 run pushed in round r-1.
   assert lagged['results'][0].metrics['basis_rank'] == 0
-  first = jax.tree.map(lambda x: x[0], lagged['states'][2]['pool'].directions)
-  lag_dir = jax.tree.map(lambda x: x[0], now['states'][1]['pool'].directions)
+  first = jax.tree.map(lambda x: x[0], lagged['states'][2].extra.pool.directions)
+  lag_dir = jax.tree.map(lambda x: x[0], now['states'][1].extra.pool.directions)
   jax.tree.map(lambda x, y: np.testing.assert_array_equal(x, y), first, lag_dir)
 
 
 def test_cooperllm_refresh_keeps_the_basis_between_refreshes():
   h = history('cooperllm', rounds=3, zgr=(('refresh', 2),))
-  g = [s['guidance'] for s in h['states'][1:]]
+  g = [s.extra.guidance for s in h['states'][1:]]
   for x, y in zip(jax.tree.leaves(g[0].basis), jax.tree.leaves(g[1].basis)):
     np.testing.assert_array_equal(x, y)                         # round 2 reuses round 1's V
   assert any(not np.array_equal(x, y) for x, y in zip(jax.tree.leaves(g[1].basis),
@@ -586,8 +588,8 @@ def test_cooperllm_trace_cap_sets_the_plain_rate_from_the_clouds_hessian_trace()
   # Without a V step (lr_v = 0) there is nothing to line-search: the search stays off.
   free = history('cooperllm', rounds=1, zgr=(('lr_v', 0.0), ('line_search', 12)))
   assert 'cloud_line_step' not in free['results'][0].metrics
-  moved = lambda hh: float(tree_dot(*[jax.tree.map(jnp.subtract, hh['states'][1]['trainable'],
-                                                   hh['states'][0]['trainable'])] * 2))
+  moved = lambda hh: float(tree_dot(*[jax.tree.map(jnp.subtract, hh['states'][1].trainable,
+                                                   hh['states'][0].trainable)] * 2))
   assert 0 < moved(h) < 0.5 * moved(free), (moved(h), moved(free))
 
 
@@ -600,11 +602,11 @@ def test_cooperllm_quantized_guidance_bytes_and_replay():
   alg = h['alg']
   for r in (1, 2):
     after, result = h['states'][r], h['results'][r - 1]
-    sent = after['guidance'].basis
+    sent = after.extra.guidance.basis
     assert result.guidance_bytes == C.tree_nbytes(sent, C.LeafCodec('int8')) + 4
     assert result.guidance_bytes < 2 * zoo_size(h) * 4 / 3
     # V as sent is the orthonormal basis up to the codec's (reported) rounding error.
-    basis, _ = pool_lib.orthonormalize(after['pool'])
+    basis, _ = pool_lib.orthonormalize(after.extra.pool)
     diff = jax.tree.map(lambda x, y: x - y, sent, basis)
     rel = float(pool_lib.tree_dot(diff, diff) / pool_lib.tree_dot(basis, basis))
     assert 0 < rel < 1e-3
@@ -613,8 +615,8 @@ def test_cooperllm_quantized_guidance_bytes_and_replay():
   # A client run on its own with the decoded V sends the scalars the round's client 0 sent.
   before, r = h['states'][0], 1
   b0 = jax.tree.map(lambda x: x[0], h['inputs'][0])
-  _, up, _ = alg.zo.round.client(before['trainable'], before['frozen'], b0, alg.zo.seed, r,  # pylint: disable=protected-access
-                             CLIENT_IDS[0], alg.zo.lr, guide=h['states'][1]['guidance'])
+  _, up, _ = alg.zo.round.client(before.trainable, before.frozen, b0, alg.zo.seed, r,  # pylint: disable=protected-access
+                             CLIENT_IDS[0], alg.zo.lr, guide=h['states'][1].extra.guidance)
   np.testing.assert_allclose(up.scalars, h['results'][0].uplink.scalars[0], rtol=1e-3, atol=1e-3)
 
 
@@ -628,7 +630,7 @@ def test_cooperllm_adaptive_guidance_allocates_formats_within_the_budget():
     formats = result.metrics['guidance_formats']
     assert set(formats) == {'head/classifier/kernel', 'head/classifier/bias'}
     codecs = {k: C.LeafCodec(f) for k, f in formats.items()}
-    sent = C.tree_nbytes(h['states'][r]['guidance'].basis, codecs)
+    sent = C.tree_nbytes(h['states'][r].extra.guidance.basis, codecs)
     assert sent <= budget and result.guidance_bytes == sent + 4 + len(formats)  # + format bytes
     assert formats['head/classifier/kernel'] != 'f32'
     _replays_the_edge(h, r)
@@ -646,7 +648,7 @@ def test_cooperllm_link_guidance_takes_each_rounds_budget_from_the_sampled_clien
   for r in (1, 2):
     result = h['results'][r - 1]
     codecs = {k: C.LeafCodec(f) for k, f in result.metrics['guidance_formats'].items()}
-    sent = C.tree_nbytes(h['states'][r]['guidance'].basis, codecs)
+    sent = C.tree_nbytes(h['states'][r].extra.guidance.basis, codecs)
     assert sent <= 200 and result.guidance_bytes == sent + 4 + len(codecs)
     _replays_the_edge(h, r)
   # A link that cannot carry even the coarsest codes gets those (the round waits), not an error.
@@ -662,7 +664,7 @@ def test_cooperllm_with_alpha_one_ignores_quantized_guidance():
                       zgr=(('alpha', 1.0), ('guidance_format', 'int4')))
   plain = history('fedmezo', rounds=2)
   for a, b in zip(quantized['states'][1:], plain['states'][1:]):
-    assert max_rel_diff(a['trainable'], b['trainable']) < 1e-4
+    assert max_rel_diff(a.trainable, b.trainable) < 1e-4
 
 
 def test_quantized_base_weights_round():
@@ -671,7 +673,7 @@ def test_quantized_base_weights_round():
   from cooperllm_jax.zoo.quantized import Quantized  # pylint: disable=g-import-not-at-top
   h = history('fedmezo', rounds=2, zo=(('base_weights', 'int8'),))
   state = h['states'][-1]
-  assert isinstance(state['frozen']['layers']['attn']['q']['kernel'], Quantized)
+  assert isinstance(state.frozen['layers']['attn']['q']['kernel'], Quantized)
   final = h['final']
   np.testing.assert_allclose(final['layers']['attn']['q']['kernel'],
                              PARAMS_NP['layers']['attn']['q']['kernel'], atol=0.1 / 254)  # half a step

@@ -4,10 +4,16 @@ CooperLLM (the classifier head is what ZO trains by default, see zo.trainable).
 Sized to finish in a few minutes on 2 CPU cores. It is `cooperllm-train`'s default --config, so the
 console script runs from any directory; experiments/configs/demo.py (the checkout's name for it)
 re-exports it. `get_config('fedavg_bp')` (on the command line: --config=<this file>:fedavg_bp)
-gives any registered algorithm with its tuned rate.
+gives any registered algorithm with its tuned rate; `get_config('my_pkg.my_algo:name')` first
+imports a user's module that registers `name` (docs/algorithms.md), so its config section is
+there to override (--config.<section>.<field>=...).
 """
 
+import dataclasses
+
 import ml_collections
+
+from cooperllm_jax import config as config_lib
 
 # Learning rates tuned on this task (BBC News, MiniLM): ZO-SGD takes much smaller steps than AdamW.
 # cloud_only's is its AdamW rate; warm_start's the rate of its ZO rounds (its cloud rounds take
@@ -21,9 +27,13 @@ TUNED = {'cooperllm': {'rounds': 20},            # it converges in ~10 rounds (t
 
 
 def get_config(algorithm: str = 'cooperllm') -> ml_collections.ConfigDict:
-  """The default run of `algorithm`: every field a run reads, so any of them can be overridden."""
+  """The default run of `algorithm` ('name', or 'module:name' for an algorithm in a user's module):
+  every field a run reads, so any of them can be overridden."""
+  module, _, algorithm = algorithm.rpartition(':')
+  config_lib.load_modules(module)
   c = ml_collections.ConfigDict()
   c.algorithm = algorithm
+  c.algorithm_module = module   # imported before the algorithm is looked up (replay reads it too)
   c.model = 'minilm'            # embedded name, a HF model directory, or a .gguf file
   c.dataset = 'bbcnews'         # a name in docs/datasets.md or a local CSV/JSON/Parquet file
   c.text_column = 'text'        # a local file's columns of texts and of labels
@@ -73,10 +83,12 @@ def get_config(algorithm: str = 'cooperllm') -> ml_collections.ConfigDict:
   c.zo.perturb_impl = 'xla'     # or 'pallas': the fused Pallas kernel perturbs 2-D weights
   c.zo.base_weights = 'f32'     # frozen weights kept on the client as 'int8' or 'int4' (packed)
   c.zo.base_group = 32          # columns per quantization scale of the frozen weights
-  c.zo.kseed_candidates = 4096  # fedkseed: K
-  c.zo.fwdllm_candidates = 4    # fwdllm: directions drawn per probe slot, best cosine kept
-  c.zo.fwdllm_min_probes = 2    # fwdllm: probes per step run between min and zo.probes (max)
-  c.zo.fwdllm_var_threshold = 0.5
+  c.fedkseed = ml_collections.ConfigDict()
+  c.fedkseed.candidates = 4096  # K: the seeds fixed for the run
+  c.fwdllm = ml_collections.ConfigDict()
+  c.fwdllm.candidates = 4       # directions drawn per probe slot, the best cosine kept
+  c.fwdllm.min_probes = 2       # probes per step run between min_probes and zo.probes (the max)
+  c.fwdllm.var_threshold = 0.5
   # ZGR (cooperllm): guided probes z = beta (sqrt(alpha) v + probe_v sqrt(1-alpha) V u), steps
   # along V at the first-order rate lr_v (zoo/guided.py).
   c.zgr = ml_collections.ConfigDict()
@@ -149,5 +161,9 @@ def get_config(algorithm: str = 'cooperllm') -> ml_collections.ConfigDict:
   c.guard.spike = 4.0           # spike: train loss > spike x the running median; 0 = off
   c.guard.window = 5            # losses in the running median (the guard starts once it is full)
   c.guard.max_rollbacks = 5     # then give up with an error
+  # The sections of algorithms registered from outside the package, at their defaults.
+  for name, section in config_lib.algorithm_sections().items():
+    if name not in c:
+      c[name] = ml_collections.ConfigDict(dataclasses.asdict(section()))
   c.update_from_flattened_dict(TUNED.get(algorithm, {}))
   return c

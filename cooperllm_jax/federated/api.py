@@ -1,42 +1,63 @@
 """The algorithm protocol every federated algorithm implements (fedjax's FederatedAlgorithm and
-optax's GradientTransformation are the models: a value with pure-ish methods, registered by name).
+optax's GradientTransformation are the models: a value with pure methods over a typed state,
+registered by name).
 
-    init(params) -> state                     the edge's state (a dict pytree: 'trainable' or
-                                              'params', 'lr', algorithm-specific entries)
+    from_config(cfg, model, public) -> algorithm   built from the typed run config (classmethod)
+    init(params) -> ServerState               the edge's state before round 1
     run_round(state, batches, counts, clients, round_index) -> (state, RoundResult)
+    edge_update(state, uplink, client_weights, guide) -> state
+                                              replayable ones: the edge's whole update from one
+                                              round's received uplinks; the round runs it, and the
+                                              ledger's replay (experiments/replay.py) runs nothing
+                                              else, so what it does replays bit for bit
+    guide(state) -> Guidance | None           the guidance the last round's probes and replay used
     model_params(state) -> params             plain model params (LoRA merged) to evaluate
-    trainable(state) -> tree                  the weights the clients change (d, the clock's stages)
     client_memory(state, batch_shapes) -> dict  XLA's estimate of one client's local training
     dense_bytes(state) -> int                 bytes of the trainable weights (a full sync)
+    attach_clock(clock)                       the run's simulated clock, once it exists
+    name: str                                 set by registry.register
+    config: type | None                       its config section (registry.register(config=...))
     costs: Costs                              what the simulated clock charges each tier
     sync_bytes: int | None                    a fixed catch-up message, or None: replay the rounds
-    replayable: bool                          the ledger rebuilds the model (scalar protocols)
+    replayable: bool                          edge_update over the ledger rebuilds the model;
+                                              replay refuses the others in one line
     needs_public: bool                        the cloud's public examples are passed in
     mesh: Mesh | None                         the clients' mesh (round inputs are placed on it)
-    attach_clock(clock)                       the run's simulated clock, once it exists
 
 batches is {name: [C, S, B, ...]} (C sampled clients, S local steps), counts float32 [C] (examples
 held by each client: the FedAvg weights), clients int32 [C] (their ids) and round_index the round,
-numbered from 1 (the run loop evaluates the starting model as round 0). state['lr'] (float32)
-is the rate the rounds use: the divergence guard halves it without recompiling.
+numbered from 1 (the run loop evaluates the starting model as round 0).
 
-A new algorithm is one module that defines a class with this protocol and a `from_config(cfg,
-model, public)` classmethod, decorated with `registry.register('name')`.
+A method never changes its arguments: a round returns a new state (NamedTuple._replace), and the
+state is donated to the edge's jitted update, so a caller keeps a copy of what it needs after the
+round (the divergence guard does). A new algorithm is one module that defines a class with this
+protocol, decorated with `registry.register('name', config=Section)` (docs/algorithms.md).
 """
 
 import dataclasses
-from typing import Any, Optional, Protocol
+from typing import Any, ClassVar, NamedTuple, Optional, Protocol
 
+import jax
 import numpy as np
 
 from cooperllm_jax.federated.clients import Uplink
 from cooperllm_jax.system.codec import LeafCodec
+from cooperllm_jax.zoo.guided import Guidance
 
 SCALAR_BYTES = 4
 COUNT_BYTES = 4   # a client's example count, sent with its update
 
 
-@dataclasses.dataclass
+class ServerState(NamedTuple):
+  """The edge's state of every algorithm (fedjax's ServerState): the fields the run loop, the
+  divergence guard, the ledger and the checkpoints read, and the algorithm's own typed state."""
+  trainable: Any                # the weights the clients change (d: their count), float32 master
+  frozen: Any                   # the rest of the model: never changes, so never donated or saved
+  lr: jax.Array                 # float32 scalar: the guard halves it without recompiling
+  extra: Any = ()               # the algorithm's own state (NamedTuples, optax states); () if none
+
+
+@dataclasses.dataclass(frozen=True)
 class RoundResult:
   losses: np.ndarray            # [C, S] mean training loss of each local step
   uplink_bytes: np.ndarray      # [C] bytes each client sent
@@ -73,17 +94,23 @@ class Costs:
 class Algorithm(Protocol):
   """The protocol of the module docstring (docs/algorithms.md walks through a new one)."""
   name: str
+  config: ClassVar[Optional[type]]
   costs: Costs
   sync_bytes: Optional[int]
   replayable: bool
   needs_public: bool
   mesh: Any
 
-  def init(self, params: Any) -> dict: ...
-  def run_round(self, state: dict, batches: dict, counts: np.ndarray, clients: np.ndarray,
-                round_index: int) -> tuple[dict, RoundResult]: ...
-  def model_params(self, state: dict) -> Any: ...
-  def trainable(self, state: dict) -> Any: ...
-  def client_memory(self, state: dict, batch_shapes: dict) -> dict: ...
-  def dense_bytes(self, state: dict) -> int: ...
+  @classmethod
+  def from_config(cls, cfg: Any, model: Any, public: Optional[dict] = None) -> 'Algorithm': ...
+  def init(self, params: Any) -> ServerState: ...
+  def run_round(self, state: ServerState, batches: dict, counts: np.ndarray, clients: np.ndarray,
+                round_index: int) -> tuple[ServerState, RoundResult]: ...
+  def edge_update(self, state: ServerState, uplink: Uplink, client_weights: Any,
+                  guide: Optional[Guidance] = None) -> ServerState:
+    """Replayable algorithms only (the others' updates are not all in the ledger)."""
+  def guide(self, state: ServerState) -> Optional[Guidance]: ...
+  def model_params(self, state: ServerState) -> Any: ...
+  def client_memory(self, state: ServerState, batch_shapes: dict) -> dict: ...
+  def dense_bytes(self, state: ServerState) -> int: ...
   def attach_clock(self, clock: Any) -> None: ...

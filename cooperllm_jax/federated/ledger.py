@@ -11,8 +11,9 @@ global model from the pretrained one (experiments/replay.py).
         client_weights  float32 [C]        the FedAvg weight the edge gave the client (0: absent)
         lr              float32            the round's learning rate
         guard           int8               GUARD_* : the divergence guard's verdict on the round
-        guide_*         cooperllm only: the round's guidance (basis leaves in tree order, valid,
-                        alpha, beta, probe_v, step_v), the dense payload its replay needs.
+        guide_*         a guided round's guidance (algorithm.guide: cooperllm's; basis leaves in
+                        tree order, valid, alpha, beta, probe_v, step_v), the dense payload its
+                        replay needs.
 Append-only: a round's file is never rewritten; resuming deletes the rounds after the checkpoint.
 fedavg_bp's clients upload dense deltas, which the ledger does not keep: it is not replayable.
 """
@@ -121,23 +122,24 @@ class Ledger:
     return record
 
 
-def rebuild(ledger: Ledger, edge, trainable, guide_template=None):
-  """Yields (round, trainable) after every round of the ledger: the edge's updates replayed from
-  the base trainable weights, following the divergence guard's verdicts (accepted: the model that
-  entered the round becomes the one to return to; rolled back: return to it). edge: the run's
-  algorithm.edge_update (it may donate its first argument: use each yielded tree before the
+def rebuild(ledger: Ledger, edge, state, guide_template=None):
+  """Yields (round, state) after every round of the ledger: the edge's updates replayed from the
+  base state (an api.ServerState; its frozen weights are not needed), at each round's recorded
+  rate, following the divergence guard's verdicts (accepted: the state that entered the round
+  becomes the one to return to; rolled back: return to it). edge: the run's
+  algorithm.edge_update (it may donate its first argument: use each yielded state before the
   next)."""
-  good = jax.tree.map(jnp.copy, trainable)
+  good = jax.tree.map(jnp.copy, state)
   for expected, r in enumerate(ledger.rounds(), 1):
     if r != expected:
       raise CheckpointError(f'{ledger.directory}: round {expected} is missing from the ledger')
     record = ledger.read(r, guide_template)
     if record['guard'] == GUARD_ACCEPTED:
-      good = jax.tree.map(jnp.copy, trainable)
+      good = jax.tree.map(jnp.copy, state)
     if record['guard'] == GUARD_ROLLED_BACK:
-      trainable = jax.tree.map(jnp.copy, good)
+      state = jax.tree.map(jnp.copy, good)
     else:
       uplink = Uplink(record['addresses'], record['scalars'], record['weights'])
-      trainable = edge(trainable, uplink, record['client_weights'], record['lr'],
-                       record.get('guide'))
-    yield r, trainable
+      state = edge(state._replace(lr=jnp.asarray(record['lr'])), uplink, record['client_weights'],
+                   record.get('guide'))
+    yield r, state

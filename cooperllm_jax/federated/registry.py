@@ -1,6 +1,7 @@
-"""Algorithms by name: `@register('name')` on a class with the api.Algorithm protocol and a
-`from_config(cfg, model, public)` classmethod; `make_algorithm` builds one from a run config. The
-registry is the only place that maps names to algorithms."""
+"""Algorithms by name: `@register('name', config=Section)` on a class with the api.Algorithm
+protocol and a `from_config(cfg, model, public)` classmethod; `make_algorithm` builds one from a run
+config. The registry is the only place that maps names to algorithms. A module outside the package
+registers the same way: the run config's `algorithm_module` imports it (config.load_modules)."""
 
 from typing import Any, Callable, Optional
 
@@ -10,12 +11,26 @@ from cooperllm_jax.errors import ConfigError
 _REGISTRY: dict = {}
 
 
-def register(name: str) -> Callable[[type], type]:
-  """Class decorator: `make_algorithm` builds this class for a config whose algorithm is `name`."""
+def register(name: str, config: Optional[type] = None,
+             section: Optional[str] = None) -> Callable[[type], type]:
+  """Class decorator: `make_algorithm` builds this class for a config whose algorithm is `name`.
+
+  Args:
+    name: the algorithm's name (config.algorithm).
+    config: its own config section, a frozen dataclass that validates itself in __post_init__;
+      parse() fills it from the config's `section` dict and from_config reads it as
+      `cfg.<section>`. None: the algorithm reads only the shared sections.
+    section: the section's name in the config; defaults to `name`.
+
+  Returns:
+    The decorator, which sets the class's `name` and `config` and returns it.
+  """
   def add(cls: type) -> type:
     if name in _REGISTRY:
       raise ValueError(f'algorithm {name!r} is registered twice')
-    cls.name = name
+    if config is not None:
+      config_lib.add_section(section or name, config)
+    cls.name, cls.config = name, config
     _REGISTRY[name] = cls
     return cls
 
@@ -29,7 +44,8 @@ def names() -> tuple:
 def lookup(name: str) -> type:
   """The class registered as `name`; a one-line ConfigError naming the choices otherwise."""
   if name not in _REGISTRY:
-    raise ConfigError(f'unknown algorithm {name!r}; choose one of {", ".join(_REGISTRY)}')
+    raise ConfigError(f'unknown algorithm {name!r}; choose one of {", ".join(_REGISTRY)} (or '
+                      'name the module that registers it in algorithm_module)')
   return _REGISTRY[name]
 
 

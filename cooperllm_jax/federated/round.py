@@ -5,8 +5,9 @@ sampled clients, optionally split over the mesh's 'clients' axis), the uploads p
 channel on the host (federated/channel.py: DP, simulated faults, the edge's intake), and the edge
 replays what arrived in a second jitted call (federated/edge.py), updating the global trainable
 weights in place. The CLI's algorithms and a user's own loop run this same `Round`, so both get the
-same edge server; the pieces (`make_clients_fn`, `edge_replay`) stay pure and jittable for users
-who fuse a round into a larger step of their own.
+same edge server; the pieces (`make_clients_fn`, `edge_replay`, `Round.edge_fn`) stay pure and
+jittable for users (and algorithms: algorithms/scalar.py) who fuse the edge's update into a larger
+step of their own.
 """
 
 import functools
@@ -54,16 +55,19 @@ class Round:
     self.seed, self.mesh, self.backend, self.channel = seed, mesh, backend, channel
     self.clients = jax.jit(make_clients_fn(client_update, seed=seed, chunk=chunk, mesh=mesh))
     self.client = jax.jit(client_update)
-    edge = functools.partial(edge_replay, seed=seed, distribution=distribution, shared=shared,
-                             aggregation=aggregation)
+    self._replay = functools.partial(edge_replay, seed=seed, distribution=distribution,
+                                     shared=shared, aggregation=aggregation)
+    self._edge = jax.jit(self.edge_fn, donate_argnums=0 if donate else ())
 
-    def edge_fn(trainable, uplinks, client_weights, lr, guide):
-      new = edge(trainable, uplinks=uplinks, client_weights=client_weights, lr=lr, guide=guide)
-      if mesh is not None:  # every device replays the gathered scalars: stays replicated
-        new = jax.lax.with_sharding_constraint(new, mesh_lib.replicated(mesh))
-      return new
-
-    self._edge = jax.jit(edge_fn, donate_argnums=0 if donate else ())
+  def edge_fn(self, trainable: PyTree, uplinks: Uplink, client_weights: jax.Array, lr: jax.Array,
+              guide: Optional[Guidance] = None) -> PyTree:
+    """The edge's update, traceable: `edge` is its jitted form, and an algorithm whose edge also
+    updates a state of its own traces both in one jitted call."""
+    new = self._replay(trainable, uplinks=uplinks, client_weights=client_weights, lr=lr,
+                       guide=guide)
+    if self.mesh is not None:  # every device replays the gathered scalars: stays replicated
+      new = jax.lax.with_sharding_constraint(new, mesh_lib.replicated(self.mesh))
+    return new
 
   def edge(self, trainable: PyTree, uplinks: Uplink, client_weights: jax.Array, lr: float,
            guide: Optional[Guidance] = None) -> PyTree:
@@ -87,9 +91,11 @@ class Round:
       outs.append((uplink, losses))
     return jax.tree.map(lambda *xs: jnp.stack(xs), *outs)
 
-  def __call__(self, trainable: PyTree, frozen: PyTree, batches: dict, counts: Any, clients: Any,
-               round_index: int, lr: float, *extra: Any,
-               guide: Optional[Guidance] = None) -> RoundOutput:
+  def receive(self, trainable: PyTree, frozen: PyTree, batches: dict, counts: Any, clients: Any,
+              round_index: int, lr: float, *extra: Any,
+              guide: Optional[Guidance] = None) -> tuple[Uplink, np.ndarray, Received]:
+    """The round up to the edge: (what the clients sent [C, S, P, ...] and their losses [C, S],
+    host arrays; what reached the edge through the channel)."""
     ids = np.asarray(clients, np.int32)
     args = (batches, jnp.asarray(counts, jnp.float32), jnp.asarray(ids), jnp.int32(round_index))
     if self.mesh is not None:
@@ -97,9 +103,15 @@ class Round:
     uplinks, losses = self.local_training(trainable, frozen, args[0], args[2], args[3], lr, *extra,
                                           guide=guide)
     sent = jax.tree.map(np.asarray, uplinks)
-    received = self.channel(sent, counts, ids, int(round_index))
+    return sent, np.asarray(losses), self.channel(sent, counts, ids, int(round_index))
+
+  def __call__(self, trainable: PyTree, frozen: PyTree, batches: dict, counts: Any, clients: Any,
+               round_index: int, lr: float, *extra: Any,
+               guide: Optional[Guidance] = None) -> RoundOutput:
+    sent, losses, received = self.receive(trainable, frozen, batches, counts, clients, round_index,
+                                          lr, *extra, guide=guide)
     new = self.edge(trainable, received.uplink, received.client_weights, lr, guide)
-    return RoundOutput(new, sent, np.asarray(losses), received)
+    return RoundOutput(new, sent, losses, received)
 
 
 # The factory name the package exports (cj.make_round), as optax names its transformations.

@@ -9,12 +9,13 @@ import numpy as np
 
 from cooperllm_jax import config as config_lib
 from cooperllm_jax.errors import TrainingError
+from cooperllm_jax.federated.api import ServerState
 
 
-def copy_state(state):
+def copy_state(state: ServerState) -> ServerState:
   """A copy of an algorithm state that survives the next round's donation; the frozen weights are
   never donated or changed, so they are shared, not copied."""
-  return {k: v if k == 'frozen' else jax.tree.map(jnp.copy, v) for k, v in state.items()}
+  return jax.tree.map(jnp.copy, state._replace(frozen=None))._replace(frozen=state.frozen)
 
 
 @dataclasses.dataclass
@@ -35,7 +36,7 @@ class DivergenceGuard:
   window: int = 5
   max_rollbacks: int = 5
   reference: Optional[float] = None   # the starting model's test loss (the run sets it)
-  good: Optional[dict] = None
+  good: Optional[ServerState] = None
   losses: list = dataclasses.field(default_factory=list)
   rollbacks: int = 0
 
@@ -68,7 +69,7 @@ class DivergenceGuard:
     if self.rollbacks > self.max_rollbacks:
       raise TrainingError(f'training loss spiked to {loss} in round {round_index} after '
                           f'{self.max_rollbacks} rollbacks; lower learning_rate')
-    return dict(copy_state(self.good), lr=state['lr'] * 0.5), True
+    return copy_state(self.good)._replace(lr=state.lr * 0.5), True
 
   def to_json(self) -> dict:
     return {'losses': self.losses, 'rollbacks': self.rollbacks}

@@ -106,7 +106,7 @@ class Guard(Hook):
       ctx.verdict = ledger_lib.GUARD_ROLLED_BACK
       ctx.row['rollback'] = True
       self.log(f'round {ctx.round}: train loss {loss:.4g} spiked; rolled back, learning rate '
-               f'{float(run.state["lr"]):g}')
+               f'{float(run.state.lr):g}')
     elif loss is not None:
       ctx.verdict = ledger_lib.GUARD_ACCEPTED
 

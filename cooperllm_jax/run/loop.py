@@ -55,8 +55,8 @@ def check_resumable(workdir, config) -> pathlib.Path:
   except (OSError, ValueError):
     raise CheckpointError(f'cannot resume: {path} holds no run (no readable config.json)') from None
   diffs = checkpoint_lib.config_differences(
-      {k: v for k, v in saved.items() if k not in checkpoint_lib.NOT_TRAINING},
-      checkpoint_lib.training_config(config))
+      {k: v for k, v in config_lib.canonical(saved).items()
+       if k not in checkpoint_lib.NOT_TRAINING}, checkpoint_lib.training_config(config))
   if diffs:
     raise CheckpointError('cannot resume: the config differs from the run in the workdir in '
                           + '; '.join(diffs[:4]) + (' ...' if len(diffs) > 4 else ''))
@@ -74,7 +74,7 @@ def prepare(cfg: config_lib.RunConfig):
 def start_state(cfg, task: Task, algorithm) -> RunState:
   """The RunState before round 1, its clock sized by the algorithm's costs."""
   state = algorithm.init(task.pre.params)
-  clock = SimulatedClock.for_run(cfg, algorithm.costs, task.model, algorithm.trainable(state))
+  clock = SimulatedClock.for_run(cfg, algorithm.costs, task.model, state.trainable)
   algorithm.attach_clock(clock)
   return RunState(state, DownlinkTracker(task.partition.num_clients,
                                          algorithm.dense_bytes(state), algorithm.sync_bytes),
@@ -127,12 +127,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: Union[str, os
     started, ran = time.perf_counter(), None
     rounds = range(run.round + 1, cfg.rounds + 1)
     for r in (progress(rounds) if progress else rounds):
-      ran = ctx = hooks_lib.RoundContext(r, None, float(run.state['lr']), {'round': r})
+      ran = ctx = hooks_lib.RoundContext(r, None, float(run.state.lr), {'round': r})
       ctx.sampled, batches, counts = task.round_inputs(cfg, r, algorithm.mesh)
       for hook in hooks:
         hook.before_round(run, ctx)
       run.state, ctx.result = algorithm.run_round(run.state, batches, counts, ctx.sampled, r)
-      ctx.guide, run.round = run.state.get('guidance'), r
+      ctx.guide, run.round = algorithm.guide(run.state), r
       for hook in hooks:
         hook.after_round(run, ctx)
   summary = {'algorithm': cfg.algorithm, 'model': cfg.model.name, 'dataset': task.dataset.name,
@@ -198,7 +198,7 @@ def first_evaluation(run, evaluation, store, algorithm, cfg, primary, log) -> di
     store.ledger.start({'algorithm': cfg.algorithm, 'seed': cfg.seed,
                         'replayable': algorithm.replayable,
                         'base_trainable_sha256': checkpoint_lib.tree_sha256(
-                            algorithm.trainable(run.state))})
+                            run.state.trainable)})
   return run.before
 
 

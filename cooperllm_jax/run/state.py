@@ -7,13 +7,14 @@ import numpy as np
 
 from cooperllm_jax.checkpoint import RunStore
 from cooperllm_jax.federated.accounting import DownlinkTracker
+from cooperllm_jax.federated.api import ServerState
 from cooperllm_jax.run.guard import DivergenceGuard
 from cooperllm_jax.system.clock import SimulatedClock
 
 
 @dataclasses.dataclass
 class RunState:
-  state: dict                   # the algorithm's state (a pytree)
+  state: ServerState            # the algorithm's state
   downlink: DownlinkTracker     # what each client must download to catch up
   clock: SimulatedClock         # the simulated wall clock (elapsed seconds)
   releases: np.ndarray          # int64 [clients]: uploads per client (DP accounting)

@@ -111,19 +111,30 @@ def from_uplinks(uplinks, counts, guide: guided.Guidance, seed, distribution: st
   return regression(uplinks.scalars, subspace_draws(keys, m, distribution), guide, w)
 
 
-def accumulate(running: dict, estimate, se, weight, decay) -> dict:
-  """Pools a round's estimate (standard error se) into running {'w', 'x', 'v'} with weight
-  `weight` and exponential forgetting `decay`: w = sum decay^k w_k, x = sum decay^k w_k x_k,
-  v = sum decay^2k w_k^2 se_k^2, so the pooled mean x / w has standard error sqrt(v) / w.
+class Pooled(NamedTuple):
+  """accumulate()'s running sums (float32 scalars): w = sum decay^k w_k, x = sum decay^k w_k x_k,
+  v = sum decay^2k w_k^2 se_k^2, so the pooled mean x / w has standard error sqrt(v) / w."""
+  w: jax.Array
+  x: jax.Array
+  v: jax.Array
+
+  @classmethod
+  def empty(cls) -> 'Pooled':
+    """Before any estimate (pooled() gives 0 with an infinite standard error)."""
+    return cls(jnp.float32(0), jnp.float32(0), jnp.float32(0))
+
+
+def accumulate(running: Pooled, estimate, se, weight, decay) -> Pooled:
+  """Pools a round's estimate (standard error se) into `running` with weight `weight` and
+  exponential forgetting `decay` (see Pooled).
 
   The weight must not depend on the round's own estimate: the standard errors of |V^T grad|^2 and
   |grad|^2 grow with the estimates themselves, so weighting by 1 / se^2 would favour the rounds
   that came out low and bias the pooled mean down (on BBC News LoRA it held |V^T grad|^2 near 0
   and switched the step along V off in most rounds). `pooling_weights` gives weights that do not.
   """
-  return {'w': decay * running['w'] + weight,
-          'x': decay * running['x'] + weight * estimate,
-          'v': decay ** 2 * running['v'] + jnp.square(weight * se)}
+  return Pooled(w=decay * running.w + weight, x=decay * running.x + weight * estimate,
+                v=decay ** 2 * running.v + jnp.square(weight * se))
 
 
 def pooling_weights(estimate: Estimate, proj_sq_prior):
@@ -140,13 +151,12 @@ def pooling_weights(estimate: Estimate, proj_sq_prior):
   return 1.0 / jnp.maximum(var, 1e-30), estimate.probes
 
 
-def pooled(running: dict):
-  """(mean, standard error) of an accumulate() state (0, inf before any estimate)."""
-  w = running['w']
-  seen = w > 0
-  safe = jnp.where(seen, w, 1.0)
-  return (jnp.where(seen, running['x'] / safe, 0.0),
-          jnp.where(seen, jnp.sqrt(running['v']) / safe, jnp.inf))
+def pooled(running: Pooled):
+  """(mean, standard error) of accumulate()'s sums (0, inf before any estimate)."""
+  seen = running.w > 0
+  safe = jnp.where(seen, running.w, 1.0)
+  return (jnp.where(seen, running.x / safe, 0.0),
+          jnp.where(seen, jnp.sqrt(running.v) / safe, jnp.inf))
 
 
 def adaptive_mixing(proj_sq, grad_sq, m, probes, alpha, probe_v=1.0, rate_curvature=1.0):

@@ -15,7 +15,7 @@ from cooperllm_jax import config as config_lib
 from cooperllm_jax.cloud import bp as cloud_bp
 from cooperllm_jax.errors import ConfigError
 from cooperllm_jax.federated import client_data
-from cooperllm_jax.federated.api import Costs, GuidanceCosts, RoundResult
+from cooperllm_jax.federated.api import Costs, GuidanceCosts, RoundResult, ServerState
 from cooperllm_jax.federated.registry import register
 from cooperllm_jax.models.common import make_loss
 from cooperllm_jax.tree_math import tree_bytes
@@ -76,6 +76,7 @@ class CloudOnly:
   local_steps: int = 1
 
   name: ClassVar[str] = ''
+  config: ClassVar[None] = None
   mesh: ClassVar[None] = None
   replayable: ClassVar[bool] = False   # the cloud's dense updates are not in the ledger
   needs_public: ClassVar[bool] = True
@@ -93,21 +94,22 @@ class CloudOnly:
   def attach_clock(self, clock) -> None:
     del clock
 
-  def init(self, params):
+  def init(self, params) -> ServerState:
+    """The state's extra is the cloud's AdamW state."""
     subset = self.trainer.subset
     trainable, frozen = subset.split(params, jax.random.key(self.trainer.seed))
     trainable = jax.tree.map(jnp.copy, trainable)
-    return {'trainable': trainable, 'frozen': frozen, 'lr': jnp.float32(self.trainer.learning_rate),
-            'cloud': self.trainer.init(trainable)}
+    return ServerState(trainable, frozen, jnp.float32(self.trainer.learning_rate),
+                       self.trainer.init(trainable))
 
-  def trainable(self, state):
-    return state['trainable']
+  def model_params(self, state: ServerState):
+    return self.trainer.subset.materialize(state.frozen, state.trainable)
 
-  def model_params(self, state):
-    return self.trainer.subset.materialize(state['frozen'], state['trainable'])
+  def dense_bytes(self, state: ServerState) -> int:
+    return tree_bytes(state.trainable)
 
-  def dense_bytes(self, state) -> int:
-    return tree_bytes(state['trainable'])
+  def guide(self, state: ServerState) -> None:
+    del state
 
   def client_memory(self, state, batch_shapes) -> dict:
     """No client computes anything."""
@@ -116,7 +118,6 @@ class CloudOnly:
 
   def run_round(self, state, batches, counts, clients, round_index):
     del batches, counts
-    cloud, trainable = self.trainer.run(state['cloud'], state['trainable'], state['frozen'],
-                                        round_index)
-    return (dict(state, cloud=cloud, trainable=trainable),
+    cloud, trainable = self.trainer.run(state.extra, state.trainable, state.frozen, round_index)
+    return (state._replace(trainable=trainable, extra=cloud),
             cloud_round_result(len(clients), self.local_steps))

@@ -34,6 +34,10 @@ private gradient loses its step and the step's effective rate follows the scalar
 signal-to-noise ratio. alpha stays zgr.alpha. Everything is a function of what the edge has, so
 the replay stays exact.
 
+The state is typed (ZGRState in ServerState.extra: the pool, the cloud's own state, the round's
+guidance, the downlink's record, the mixing estimates and, with cloud.lag, the pending direction);
+each step returns a new one. The config section is `zgr` (ZGR).
+
 Quantized guidance: the clients and the edge's replay both use the decoded V, so replay stays exact.
 The decoded V is not exactly orthonormal (each entry is off by an unbiased rounding error, about
 guidance_rel_error of |V|^2 in all), and we use it as it is: the estimator's covariance becomes
@@ -44,7 +48,7 @@ every client's QR rounded exactly like the edge's.
 """
 
 import dataclasses
-from typing import Any, Callable, ClassVar, Optional
+from typing import Any, Callable, ClassVar, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
@@ -57,7 +61,7 @@ from cooperllm_jax.errors import ConfigError
 from cooperllm_jax.federated import client_data
 from cooperllm_jax.federated.algorithms.fedmezo import FedMeZO
 from cooperllm_jax.federated.algorithms.scalar import OnScalarProtocol
-from cooperllm_jax.federated.api import SCALAR_BYTES, Costs, GuidanceCosts, RoundResult
+from cooperllm_jax.federated.api import SCALAR_BYTES, Costs, GuidanceCosts, RoundResult, ServerState
 from cooperllm_jax.federated.clients import SHARED
 from cooperllm_jax.federated.registry import register
 from cooperllm_jax.mesh import make_mesh
@@ -73,9 +77,131 @@ from cooperllm_jax.zoo.quantized import dequantize_tree
 
 CODEC_PATH = ('__guidance__', 'codec')  # the downlink's rounding stream: a path no model has
 TRACE_PATH = ('__cloud__', 'trace')     # the cloud's Hutchinson probes
-# The cloud's measurements that set a round's rates: state name -> the cloud step's stat.
-MEASURED = {'tau_sq': 'variance', 'curvature': 'curvature', 'trace': 'trace',
-            'line_step': 'line_step'}
+GUIDANCE_FORMATS = codec_lib.FORMATS + codec_lib.ALLOCATIONS
+_ALPHA_FIXED = 'the adaptive mixing no longer moves alpha'
+
+
+@dataclasses.dataclass(frozen=True)
+class ZGR:
+  """Guided probes z = beta (sqrt(alpha) v + probe_v sqrt(1-alpha) V u), steps along V at the
+  first-order rate lr_v (zoo/guided.py: both free of d): cooperllm's config section `zgr`."""
+  alpha: float = 0.5            # share of the random part; 1 = plain ZO (FedMeZO)
+  adaptive: bool = False        # the V step's weight from the edge's estimates
+  ema: float = 0.8              # forgetting factor of the adaptive estimates' pooling
+  pool_size: int = 1            # m: the last m cloud directions span V
+  refresh: int = 1              # the cloud computes a new direction every `refresh` rounds
+  beta: float = 1.0             # scale of z's plain part (1 with alpha = 1: plain ZO)
+  probe_v: float = guided.DEFAULT_PROBE_V  # the probe's radius along V / the plain part's
+  lr_v: float = guided.DEFAULT_LR_V  # first-order rate of the step along V (d-free); the largest
+  # one with line_search, which backs off from it as the loss sharpens
+  # > 0: the step along V at most curvature_cap / L_V, L_V the public loss's curvature along the
+  # cloud's newest direction (the cloud measures it each refresh: one Hessian-vector product)
+  curvature_cap: float = 0.0
+  # > 0: the plain step's rate at most trace_cap / tr H, tr H the public loss's Hessian trace
+  # (Hutchinson, trace_probes Hessian-vector products on the cloud each refresh)
+  trace_cap: float = 0.0
+  trace_probes: int = 4
+  # > 0: the step along V at most the rate the cloud's backtracking line search accepts on the
+  # public loss over a round's V displacement (this many halvings of lr_v tried), and the plain
+  # step slowed by the same factor the accepted step shrank since the first round; 0 = off
+  line_search: int = 12
+  guidance_format: str = 'f32'  # V on the downlink: f32 | int8 | int4 | ternary | adaptive | link
+  guidance_block: int = 256     # values per codec scale
+  guidance_budget_bytes: int = 0  # adaptive: bytes of V per client and round (> 0)
+  guidance_topk: Optional[float] = None  # keep this share of V's entries; None = all
+
+  RETIRED: ClassVar[dict] = {'alpha_min': (0.05, _ALPHA_FIXED), 'alpha_max': (0.95, _ALPHA_FIXED)}
+
+  def __post_init__(self):
+    check, finite = config_lib.check, config_lib.finite
+    config_lib.positive('zgr.', self, 'pool_size', 'refresh', 'trace_probes')
+    check(0.0 <= self.alpha <= 1.0, f'zgr.alpha must be in [0, 1], got {self.alpha}')
+    check(finite(self.beta) and self.beta > 0, f'zgr.beta must be > 0, got {self.beta}')
+    check(finite(self.probe_v) and self.probe_v > 0,
+          f'zgr.probe_v must be > 0, got {self.probe_v}')
+    check(finite(self.lr_v) and self.lr_v >= 0, f'zgr.lr_v must be >= 0, got {self.lr_v}')
+    check(0.0 <= self.ema < 1.0, f'zgr.ema must be in [0, 1), got {self.ema}')
+    check(finite(self.curvature_cap) and self.curvature_cap >= 0,
+          f'zgr.curvature_cap must be >= 0, got {self.curvature_cap}')
+    check(finite(self.trace_cap) and self.trace_cap >= 0,
+          f'zgr.trace_cap must be >= 0, got {self.trace_cap}')
+    check(self.line_search >= 0, f'zgr.line_search must be >= 0, got {self.line_search}')
+    check(self.guidance_format in GUIDANCE_FORMATS,
+          f'zgr.guidance_format must be one of {", ".join(GUIDANCE_FORMATS)}, got '
+          f'{self.guidance_format!r}')
+    check(self.guidance_format != 'adaptive' or self.guidance_budget_bytes > 0,
+          'zgr.guidance_format=adaptive needs zgr.guidance_budget_bytes > 0')
+    self.codec('f32')  # checks guidance_block and guidance_topk
+
+  def codec(self, fmt: str) -> codec_lib.LeafCodec:
+    return codec_lib.LeafCodec(fmt, self.guidance_block, self.guidance_topk)
+
+  @property
+  def line_trials(self) -> int:
+    """The line search's trials: none without a step along V to search (lr_v = 0)."""
+    return self.line_search if self.lr_v > 0 else 0
+
+  @property
+  def allocates(self) -> bool:
+    """One format per leaf and round under a byte budget ('adaptive' or 'link')."""
+    return self.guidance_format in codec_lib.ALLOCATIONS
+
+
+class Measured(NamedTuple):
+  """The cloud's measurements that set a round's rates (float32 scalars, 0: not measured)."""
+  tau_sq: jax.Array             # the variance of its mean gradient over the public batches
+  curvature: jax.Array          # L_V along its direction (zgr.curvature_cap)
+  trace: jax.Array              # Hutchinson's tr H (zgr.trace_cap)
+  line_step: jax.Array          # the step its line search accepted (zgr.line_search)
+
+  @classmethod
+  def of(cls, stats: dict) -> 'Measured':
+    """From the cloud step's stats (cloud/bp.py)."""
+    return cls(*(jnp.asarray(stats[k], jnp.float32)
+                 for k in ('variance', 'curvature', 'trace', 'line_step')))
+
+  @classmethod
+  def none(cls) -> 'Measured':
+    return cls(*(jnp.float32(0) for _ in cls._fields))
+
+
+class Mixing(NamedTuple):
+  """What the edge has learnt for the rates: the pooled private-gradient estimates and the
+  cloud's measurements of the newest direction in the pool."""
+  grad_sq: mixing.Pooled        # |grad|^2
+  proj_sq: mixing.Pooled        # |V^T grad|^2
+  measured: Measured
+  line_first: jax.Array         # the first line-search step (plain_share's reference)
+
+  @classmethod
+  def empty(cls) -> 'Mixing':
+    """Before any round: nothing estimated or measured."""
+    return cls(mixing.Pooled.empty(), mixing.Pooled.empty(), Measured.none(), jnp.float32(0))
+
+
+class Pending(NamedTuple):
+  """cloud.lag = 1: the direction the cloud computed in the last refresh, pushed in the next."""
+  direction: Any                # the trainable tree's structure, float32
+  measured: Measured
+  ready: jax.Array              # bool: a direction is there (False before the first refresh)
+
+
+class Downlink(NamedTuple):
+  """The record of V's coding for the clients: each leaf's format (an index into codec.FORMATS)
+  and |V' - V|^2 / |V|^2."""
+  formats: Any
+  rel_error: jax.Array
+
+
+class ZGRState(NamedTuple):
+  """cooperllm's own state (ServerState.extra)."""
+  pool: pool_lib.Pool           # the last m cloud directions
+  cloud: Any                    # the cloud step's own state (its AdamW's in finetune mode)
+  guidance: guided.Guidance     # the last round's (an empty basis before the first)
+  downlink: Downlink
+  mixing: Mixing
+  pending: Optional[Pending]    # None without cloud.lag
+  zo: Any = ()                  # the wrapped FedMeZO's own state (OnScalarProtocol)
 
 
 @dataclasses.dataclass
@@ -86,7 +212,7 @@ class CloudGuidance:
   from the run's simulated links (attach_clock). local_steps: each client's steps per round (the
   distance the V step travels in a round, which zgr.line_search checks)."""
   zo: Any
-  zgr: config_lib.ZGR
+  zgr: ZGR
   cloud: config_lib.Cloud
   public: dict
   local_steps: int = 1
@@ -144,27 +270,26 @@ class CloudGuidance:
                          refresh=self.zgr.refresh)
 
   # -- state ---------------------------------------------------------------------------------
-  def init(self, state: dict) -> dict:
-    """The guidance entries of the run state (pool, cloud, guidance, downlink, mixing)."""
-    trainable, m = state['trainable'], self.zgr.pool_size
-    state['pool'] = pool_lib.empty_pool(trainable, m)
-    state['cloud'] = self._cloud.init(trainable)
-    # An empty basis (plain ZO directions) until the cloud's first direction arrives; present from
-    # the start so the state's structure (checkpoints, memory analysis) never changes.
-    state['guidance'] = self._guidance(state['pool'].directions, jnp.zeros(m), self.zgr.alpha)
-    _, state['downlink'] = self._downlink(state['pool'].directions, 0)
-    empty = {'w': jnp.float32(0), 'x': jnp.float32(0), 'v': jnp.float32(0)}
-    state['mixing'] = {'grad_sq': empty, 'proj_sq': empty, **self._unmeasured()}
+  def init(self, trainable) -> ZGRState:
+    """The state before round 1 for the global weights `trainable`. The guidance starts with an
+    empty basis (plain ZO directions) and every entry exists from the start, so the state's
+    structure (checkpoints, memory analysis) never changes."""
+    m = self.zgr.pool_size
+    pool = pool_lib.empty_pool(trainable, m)
+    _, downlink = self._downlink(pool.directions, 0)
+    pending = None
     if self.cloud.lag:
-      state['pending'] = {'direction': jax.tree.map(jnp.zeros_like, trainable),
-                          **self._on_host(), 'ready': jnp.bool_(False)}
-    return state
+      pending = Pending(jax.tree.map(jnp.zeros_like, trainable), Measured.none(), jnp.bool_(False))
+    return ZGRState(pool, self._cloud.init(trainable),
+                    self._guidance(pool.directions, jnp.zeros(m), self.zgr.alpha), downlink,
+                    Mixing.empty(), pending)
 
-  def _cloud_direction(self, state, round_index):
-    """Runs the cloud on this round's public batches at the current global model (async)."""
+  def _cloud_direction(self, cloud_state, server: ServerState, round_index):
+    """(cloud state, direction, Measured): the cloud on this round's public batches at the
+    current global model (dispatched asynchronously), its outputs on the clients' devices."""
     batches = client_data.public_batches(self.public, self.cloud.batches, self.cloud.batch_size,
                                          self.zo.seed, round_index)
-    trainable, frozen = state['trainable'], dequantize_tree(state['frozen'])
+    trainable, frozen = server.trainable, dequantize_tree(server.frozen)
     # The round donates the global weights: on the devices it shares with the clients (one device
     # or the run's mesh) the cloud reads its own copy; on its own, placing copies them there.
     if self._client_device is None:
@@ -173,118 +298,104 @@ class CloudGuidance:
     key = keys_lib.leaf_key(keys_lib.address_key(self.zo.seed,
                                                  (round_index, SHARED, SHARED, SHARED)),
                             TRACE_PATH)
-    cloud_state, direction, stats = self._cloud.step(state['cloud'], trainable, frozen, batches,
-                                                     key)
+    cloud_state, direction, stats = self._cloud.step(cloud_state, trainable, frozen, batches, key)
+    measured = Measured.of(stats)
     if self._client_device is not None:
-      direction = jax.device_put(direction, self._client_device)
-    return cloud_state, direction, stats
+      direction, measured = jax.device_put((direction, measured), self._client_device)
+    return cloud_state, direction, measured
 
-  def lr_v(self, measured) -> jax.Array:
+  def lr_v(self, measured: Measured) -> jax.Array:
     """The rate of the step along V: zgr.lr_v, capped at zgr.curvature_cap / L_V where the cloud
     measured a positive curvature L_V along its direction (a gradient step along a direction of
     curvature L is stable below 2 / L and best at 1 / L in the quadratic model), and at the line
     search's accepted step per local step (zgr.line_search; 0 = not measured)."""
     z = self.zgr
-    curvature = jnp.asarray(measured['curvature'], jnp.float32)
-    line = jnp.asarray(measured['line_step'], jnp.float32) / self.local_steps
+    curvature = measured.curvature
+    line = measured.line_step / self.local_steps
     capped = (z.curvature_cap > 0) & (curvature > 0)
     cap = z.curvature_cap / jnp.where(capped, curvature, 1.0)
     rate = jnp.where(capped, jnp.minimum(z.lr_v, cap), z.lr_v)
     return jnp.where(line > 0, jnp.minimum(rate, line), rate).astype(jnp.float32)
 
-  def plain_share(self, measured) -> jax.Array:
+  def plain_share(self, mix: Mixing) -> jax.Array:
     """The plain step's rate as a share of lr: 1, or zgr.trace_cap / (lr tr H) where that is
     smaller and the cloud measured a positive tr H (MeZO's step -lr (v . g) v changes the loss by
     -lr |g|^2 + lr^2 (|g|^2 tr H + 2 g^T H g) / 2 in expectation: best near lr = 1 / tr H); with
     zgr.line_search also at most the line search's step over its first one (the sharpening since
     the run began, where lr was tuned)."""
-    z, trace = self.zgr, jnp.asarray(measured['trace'], jnp.float32)
+    z, trace = self.zgr, mix.measured.trace
     capped = (z.trace_cap > 0) & (trace > 0)
     share = z.trace_cap / (self.zo.lr * jnp.where(capped, trace, 1.0))
     share = jnp.where(capped, jnp.minimum(1.0, share), 1.0)
-    first, line = measured['line_first'], measured['line_step']
+    first, line = mix.line_first, mix.measured.line_step
     sharpening = jnp.where((first > 0) & (line > 0), line / jnp.where(first > 0, first, 1.0), 1.0)
     return jnp.minimum(share, sharpening).astype(jnp.float32)
 
-  @staticmethod
-  def _from_cloud(stats) -> dict:
-    """The MEASURED entries of the cloud step's stats, under their state names (on device)."""
-    return {k: stats[s] for k, s in MEASURED.items()}
-
-  @staticmethod
-  def _on_host(measured=None) -> dict:
-    """MEASURED entries as float32 scalars fetched to the host (zeros before the first): the
-    edge's decision must not wait on device values it replays."""
-    return {k: jnp.float32(0 if measured is None else float(measured[k])) for k in MEASURED}
-
-  def _unmeasured(self) -> dict:
-    """The mixing state's cloud measurements before the first: zeros (nothing measured)."""
-    return dict(self._on_host(), line_first=jnp.float32(0))
-
-  def _guidance(self, basis, valid, alpha, weight=1.0, measured=None) -> guided.Guidance:
-    """The round's Guidance; the step along V runs at weight x lr_v(measured), the plain one at
-    plain_share(measured) x lr (both relative to the plain rate, so the divergence guard's halving
-    of lr halves both)."""
-    z, measured = self.zgr, measured or self._unmeasured()
+  def _guidance(self, basis, valid, alpha, weight=1.0,
+                mix: Optional[Mixing] = None) -> guided.Guidance:
+    """The round's Guidance; the step along V runs at weight x lr_v, the plain one at
+    plain_share x lr, from what `mix` measured (nothing: the configured rates); both are relative
+    to the plain rate, so the divergence guard's halving of lr halves both."""
+    z, mix = self.zgr, mix or Mixing.empty()
     return guided.make_guidance(
         basis, valid, alpha, z.beta, z.probe_v,
-        guided.step_ratio(weight * self.lr_v(measured), self.zo.lr),
-        self.plain_share(measured))
+        guided.step_ratio(weight * self.lr_v(mix.measured), self.zo.lr), self.plain_share(mix))
 
-  def _mixing(self, state, valid, clients: int):
+  def _weights(self, mix: Mixing, valid, clients: int):
     """(alpha, weight on the step along V) for this round: the weight fixed at 1, or from the
     pooled estimates (0 before the first)."""
     z = self.zgr
     if not z.adaptive:
       return jnp.float32(z.alpha), jnp.float32(1.0)
-    proj_sq, _ = mixing.pooled(state['mixing']['proj_sq'])
-    grad_sq, _ = mixing.pooled(state['mixing']['grad_sq'])
-    curvature = state['mixing']['curvature']
+    proj_sq, _ = mixing.pooled(mix.proj_sq)
+    grad_sq, _ = mixing.pooled(mix.grad_sq)
+    curvature = mix.measured.curvature
     measured = (z.curvature_cap > 0) & (curvature > 0)
-    rate_curvature = jnp.where(measured, self.lr_v(state['mixing']) * curvature, 1.0)
+    rate_curvature = jnp.where(measured, self.lr_v(mix.measured) * curvature, 1.0)
     weight, _ = mixing.adaptive_mixing(proj_sq, grad_sq, jnp.maximum(valid.sum(), 1.0),
                                        self.zo.est.probes * clients, z.alpha, z.probe_v,
                                        rate_curvature)
-    seen = state['mixing']['proj_sq']['w'] > 0
-    return jnp.float32(z.alpha), jnp.where(seen, weight, 0.0)
+    return jnp.float32(z.alpha), jnp.where(mix.proj_sq.w > 0, weight, 0.0)
 
   def refreshes(self, round_index: int) -> bool:
     """Whether the cloud computes a new direction in this round."""
     return (round_index - 1) % self.zgr.refresh == 0
 
-  def before_round(self, state, clients, round_index) -> dict:
-    """The state with this round's guidance: a new cloud direction every `refresh` rounds."""
-    state = dict(state)
-    refresh = self.refreshes(round_index)
-    measured = None   # the cloud's measurements of the direction pushed
-    if refresh:
-      if self.cloud.lag:
-        pending = state['pending']
-        state['cloud'], direction, stats = self._cloud_direction(state, round_index)
-        if bool(pending['ready']):
-          state['pool'] = self._push(state['pool'], pending['direction'])
-          measured = self._on_host(pending)
-        state['pending'] = {'direction': direction, **self._from_cloud(stats),
-                            'ready': jnp.bool_(True)}
-      else:
-        state['cloud'], direction, stats = self._cloud_direction(state, round_index)
-        state['pool'] = self._push(state['pool'], direction)
-        measured = self._on_host(self._from_cloud(stats))
-      basis, valid = self._orthonormalize(state['pool'])
-      basis, state['downlink'] = self._downlink(basis, round_index, clients)
+  def before_round(self, zgr: ZGRState, server: ServerState, clients,
+                   round_index: int) -> ZGRState:
+    """The state with this round's guidance: a new cloud direction every `refresh` rounds (with
+    cloud.lag, the one computed in the refresh before, if any)."""
+    if not self.refreshes(round_index):
+      basis, valid, mix = zgr.guidance.basis, zgr.guidance.valid, zgr.mixing
     else:
-      basis, valid = state['guidance'].basis, state['guidance'].valid
-    if measured is not None:
-      first = state['mixing']['line_first']
-      state['mixing'] = dict(state['mixing'], **measured,
-                             line_first=jnp.where(first > 0, first, measured['line_step']))
-    state['guidance'] = self._guidance(basis, valid, *self._mixing(state, valid, len(clients)),
-                                       measured=state['mixing'])
-    return state
+      cloud, direction, measured = self._cloud_direction(zgr.cloud, server, round_index)
+      if zgr.pending is None:
+        pool, pushed, pending = self._push(zgr.pool, direction), jnp.bool_(True), None
+      else:   # push the last refresh's direction, if there was one; keep this one for the next
+        last, pushed = zgr.pending, zgr.pending.ready
+        pool = jax.tree.map(lambda a, b: jnp.where(pushed, a, b),
+                            self._push(zgr.pool, last.direction), zgr.pool)
+        measured, pending = last.measured, Pending(direction, measured, jnp.bool_(True))
+      basis, valid = self._orthonormalize(pool)
+      basis, downlink = self._downlink(basis, round_index, clients)
+      first = zgr.mixing.line_first
+      mix = zgr.mixing._replace(
+          measured=Measured(*(jnp.where(pushed, new, old)
+                              for new, old in zip(measured, zgr.mixing.measured))),
+          line_first=jnp.where(pushed & ~(first > 0), measured.line_step, first))
+      zgr = zgr._replace(pool=pool, cloud=cloud, downlink=downlink, pending=pending)
+    guidance = self._guidance(basis, valid, *self._weights(mix, valid, len(clients)), mix=mix)
+    return zgr._replace(guidance=guidance, mixing=mix)
 
-  def after_round(self, state, result: RoundResult) -> None:
-    self._update_mixing(state, result, result.client_weights)
-    self._account_guidance(state, result)
+  def after_round(self, zgr: ZGRState, result: RoundResult) -> tuple[ZGRState, RoundResult]:
+    """What the edge learns from the round's scalars, and the round's result with the guidance's
+    bytes and metrics."""
+    mix, metrics = self._update_mixing(zgr, result.uplink, result.client_weights)
+    guidance_bytes, downlink_metrics = self._account_guidance(zgr)
+    return zgr._replace(mixing=mix), dataclasses.replace(
+        result, guidance_bytes=guidance_bytes,
+        broadcast_bytes=result.broadcast_bytes + guidance_bytes,
+        metrics={**result.metrics, **metrics, **downlink_metrics})
 
   # -- the guidance downlink -----------------------------------------------------------------
   def _budget(self, basis, clients) -> int:
@@ -321,57 +432,56 @@ class CloudGuidance:
     formats = jax.tree_util.tree_map_with_path(
         lambda p, _: jnp.int32(codec_lib.FORMATS.index(codec_lib.codec_of(codecs, p).fmt)), basis)
     rel_error = jnp.where(norm > 0, tree_dot(diff, diff) / jnp.where(norm > 0, norm, 1.0), 0.0)
-    return sent, {'formats': formats, 'rel_error': rel_error}
+    return sent, Downlink(formats, rel_error)
 
-  def _account_guidance(self, state, result: RoundResult):
-    """Every sampled client receives the round's guidance (and one catching up on this round
-    needs it too): the codec's exact wire bytes of V, alpha, and with an allocating format one
-    format byte per leaf."""
+  def _account_guidance(self, zgr: ZGRState) -> tuple[int, dict]:
+    """(bytes, metrics) of the round's guidance. Every sampled client receives it (and one
+    catching up on this round needs it too): the codec's exact wire bytes of V, alpha, and with an
+    allocating format one format byte per leaf."""
     formats = {path_str(p): codec_lib.FORMATS[int(i)]
-               for p, i in jax.tree_util.tree_flatten_with_path(state['downlink']['formats'])[0]}
+               for p, i in jax.tree_util.tree_flatten_with_path(zgr.downlink.formats)[0]}
     codecs = {name: self.zgr.codec(fmt) for name, fmt in formats.items()}
-    guidance = codec_lib.tree_nbytes(state['guidance'].basis, codecs) + SCALAR_BYTES
+    guidance = codec_lib.tree_nbytes(zgr.guidance.basis, codecs) + SCALAR_BYTES
+    metrics = {}
     if self.zgr.allocates:
       guidance += len(codecs)
-      result.metrics['guidance_formats'] = formats
-    result.guidance_bytes = guidance
-    result.broadcast_bytes += guidance
-    result.metrics['guidance_rel_error'] = float(state['downlink']['rel_error'])
+      metrics['guidance_formats'] = formats
+    metrics['guidance_rel_error'] = float(zgr.downlink.rel_error)
+    return guidance, metrics
 
-  def _update_mixing(self, state, result: RoundResult, counts):
-    """Pools the round's estimates of the private gradient's |grad|^2 and |V^T grad|^2
-    (zoo/mixing.py) into the running ones, logged with the round. counts: the weights of the
-    uploads the edge used (a round none arrived in tells nothing)."""
-    guide = state['guidance']
-    result.metrics.update(alpha=float(guide.alpha), basis_rank=int(guide.valid.sum()),
-                          cloud_step_v=float(guide.step_v))
+  def _update_mixing(self, zgr: ZGRState, uplink, counts) -> tuple[Mixing, dict]:
+    """(mixing, metrics): the round's estimates of the private gradient's |grad|^2 and
+    |V^T grad|^2 (zoo/mixing.py) pooled into the running ones, and what is logged with the round.
+    counts: the weights of the uploads the edge used (a round none arrived in tells nothing)."""
+    guide, mix = zgr.guidance, zgr.mixing
+    metrics = dict(alpha=float(guide.alpha), basis_rank=int(guide.valid.sum()),
+                   cloud_step_v=float(guide.step_v))
     if self.zgr.curvature_cap > 0 or self.zgr.line_trials:
-      result.metrics.update(cloud_curvature=float(state['mixing']['curvature']),
-                            cloud_line_step=float(state['mixing']['line_step']),
-                            lr_v=float(self.lr_v(state['mixing'])))
+      metrics.update(cloud_curvature=float(mix.measured.curvature),
+                     cloud_line_step=float(mix.measured.line_step),
+                     lr_v=float(self.lr_v(mix.measured)))
     if self.zgr.trace_cap > 0 or self.zgr.line_trials:
-      result.metrics.update(cloud_trace=float(state['mixing']['trace']),
-                            plain_share=float(guide.step_plain))
+      metrics.update(cloud_trace=float(mix.measured.trace), plain_share=float(guide.step_plain))
+    # Which metrics a round logs depends on this on the host, so a jnp select would not spare it.
     if not np.any(counts > 0) or not float(guide.valid.sum()):
-      return
-    est = self._estimate(jax.tree.map(jnp.asarray, result.uplink),
-                         jnp.asarray(counts, jnp.float32), guide, self.zo.seed,
-                         distribution=self.zo.est.distribution)
-    mix, decay = state['mixing'], jnp.float32(self.zgr.ema)
-    w_proj, w_grad = mixing.pooling_weights(est, mixing.pooled(mix['proj_sq'])[0])
-    state['mixing'] = dict(
-        mix, grad_sq=mixing.accumulate(mix['grad_sq'], est.grad_sq, est.grad_sq_se, w_grad, decay),
-        proj_sq=mixing.accumulate(mix['proj_sq'], est.proj_sq, est.proj_sq_se, w_proj, decay))
+      return mix, metrics
+    est = self._estimate(jax.tree.map(jnp.asarray, uplink), jnp.asarray(counts, jnp.float32),
+                         guide, self.zo.seed, distribution=self.zo.est.distribution)
+    decay = jnp.float32(self.zgr.ema)
+    w_proj, w_grad = mixing.pooling_weights(est, mixing.pooled(mix.proj_sq)[0])
     grad_sq = max(float(est.grad_sq), 1e-30)
-    result.metrics.update(
+    metrics.update(
         grad_sq=float(est.grad_sq), grad_sq_se=float(est.grad_sq_se),
         proj_sq=float(est.proj_sq), proj_sq_se=float(est.proj_sq_se),
         proj_sq_weight=float(w_proj), grad_sq_weight=float(w_grad),
         cloud_share=float(np.clip(float(est.proj_sq) / grad_sq, 0.0, 1.0)),
-        cloud_tau_sq=float(mix['tau_sq']))
+        cloud_tau_sq=float(mix.measured.tau_sq))
+    return mix._replace(
+        grad_sq=mixing.accumulate(mix.grad_sq, est.grad_sq, est.grad_sq_se, w_grad, decay),
+        proj_sq=mixing.accumulate(mix.proj_sq, est.proj_sq, est.proj_sq_se, w_proj, decay)), metrics
 
 
-@register('cooperllm')
+@register('cooperllm', config=ZGR, section='zgr')
 @dataclasses.dataclass
 class CooperLLM(OnScalarProtocol):
   """FedMeZO's scalar protocol whose probes the cloud's guidance steers (ZGR)."""
@@ -393,12 +503,21 @@ class CooperLLM(OnScalarProtocol):
     if self.guidance.zgr.guidance_format == 'link':
       self.guidance.link_budget = clock.guidance_budget
 
-  def init(self, params):
-    return self.zo.on_mesh(self.guidance.init(self.zo.init(params)))
+  def init(self, params) -> ServerState:
+    inner = self.zo.init(params)
+    return self.zo.on_mesh(inner._replace(
+        extra=self.guidance.init(inner.trainable)._replace(zo=inner.extra)))
+
+  def guide(self, state: ServerState) -> guided.Guidance:
+    return state.extra.guidance
+
+  def client_memory(self, state, batch_shapes) -> dict:
+    return self.zo.client_memory(self.zo_state(state), batch_shapes, state.extra.guidance)
 
   def run_round(self, state, batches, counts, clients, round_index):
-    state = self.guidance.before_round(state, clients, round_index)
-    state, result = self.zo.run_round(state, batches, counts, clients, round_index)
-    self.guidance.after_round(state, result)
-    result.cloud_ran = self.guidance.refreshes(round_index)
-    return self.zo.on_mesh(state), result
+    zgr = self.guidance.before_round(state.extra, state, clients, round_index)
+    inner, result = self.zo.run_round(self.zo_state(state._replace(extra=zgr)), batches, counts,
+                                      clients, round_index, guide=zgr.guidance)
+    zgr, result = self.guidance.after_round(zgr._replace(zo=inner.extra), result)
+    return (self.zo.on_mesh(inner._replace(extra=zgr)),
+            dataclasses.replace(result, cloud_ran=self.guidance.refreshes(round_index)))

@@ -19,7 +19,7 @@ from cooperllm_jax import config as config_lib
 from cooperllm_jax import mesh as mesh_lib
 from cooperllm_jax.errors import ConfigError
 from cooperllm_jax.federated.algorithms.scalar import channel_for
-from cooperllm_jax.federated.api import COUNT_BYTES, Costs, RoundResult
+from cooperllm_jax.federated.api import COUNT_BYTES, Costs, RoundResult, ServerState
 from cooperllm_jax.federated.channel import Channel
 from cooperllm_jax.federated.edge import fedavg_weights
 from cooperllm_jax.federated.registry import register
@@ -87,6 +87,7 @@ class FedAvgBP:
   channel: Channel = Channel()
 
   name: ClassVar[str] = ''
+  config: ClassVar[None] = None
   mesh: ClassVar[None] = None          # one device
   replayable: ClassVar[bool] = False   # the ledger does not keep dense deltas
   needs_public: ClassVar[bool] = False
@@ -111,18 +112,18 @@ class FedAvgBP:
     return make_client_update(self.model, optax.adamw(lr, weight_decay=self.weight_decay),
                               self.subset)
 
-  def init(self, params):
+  def init(self, params) -> ServerState:
     trainable, frozen = self.subset.split(params, jax.random.key(self.seed))
-    return {'trainable': trainable, 'frozen': frozen, 'lr': jnp.float32(self.lr)}
+    return ServerState(trainable, frozen, jnp.float32(self.lr))
 
-  def trainable(self, state):
-    return state['trainable']
+  def model_params(self, state: ServerState):
+    return self.subset.materialize(state.frozen, state.trainable)
 
-  def model_params(self, state):
-    return self.subset.materialize(state['frozen'], state['trainable'])
+  def dense_bytes(self, state: ServerState) -> int:
+    return tree_bytes(state.trainable)
 
-  def dense_bytes(self, state) -> int:
-    return tree_bytes(state['trainable'])
+  def guide(self, state: ServerState) -> None:
+    del state
 
   @property
   def costs(self) -> Costs:
@@ -133,21 +134,21 @@ class FedAvgBP:
 
   def client_memory(self, state, batch_shapes) -> dict:
     """XLA's memory estimate of one client's jitted local training (S steps), abstract shapes."""
-    return compiled_memory(self._client_update, state['trainable'], state['frozen'], batch_shapes,
+    return compiled_memory(self._client_update, state.trainable, state.frozen, batch_shapes,
                            donate_argnums=())
 
   def run_round(self, state, batches, counts, clients, round_index):
     received = self.channel(None, counts, clients, round_index)
-    lr = float(state['lr'])
+    lr = float(state.lr)   # optax bakes the rate into the compiled round
     if lr not in self._rounds:
       self._rounds[lr] = make_round(self._make_client_update(lr), chunk=self.chunk)
-    trainable, losses = self._rounds[lr](state['trainable'], state['frozen'], batches,
+    trainable, losses = self._rounds[lr](state.trainable, state.frozen, batches,
                                          jnp.asarray(received.client_weights))
     losses = np.asarray(losses)
     c, s = losses.shape
     dense = self.dense_bytes(state)
     steps = np.full(c, s, np.int64) * received.sent
-    return dict(state, trainable=trainable), RoundResult(
+    return state._replace(trainable=trainable), RoundResult(
         losses=losses, uplink_bytes=(dense + COUNT_BYTES) * received.sent.astype(np.int64),
         broadcast_bytes=dense, forwards=steps, backwards=steps,
         client_weights=received.client_weights, sent=received.sent, metrics=received.metrics)

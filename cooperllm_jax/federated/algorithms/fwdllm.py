@@ -7,15 +7,19 @@ update exists (round 1) candidate 0 is kept. Probes run until at least `min_prob
 standard error of the mean projected gradient, sqrt(var(g) / n), falls below `var_threshold`
 (relative to the mean |g|), or `max_probes` are done. Unused slots carry weight 0, so the edge replays
 the uplink exactly like FedMeZO's. The choice is deliberately biased towards the last update.
+Its config section is `fwdllm` (FwdLLMConfig; zo.probes is the maximum).
 """
 
 import dataclasses
+from typing import Any, ClassVar, NamedTuple
 
 import jax
 import jax.numpy as jnp
 
+from cooperllm_jax import config as config_lib
 from cooperllm_jax.errors import ConfigError
 from cooperllm_jax.federated.algorithms.scalar import ScalarProtocol
+from cooperllm_jax.federated.api import ServerState
 from cooperllm_jax.federated.clients import Uplink, scan_local_steps
 from cooperllm_jax.federated.registry import register
 from cooperllm_jax.tree_math import tree_dot
@@ -80,43 +84,60 @@ def make_client_update(loss_fn, est: Estimator, subset: Subset = Subset(), candi
   return client_update
 
 
-@register('fwdllm')
+@dataclasses.dataclass(frozen=True)
+class FwdLLMConfig:
+  candidates: int = 4           # directions drawn per probe slot, the best cosine kept
+  min_probes: int = 1           # probes per step run between min_probes and zo.probes (the max)
+  var_threshold: float = 0.5    # more probes while the gradient's standard error exceeds this
+
+  RENAMED: ClassVar[dict] = {'zo.fwdllm_candidates': 'candidates',
+                             'zo.fwdllm_min_probes': 'min_probes',
+                             'zo.fwdllm_var_threshold': 'var_threshold'}
+
+  def __post_init__(self):
+    config_lib.positive('fwdllm.', self, 'candidates', 'min_probes')
+    config_lib.check(config_lib.finite(self.var_threshold) and self.var_threshold >= 0,
+                     f'fwdllm.var_threshold must be >= 0, got {self.var_threshold}')
+
+
+class FwdLLMState(NamedTuple):
+  prev_update: Any              # the last round's global update, float32 (zeros before round 1)
+
+
+@register('fwdllm', config=FwdLLMConfig)
 @dataclasses.dataclass
 class FwdLLM(ScalarProtocol):
-  """The scalar protocol with FwdLLM's client; the state keeps the previous global update, so the
-  edge cannot update the weights in place (the update needs the old ones)."""
+  """The scalar protocol with FwdLLM's client; the state keeps the previous global update."""
   fwdllm_candidates: int = 4
   fwdllm_min_probes: int = 1
   fwdllm_var_threshold: float = 0.5
 
-  address_bytes = 1           # the chosen candidate
-  donates_edge = False
+  address_bytes: ClassVar[int] = 1   # the chosen candidate
 
   @classmethod
   def from_config(cls, cfg, model, public=None):
     del public
-    z = cfg.zo
-    if not 1 <= z.fwdllm_min_probes <= z.probes:
-      raise ConfigError(f'fwdllm_min_probes={z.fwdllm_min_probes} must be in [1, probes='
-                        f'{z.probes}] (probes is the maximum)')
-    return cls(**cls.options(cfg, model), fwdllm_candidates=z.fwdllm_candidates,
-               fwdllm_min_probes=z.fwdllm_min_probes, fwdllm_var_threshold=z.fwdllm_var_threshold)
+    own = cfg.fwdllm
+    if own.min_probes > cfg.zo.probes:
+      raise ConfigError(f'fwdllm.min_probes={own.min_probes} must be at most zo.probes='
+                        f'{cfg.zo.probes} (the maximum)')
+    return cls(**cls.options(cfg, model), fwdllm_candidates=own.candidates,
+               fwdllm_min_probes=own.min_probes, fwdllm_var_threshold=own.var_threshold)
 
   def make_client_update(self, loss_fn):
     return make_client_update(loss_fn, self.est, self.subset, self.fwdllm_candidates,
                               self.fwdllm_min_probes, self.fwdllm_var_threshold)
 
-  def extra_state(self, trainable) -> dict:
-    return {'prev_update': jax.tree.map(lambda x: jnp.zeros(x.shape, jnp.float32), trainable)}
+  def init_extra(self, trainable) -> FwdLLMState:
+    return FwdLLMState(jax.tree.map(lambda x: jnp.zeros(x.shape, jnp.float32), trainable))
 
-  def client_extra(self, state) -> tuple:
-    return (state['prev_update'],)
+  def client_extra(self, state: ServerState) -> tuple:
+    return (state.extra.prev_update,)
 
-  def after_edge(self, state, old_trainable):
-    state['prev_update'] = jax.tree.map(
-        lambda a, b: a.astype(jnp.float32) - b.astype(jnp.float32), state['trainable'],
-        old_trainable)
-    return state
+  def after_edge(self, old: ServerState, trainable) -> ServerState:
+    update = jax.tree.map(lambda a, b: a.astype(jnp.float32) - b.astype(jnp.float32), trainable,
+                          old.trainable)
+    return old._replace(trainable=trainable, extra=FwdLLMState(update))
 
   def uplink_bytes(self, used, steps):
     return super().uplink_bytes(used, steps) + steps     # + the probe count of each step

@@ -2,6 +2,12 @@
 replays them (federated/round.py). fedmezo, fedkseed, decomfl and fwdllm are small subclasses that
 choose the directions' addresses, the client update and what goes over the links; CooperLLM wraps
 one (federated/algorithms/cooperllm.py).
+
+A subclass's own state lives in ServerState.extra (`init_extra`), reaches its clients through
+`client_extra` and changes at the edge through `after_edge`, which runs inside the edge's jitted
+update: the state is donated to that call, and `after_edge` still sees the weights that entered
+the round. The ledger's replay runs the same `edge_update`, so whatever `after_edge` does replays
+bit for bit.
 """
 
 import dataclasses
@@ -15,7 +21,7 @@ from cooperllm_jax import config as config_lib
 from cooperllm_jax import mesh as mesh_lib
 from cooperllm_jax.errors import ConfigError
 from cooperllm_jax.federated import clients as clients_lib
-from cooperllm_jax.federated.api import COUNT_BYTES, SCALAR_BYTES, Costs, RoundResult
+from cooperllm_jax.federated.api import COUNT_BYTES, SCALAR_BYTES, Costs, RoundResult, ServerState
 from cooperllm_jax.federated.channel import Channel, Received
 from cooperllm_jax.federated.faults import FaultModel
 from cooperllm_jax.federated.privacy import GaussianPrivacy
@@ -53,12 +59,12 @@ class ScalarProtocol:
   channel: Channel = Channel()
 
   name: ClassVar[str] = ''
+  config: ClassVar[Optional[type]] = None
   shared_directions: ClassVar[bool] = False   # every client probes the same directions (DeComFL)
   address_bytes: ClassVar[int] = 0            # bytes per probe naming its direction
-  replayable: ClassVar[bool] = True
+  replayable: ClassVar[bool] = True           # the ledger holds everything edge_update reads
   needs_public: ClassVar[bool] = False
   sync_bytes: ClassVar[Optional[int]] = None  # None: a client catches up by replaying rounds
-  donates_edge: ClassVar[bool] = True   # the edge updates the global weights in place
 
   @classmethod
   def options(cls, cfg: config_lib.RunConfig, model) -> dict:
@@ -83,7 +89,8 @@ class ScalarProtocol:
     self.round = Round(self.client_update, seed=self.seed, chunk=self.chunk, mesh=self.mesh,
                        backend=self.backend, distribution=self.est.distribution,
                        shared=self.shared_directions, aggregation=self.aggregation,
-                       channel=self.channel, donate=self.donates_edge)
+                       channel=self.channel)
+    self._edge = jax.jit(self._edge_step, donate_argnums=0)
 
   # -- what a subclass chooses -----------------------------------------------------------------
   def addresses(self) -> clients_lib.AddressFn:
@@ -92,19 +99,22 @@ class ScalarProtocol:
   def make_client_update(self, loss_fn):
     return clients_lib.make_client_update(loss_fn, self.est, self.subset, self.addresses())
 
-  def extra_state(self, trainable) -> dict:
-    """State entries beyond trainable/frozen/lr (FwdLLM's previous update)."""
+  def init_extra(self, trainable) -> Any:
+    """The protocol's own state (ServerState.extra) before round 1, e.g. FwdLLM's previous
+    update; () for none."""
     del trainable
-    return {}
+    return ()
 
-  def client_extra(self, state) -> tuple:
+  def client_extra(self, state: ServerState) -> tuple:
     """Further positional client_update arguments read from the state."""
     del state
     return ()
 
-  def after_edge(self, state: dict, old_trainable) -> dict:
-    del old_trainable
-    return state
+  def after_edge(self, old: ServerState, trainable) -> ServerState:
+    """The state after the edge's replay turned old.trainable into `trainable`. Traced inside the
+    edge's jitted update (old is donated to it but still readable here); the default keeps
+    everything else."""
+    return old._replace(trainable=trainable)
 
   def uplink_bytes(self, used: np.ndarray, steps: int) -> np.ndarray:
     """[C] bytes each client sends for `used` probes over `steps` local steps."""
@@ -117,29 +127,30 @@ class ScalarProtocol:
     return int(up[arrived].sum()) + int(arrived.sum()) * 4
 
   # -- state -------------------------------------------------------------------------------------
-  def init(self, params):
+  def init(self, params) -> ServerState:
     trainable, frozen = self.subset.split(params, jax.random.key(self.seed))
     # Our own copy: rounds donate (update in place) the trainable weights, never the caller's; kept
     # as a float32 master (zoo.perturb.master) so the edge's replay loses no sub-ulp update.
     # Clients keep frozen weights quantized if asked: zoo/quantized.py.
-    state = {'trainable': jax.tree.map(jnp.copy, master(trainable)),
-             'frozen': quantized.quantize_frozen(frozen, self.base_weights, self.base_group),
-             'lr': jnp.float32(self.lr), **self.extra_state(trainable)}
-    return self.on_mesh(state)
+    return self.on_mesh(ServerState(
+        jax.tree.map(jnp.copy, master(trainable)),
+        quantized.quantize_frozen(frozen, self.base_weights, self.base_group),
+        jnp.float32(self.lr), self.init_extra(trainable)))
 
   def on_mesh(self, tree):
     """tree as global arrays on the run's mesh (replicated, or as already placed there), so every
     process holds the same state and orbax can save it; unchanged without a mesh."""
     return tree if self.mesh is None else mesh_lib.replicate(tree, self.mesh)
 
-  def trainable(self, state):
-    return state['trainable']
+  def model_params(self, state: ServerState):
+    return self.subset.materialize(quantized.dequantize_tree(state.frozen), state.trainable)
 
-  def model_params(self, state):
-    return self.subset.materialize(quantized.dequantize_tree(state['frozen']), state['trainable'])
+  def dense_bytes(self, state: ServerState) -> int:
+    return tree_bytes(state.trainable)
 
-  def dense_bytes(self, state) -> int:
-    return tree_bytes(state['trainable'])
+  def guide(self, state: ServerState) -> None:
+    """The scalar protocols probe unguided (a tier around one guides it: cooperllm)."""
+    del state
 
   @property
   def costs(self) -> Costs:
@@ -149,15 +160,25 @@ class ScalarProtocol:
     del clock
 
   # -- one round ---------------------------------------------------------------------------------
-  def edge_update(self, trainable, uplinks: clients_lib.Uplink, client_weights, lr, guide=None):
-    """The edge's update from one round's received uplinks (see Round.edge)."""
-    return self.round.edge(trainable, uplinks, client_weights, lr, guide)
+  def _edge_step(self, server: ServerState, uplinks, client_weights, guide):
+    return self.after_edge(server, self.round.edge_fn(server.trainable, uplinks, client_weights,
+                                                      server.lr, guide))
 
-  def run_round(self, state, batches, counts, clients, round_index):
-    out = self.round(state['trainable'], state['frozen'], batches, counts, clients, round_index,
-                     state['lr'], *self.client_extra(state), guide=state.get('guidance'))
-    new = self.after_edge(dict(state, trainable=out.trainable), state['trainable'])
-    return new, self.account(out.uplinks, out.losses, out.received)
+  def edge_update(self, state: ServerState, uplinks: clients_lib.Uplink, client_weights,
+                  guide=None) -> ServerState:
+    """The edge's update at state.lr from one round's received uplinks (edge replay, then
+    after_edge), in one jitted call that donates the state (its frozen weights aside)."""
+    new = self._edge(state._replace(frozen=None), uplinks, client_weights, guide)
+    return new._replace(frozen=state.frozen)
+
+  def run_round(self, state: ServerState, batches, counts, clients, round_index,
+                guide=None) -> tuple[ServerState, RoundResult]:
+    """api.Algorithm.run_round; guide: the round's guidance, from a tier around the protocol."""
+    sent, losses, received = self.round.receive(
+        state.trainable, state.frozen, batches, counts, clients, round_index, state.lr,
+        *self.client_extra(state), guide=guide)
+    new = self.edge_update(state, received.uplink, received.client_weights, guide)
+    return new, self.account(sent, losses, received)
 
   def account(self, uplinks: clients_lib.Uplink, losses, received: Received) -> RoundResult:
     """Bytes and passes of the clients that ran and sent (a dropped client: none)."""
@@ -173,12 +194,11 @@ class ScalarProtocol:
                        client_weights=received.client_weights, sent=received.sent,
                        metrics=dict(received.metrics))
 
-  def client_memory(self, state, batch_shapes) -> dict:
-    """XLA's memory estimate of one client's jitted local training (S steps), abstract shapes."""
-    extra = self.client_extra(state)
-    if state.get('guidance') is not None:
-      extra = extra + (state['guidance'],)
-    return compiled_memory(self.client_update, state['trainable'], state['frozen'], batch_shapes,
+  def client_memory(self, state: ServerState, batch_shapes, guide=None) -> dict:
+    """XLA's memory estimate of one client's jitted local training (S steps), abstract shapes;
+    guide: the guidance its probes take, if any."""
+    extra = self.client_extra(state) + (() if guide is None else (guide,))
+    return compiled_memory(self.client_update, state.trainable, state.frozen, batch_shapes,
                            self.seed, 1, 0, self.lr, *extra, donate_argnums=0)
 
 
@@ -186,10 +206,13 @@ class ScalarProtocol:
 class OnScalarProtocol:
   """Base of algorithms that run a scalar protocol `zo` and add a tier around its rounds
   (cooperllm's cloud guidance, warm_start's cloud-only rounds): the weights, their bytes, the
-  client's memory, the mesh and the edge's replay are zo's."""
+  client's memory, the mesh and the edge's replay are zo's. The state's extra is the tier's own
+  NamedTuple, whose field `zo` holds zo's extra: `zo_state` is zo's view of the state, `with_zo`
+  puts zo's new state back."""
   zo: ScalarProtocol
 
   name: ClassVar[str] = ''
+  config: ClassVar[Optional[type]] = None
   needs_public: ClassVar[bool] = True
   sync_bytes: ClassVar[Optional[int]] = None
 
@@ -200,17 +223,26 @@ class OnScalarProtocol:
   def attach_clock(self, clock) -> None:
     del clock
 
-  def edge_update(self, trainable, uplinks, client_weights, lr, guide=None):
-    return self.zo.edge_update(trainable, uplinks, client_weights, lr, guide)
+  @staticmethod
+  def zo_state(state: ServerState) -> ServerState:
+    return state._replace(extra=state.extra.zo)
 
-  def trainable(self, state):
-    return self.zo.trainable(state)
+  @staticmethod
+  def with_zo(state: ServerState, zo_state: ServerState) -> ServerState:
+    return zo_state._replace(extra=state.extra._replace(zo=zo_state.extra))
+
+  def edge_update(self, state, uplinks, client_weights, guide=None):
+    return self.with_zo(state, self.zo.edge_update(self.zo_state(state), uplinks, client_weights,
+                                                   guide))
+
+  def guide(self, state):
+    return self.zo.guide(self.zo_state(state))
 
   def model_params(self, state):
-    return self.zo.model_params(state)
+    return self.zo.model_params(self.zo_state(state))
 
   def dense_bytes(self, state) -> int:
-    return self.zo.dense_bytes(state)
+    return self.zo.dense_bytes(self.zo_state(state))
 
   def client_memory(self, state, batch_shapes) -> dict:
-    return self.zo.client_memory(state, batch_shapes)
+    return self.zo.client_memory(self.zo_state(state), batch_shapes)
