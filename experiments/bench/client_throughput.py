@@ -68,7 +68,7 @@ def config() -> ml_collections.ConfigDict:
   c.client_backend = _BACKEND.value
   c.zo.probes = _PROBES.value
   c.zo.trainable = _TRAINABLE.value
-  c.zo.fwdllm_min_probes = min(2, _PROBES.value)
+  c.fwdllm.min_probes = min(2, _PROBES.value)
   if _POPULATION.value:
     c.num_clients = _POPULATION.value
   return c
@@ -92,7 +92,7 @@ def forward_seconds(alg, state, batch, repeats=5):
   trainable weights merged as the clients' forwards merge them; min over `repeats` calls."""
   loss = make_loss(alg.model)
   fn = jax.jit(lambda t, f, b: loss_at(loss, t, f, b, None, 0.0, subset=alg.subset))
-  args = (state['trainable'], state['frozen'], batch)
+  args = (state.trainable, state.frozen, batch)
   jax.block_until_ready(fn(*args))
   wall, cpu = [], []
   for _ in range(repeats):
@@ -134,8 +134,8 @@ def bench_clients(alg, params, vocab_size, num_clients):
     rss_rounds.append(peak_rss_bytes())
   rss = rss_rounds[-1]
   median = statistics.median(times)
-  device = memory_of(alg.round.clients.lower(state['trainable'], state['frozen'], batches,
-                                             clients(0), jnp.int32(0), state['lr']).compile())
+  device = memory_of(alg.round.clients.lower(state.trainable, state.frozen, batches,
+                                             clients(0), jnp.int32(0), state.lr).compile())
   forwards = int(alg.est.forwards(_PROBES.value, 1)) * num_clients * steps
   # CPU seconds of this process (all its threads) per round: the work done, whatever share of the
   # cores other processes left it (wall time on a shared machine depends on that share).

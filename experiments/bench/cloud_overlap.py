@@ -59,7 +59,7 @@ def main(argv):
       common.log(f'round {r}, cloud_lag={lag}')
       start = time.perf_counter()
       states[lag], _ = alg.run_round(states[lag], batches, counts, clients, r)
-      jax.block_until_ready(states[lag]['trainable'])
+      jax.block_until_ready(states[lag].trainable)
       if r > 1:  # round 1 compiles
         times[lag].append(time.perf_counter() - start)
   lag0, lag1 = common.summary(times[0]), common.summary(times[1])
