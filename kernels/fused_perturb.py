@@ -14,20 +14,43 @@ with z the key schedule's draw (cooperllm_jax.zoo.keys.slice_direction) in one o
 
 The kernel generates z itself, block by block, with the same threefry2x32 bits, so neither z nor
 the dequantized weights ever exist in HBM: one pass reads int8 (or packed int4) weights and basis
-and writes the perturbed float weights.
+and writes the perturbed float weights. Its integer work is uint32 add, multiply, xor, shifts and
+an unsigned compare (the 64-bit counter in 16-bit limbs), which Mosaic TPU and Triton both lower.
 
 z is bit-identical to jax.random.normal under `jax_threefry_partitionable=True`, the default since
 jax 0.5 (and the only behaviour once the flag is gone); with the flag off jax lays the counters out
 differently and `fused_perturb` raises rather than return other bits.
+
+Backends. `jax.lax.platform_dependent` picks the kernel's form when the program is lowered, not
+when it is traced, so one traced program lowers for any platform (`jax.export` for TPU or CUDA
+works from a CPU host; tests/test_lowering.py checks that it does):
+
+  TPU  Mosaic. The scalars (key words, row offset; h, a, b, u) go through scalar prefetch into
+       SMEM, as Mosaic wants scalars; the grid is parallel on both axes (megacore).
+  GPU  Triton, asked for with pallas.triton.CompilerParams rather than left to jax's default.
+       Mosaic GPU brings TMA copies, warpgroup matmuls and shared-memory pipelines, none of which
+       a streaming elementwise pass uses, and it requires what this kernel does not fit: copies
+       of whole multiples of 128 bytes (the 16-byte scalar arrays are not) and every block staged
+       in shared memory. It also needs Hopper or newer (sm_90a); Triton runs on Ampere too, and
+       on ROCm. The scalars are whole-array blocks (Triton has no scalar prefetch).
+  CPU  The Pallas interpreter.
+
+Blocks are powers of two of at least (8, 128) rows x columns: Mosaic's tiling rule (a block's last
+two dims multiples of (8, 128), or the array's) and Triton's (power-of-two sizes) at once. A block
+may overhang a small array; both backends mask the edge. Quantization scales are laid out as
+[column blocks, rows, groups per block] outside the kernel (an XLA transpose of the scales, 1/group
+of the values' elements), so that their blocks obey the same rule.
 """
 
 import functools
-from typing import NamedTuple, Optional
+from typing import Any, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.experimental import pallas as pl
+from jax.experimental.pallas import tpu as pltpu
+from jax.experimental.pallas import triton as pltriton
 
 
 def nibbles(values):
@@ -119,6 +142,10 @@ def _check_threefry_layout():
 
 # --- the kernel ---------------------------------------------------------------------------------
 
+SUBLANES, LANES = 8, 128  # Mosaic TPU's (8, 128) tile: the least block rows and columns
+BLOCK_ROWS, BLOCK_COLS = 32, 512  # the default block: int8's TPU tile of rows, 512 columns
+
+
 class _Config(NamedTuple):
   """Everything static about one call (the custom_vjp's non-differentiable argument)."""
   rows: int
@@ -132,7 +159,20 @@ class _Config(NamedTuple):
   m: int                  # basis size (0: no basis)
   layout: str
   out_dtype: str
+  interpret: Optional[bool]  # None: the interpreter on CPU, compiled on TPU and GPU
+
+
+class _Backend(NamedTuple):
+  """How one Pallas backend takes the kernel."""
+  prefetch: bool  # scalars by scalar prefetch (SMEM), else as whole-array blocks
+  compiler_params: Any
   interpret: bool
+
+
+_MOSAIC_TPU = _Backend(True, pltpu.CompilerParams(dimension_semantics=(pltpu.PARALLEL,) * 2),
+                       False)
+_TRITON = _Backend(False, pltriton.CompilerParams(num_warps=4, num_stages=1), False)
+_INTERPRETER = _Backend(True, None, True)
 
 
 def _pow2_ceil(n: int) -> int:
@@ -143,15 +183,33 @@ def _is_pow2(n) -> bool:
   return isinstance(n, int) and n > 0 and not n & (n - 1)
 
 
+def _fit(block: int, dim: int, tile: int) -> int:
+  """The block size along a dim: `block`, or the dim's power-of-two ceiling (at least one tile)
+  when the dim is smaller."""
+  return min(block, max(tile, _pow2_ceil(dim)))
+
+
+def _span(cfg: _Config, group: int) -> int:
+  """Columns one row of a scales block covers: the block's, or the group holding it."""
+  return max(cfg.block_cols, group)
+
+
+def _scale_blocks(scales, group: int, cfg: _Config):
+  """Scales [..., rows, G] as [..., L, rows, n]: n = span / group groups per column span, zero-
+  padded to L whole spans, so that a block's scales are one (rows, n) tile."""
+  n = _span(cfg, group) // group
+  spans = pl.cdiv(cfg.cols, n * group)
+  s = jnp.pad(scales, [(0, 0)] * (scales.ndim - 1) + [(0, spans * n - scales.shape[-1])])
+  return jnp.moveaxis(s.reshape(*s.shape[:-1], spans, n), -2, -3)
+
+
 def _scale_spec(cfg: _Config, group: int, lead: tuple):
-  """BlockSpec of a scales array for value blocks (block_rows, block_cols): a block covers
-  block_cols // group groups, or lies inside one group (group a multiple of block_cols)."""
-  bc = cfg.block_cols
-  if bc % group == 0:
-    return pl.BlockSpec((*(1,) * len(lead), cfg.block_rows, bc // group),
-                        lambda i, j: (*lead, i, j))
-  return pl.BlockSpec((*(1,) * len(lead), cfg.block_rows, 1),
-                      lambda i, j: (*lead, i, j * bc // group))
+  """BlockSpec of _scale_blocks' layout for value block (i, j). The index maps divide with lax.div
+  and lax.rem (j >= 0): jnp's floor division adds a sign fix-up that Mosaic lowers only on a TPU
+  host."""
+  span = _span(cfg, group)
+  return pl.BlockSpec((*(1,) * len(lead), 1, cfg.block_rows, span // group),
+                      lambda i, j, *_: (*lead, jax.lax.div(j, span // cfg.block_cols), i, 0))
 
 
 def _value_spec(cfg: _Config, packed: bool, lead: tuple):
@@ -159,8 +217,8 @@ def _value_spec(cfg: _Config, packed: bool, lead: tuple):
   shape = (*(1,) * len(lead), cfg.block_rows, cfg.block_cols)
   if packed:
     half = cfg.cols // 2 // cfg.block_cols
-    return pl.BlockSpec(shape, lambda i, j: (*lead, i, j % half))
-  return pl.BlockSpec(shape, lambda i, j: (*lead, i, j))
+    return pl.BlockSpec(shape, lambda i, j, *_: (*lead, i, jax.lax.rem(j, half)))
+  return pl.BlockSpec(shape, lambda i, j, *_: (*lead, i, j))
 
 
 def _expand(scales, group: int, shape):
@@ -177,18 +235,20 @@ def _kernel(cfg: _Config, ints_ref, floats_ref, *refs):
   br, bc = cfg.block_rows, cfg.block_cols
   i, j = pl.program_id(0), pl.program_id(1)
 
-  def load(group, packed, squeeze):
-    values = next(refs)[0] if squeeze else next(refs)[...]
+  def read(lead):  # the next operand's block, its `lead` unit dims dropped
+    return next(refs)[(0,) * lead + (slice(None),) * 2]
+
+  def load(group, packed, lead):
+    values = read(lead)
     if packed:  # column block j < half lives in the low nibbles
       low, high = nibbles(values)
       values = jnp.where(j < cfg.cols // 2 // bc, low, high)
     values = values.astype(jnp.float32)
     if group is None:
       return values
-    scales = next(refs)[0] if squeeze else next(refs)[...]
-    return values * _expand(scales, group, (br, bc))
+    return values * _expand(read(lead + 1), group, (br, bc))
 
-  w = load(cfg.w_group, cfg.w_packed, False)
+  w = load(cfg.w_group, cfg.w_packed, 0)
   rows = (ints_ref[2] + (i * br).astype(jnp.uint32)
           + jax.lax.broadcasted_iota(jnp.int32, (br, 1), 0).astype(jnp.uint32))
   cols = (j * bc + jax.lax.broadcasted_iota(jnp.int32, (1, bc), 1)).astype(jnp.uint32)
@@ -198,37 +258,54 @@ def _kernel(cfg: _Config, ints_ref, floats_ref, *refs):
     z = _normal_at(ints_ref[0], ints_ref[1], *_flat_index(rows, cfg.cols, cols))
   h, a, b = floats_ref[0], floats_ref[1], floats_ref[2]
   if cfg.m:
-    g = floats_ref[3] * load(cfg.v_group, cfg.v_packed, True)
+    g = floats_ref[3] * load(cfg.v_group, cfg.v_packed, 1)
     for k in range(1, cfg.m):
-      g = g + floats_ref[3 + k] * load(cfg.v_group, cfg.v_packed, True)
+      g = g + floats_ref[3 + k] * load(cfg.v_group, cfg.v_packed, 1)
     step = a * z + b * g
   else:
     step = a * z
   out_ref[...] = (w + h * step).astype(out_ref.dtype)
 
 
-def _call(cfg: _Config, ints, floats, arrays):
+def _pallas(cfg: _Config, backend: _Backend, ints, floats, arrays):
+  """The kernel as `backend` runs it; arrays: w (and its scales), then V (and its scales)."""
   br, bc = cfg.block_rows, cfg.block_cols
-  block = pl.BlockSpec((br, bc), lambda i, j: (i, j))
-  specs = [pl.BlockSpec(ints.shape, lambda i, j: (0,)),
-           pl.BlockSpec(floats.shape, lambda i, j: (0,)), _value_spec(cfg, cfg.w_packed, ())]
+  tiles = [_value_spec(cfg, cfg.w_packed, ())]
   if cfg.w_group is not None:
-    specs.append(_scale_spec(cfg, cfg.w_group, ()))
+    tiles.append(_scale_spec(cfg, cfg.w_group, ()))
   for k in range(cfg.m):  # V passed once per basis vector: (1, br, bc) blocks, no m-sized block
-    specs.append(_value_spec(cfg, cfg.v_packed, (k,)))
+    tiles.append(_value_spec(cfg, cfg.v_packed, (k,)))
     if cfg.v_group is not None:
-      specs.append(_scale_spec(cfg, cfg.v_group, (k,)))
+      tiles.append(_scale_spec(cfg, cfg.v_group, (k,)))
   n_base = 1 if cfg.w_group is None else 2
-  operands = [ints, floats, *arrays[:n_base], *list(arrays[n_base:]) * cfg.m]
+  operands = [*arrays[:n_base], *list(arrays[n_base:]) * cfg.m]
+  grid = (pl.cdiv(cfg.rows, br), pl.cdiv(cfg.cols, bc))
+  out_spec = pl.BlockSpec((br, bc), lambda i, j, *_: (i, j))
+  if backend.prefetch:
+    grid_spec = pltpu.PrefetchScalarGridSpec(num_scalar_prefetch=2, grid=grid, in_specs=tiles,
+                                             out_specs=out_spec)
+  else:
+    whole = [pl.BlockSpec(x.shape, lambda i, j: (0,)) for x in (ints, floats)]
+    grid_spec = pl.GridSpec(grid=grid, in_specs=whole + tiles, out_specs=out_spec)
   return pl.pallas_call(
       functools.partial(_kernel, cfg),
       out_shape=jax.ShapeDtypeStruct((cfg.rows, cfg.cols), cfg.out_dtype),
-      grid=(pl.cdiv(cfg.rows, br), pl.cdiv(cfg.cols, bc)),
-      in_specs=specs,
-      out_specs=block,
-      interpret=cfg.interpret,
+      grid_spec=grid_spec,
+      compiler_params=backend.compiler_params,
+      interpret=backend.interpret,
       name='fused_perturb',
-  )(*operands)
+  )(ints, floats, *operands)
+
+
+def _call(cfg: _Config, ints, floats, arrays):
+  """The interpreter (interpret=True), or each platform's backend, picked at lowering."""
+  if cfg.interpret:
+    return _pallas(cfg, _INTERPRETER, ints, floats, arrays)
+  run = lambda backend: functools.partial(_pallas, cfg, backend)
+  triton = run(_TRITON)
+  return jax.lax.platform_dependent(
+      ints, floats, arrays, tpu=run(_MOSAIC_TPU), cuda=triton, rocm=triton,
+      default=None if cfg.interpret is False else run(_INTERPRETER))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
@@ -282,8 +359,8 @@ LAYOUTS = ('rows', 'flat')
 
 def fused_perturb(w, leaf_key, h, a, b, basis=None, u=None, *, w_scales=None, w_group=None,
                   w_packed: bool = False, basis_scales=None, basis_group=None,
-                  basis_packed: bool = False, layout: str = 'rows', block_rows: int = 32,
-                  block_cols: Optional[int] = None, interpret: Optional[bool] = None,
+                  basis_packed: bool = False, layout: str = 'rows', block_rows: int = BLOCK_ROWS,
+                  block_cols: int = BLOCK_COLS, interpret: Optional[bool] = None,
                   row_offset=0, out_dtype=None) -> jax.Array:
   """dequant(w) + h * (a * z + b * sum_k u_k dequant(basis_k)), one fused pass, on plain arrays.
 
@@ -295,17 +372,21 @@ def fused_perturb(w, leaf_key, h, a, b, basis=None, u=None, *, w_scales=None, w_
   h, a, b:    float32 scalars (may be traced);
   basis, u:   [m, rows, cols] float (or int8 values with basis_scales, basis_group,
               basis_packed as for w), and float32 [m]; both or neither;
-  block_rows, block_cols: power-of-two block sizes (GPU needs them); block_cols=None: whole rows
-              (half rows with packed values). With a quantized w or basis, block_cols must be a
-              multiple or a divisor of its group, and divide cols / 2 if packed. Ragged edge
-              blocks are fine otherwise: every element depends only on its own (row, col);
-  interpret:  None runs the Pallas interpreter on CPU and compiles on GPU/TPU;
+  block_rows, block_cols: powers of two, at least 8 and 128 (see the module docstring); a dim
+              smaller than its block gets its power-of-two ceiling (at least 8 or 128). With a
+              quantized w or basis the block's columns must be a multiple or a divisor of its
+              group, and with packed values divide cols / 2. Ragged edge blocks are fine
+              otherwise: every element depends only on its own (row, col);
+  interpret:  None: the Pallas interpreter on CPU and the compiled kernel on TPU and GPU, chosen
+              when the program is lowered; True: the interpreter everywhere; False: compiled only
+              (a CPU program fails to lower);
   row_offset: int (may be traced), the first row's index in the leaf (or in the 'flat' draw);
   out_dtype:  None: float32 for a quantized w, w's dtype for a float one.
 
   Returns out_dtype [rows, cols]. Under jax.vmap any argument may be batched (e.g. leaf_key, u,
-  h per client). No gradient: the ZO client only runs it forward, and jax.grad through it raises
-  rather than silently returning zero.
+  h per client; on TPU batched scalars run the kernel once per batch element). No gradient: the
+  ZO client only runs it forward, and jax.grad through it raises rather than silently returning
+  zero.
   """
   _check_threefry_layout()
   if layout not in LAYOUTS:
@@ -322,28 +403,32 @@ def fused_perturb(w, leaf_key, h, a, b, basis=None, u=None, *, w_scales=None, w_
     m = v_shape[0]
   else:
     v_arrays, v_group, v_packed, m, u = [], None, False, 0, jnp.zeros((0,), jnp.float32)
+  if not (_is_pow2(block_rows) and _is_pow2(block_cols) and block_rows >= SUBLANES
+          and block_cols >= LANES):
+    raise ValueError(f'block_rows and block_cols must be powers of two, at least {SUBLANES} and '
+                     f'{LANES}, got {block_rows}, {block_cols}')
   packed = w_packed or v_packed
-  bc = (cols // 2 if packed else cols) if block_cols is None else block_cols
-  if not _is_pow2(block_rows) or not (block_cols is None or _is_pow2(block_cols)):
-    raise ValueError(f'block_rows and block_cols must be powers of two, got {block_rows}, '
-                     f'{block_cols}')
+  bc = _fit(block_cols, cols // 2 if packed else cols, LANES)
   for group in (w_group, v_group):
     if group is not None and bc % group and group % bc:
       raise ValueError(f'block_cols {bc} must be a multiple or a divisor of the group {group}')
   if packed and (cols // 2) % bc:
-    raise ValueError(f'block_cols {bc} must divide cols / 2 = {cols // 2} with packed values')
+    raise ValueError(f'with packed values cols / 2 = {cols // 2} must be a multiple of the '
+                     f'block\'s {bc} columns')
   if out_dtype is None:
     out_dtype = jnp.float32 if w_group is not None else base[0].dtype
-  if interpret is None:
-    interpret = jax.default_backend() == 'cpu'
-  cfg = _Config(rows, cols, min(block_rows, _pow2_ceil(rows)), bc, w_group, w_packed, v_group,
-                v_packed, m, layout, jnp.dtype(out_dtype).name, bool(interpret))
+  cfg = _Config(rows, cols, _fit(block_rows, rows, SUBLANES), bc, w_group, w_packed, v_group,
+                v_packed, m, layout, jnp.dtype(out_dtype).name, interpret)
+  if w_group is not None:
+    base[1] = _scale_blocks(base[1], w_group, cfg)
+  if v_group is not None:
+    v_arrays[1] = _scale_blocks(v_arrays[1], v_group, cfg)
   kd = _key_data(leaf_key)  # kernel scalars: ints = key data, row_offset; floats = h, a, b, u
   ints = jnp.stack([kd[0], kd[1], jnp.asarray(row_offset, jnp.int32).astype(jnp.uint32),
                     jnp.uint32(0)])
   scalars = [jnp.asarray(x, jnp.float32) for x in (h, a, b)]
   floats = jnp.concatenate([jnp.stack(scalars), u])
-  floats = jnp.pad(floats, (0, _pow2_ceil(floats.shape[0]) - floats.shape[0]))  # pow2 for GPU
+  floats = jnp.pad(floats, (0, _pow2_ceil(floats.shape[0]) - floats.shape[0]))  # pow2: Triton
   return _fused(cfg, ints, floats, *base, *v_arrays)
 
 

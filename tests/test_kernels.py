@@ -1,5 +1,5 @@
-"""Pallas kernels against their pure-jnp references: interpreted on CPU, compiled when a GPU is
-present. Block sizes are powers of two so the same tests compile for GPU."""
+"""Pallas kernels against their pure-jnp references: interpreted on CPU, compiled when a GPU or a
+TPU is present (the blocks are ones both backends take: powers of two of at least 8 x 128)."""
 
 import jax
 import jax.numpy as jnp
@@ -52,10 +52,10 @@ class TestFusedPerturb:
     return fused_perturb(*args, interpret=self.INTERPRET, **kw)
 
   @pytest.mark.parametrize('rows,cols,block_rows,block_cols,row_offset', [
-      (37, 96, 8, 32, 0),     # ragged row blocks
-      (5, 384, 8, 128, 11),   # one partial row block, offset into the leaf
-      (1, 7, 8, 8, 0),        # both edges ragged, cols not a multiple of anything
-      (37, 96, 16, 64, 200),  # ragged column blocks too
+      (37, 96, 8, 128, 0),     # ragged row blocks, one block overhanging the columns
+      (5, 384, 8, 128, 11),    # one partial row block, offset into the leaf
+      (1, 7, 8, 128, 0),       # both edges ragged, cols not a multiple of anything
+      (37, 300, 16, 128, 200),  # ragged column blocks too
   ])
   def test_z_bit_exact(self, rows, cols, block_rows, block_cols, row_offset):
     leaf = keys_lib.leaf_key(_probe_key(), PATH)
@@ -68,8 +68,8 @@ class TestFusedPerturb:
     np.testing.assert_array_equal(_bits(z), _bits(want))
 
   @pytest.mark.parametrize('rows,cols,block_rows,block_cols,row_offset', [
-      (37, 96, 8, 32, 0),     # ragged row blocks
-      (5, 40, 8, 16, 3),      # ragged column blocks, offset into the draw
+      (37, 96, 8, 128, 0),    # ragged row blocks
+      (5, 200, 8, 128, 3),    # ragged column blocks, offset into the draw
   ])
   def test_flat_z_bit_exact(self, rows, cols, block_rows, block_cols, row_offset):
     """A stacked leaf's layer slice is one normal draw from fold_in(leaf_key, layer)."""
@@ -82,27 +82,27 @@ class TestFusedPerturb:
     np.testing.assert_array_equal(_bits(z), _bits(want))
 
   def test_packed_int4_equals_unpacked(self):
-    rows, cols, m = 13, 96, 2
+    rows, cols, m = 13, 512, 2
     x, v = _normal(1, (rows, cols)), _normal(2, (m, rows, cols))
     w, wp = quantize(x, 32, bits=4), quantize(x, 32, bits=4, pack=True)
     basis, basis_p = quantize(v, 16, bits=4), quantize(v, 16, bits=4, pack=True)
     assert wp.values.shape == (rows, cols // 2) and wp.shape == (rows, cols)
     leaf, u = keys_lib.leaf_key(_probe_key(), PATH), _normal(3, (m,))
     args = (leaf, 0.05, 0.8, 0.6)
-    out = self.call(wp, *args, basis_p, u, block_rows=8, block_cols=16)
-    np.testing.assert_array_equal(out, self.call(w, *args, basis, u, block_rows=8, block_cols=16))
+    out = self.call(wp, *args, basis_p, u, block_rows=8, block_cols=128)
+    np.testing.assert_array_equal(out, self.call(w, *args, basis, u, block_rows=8, block_cols=128))
     np.testing.assert_allclose(out, fused_perturb_reference(wp, *args, basis_p, u), rtol=1e-6,
                                atol=1e-6)
 
   @pytest.mark.parametrize('w_bits,v_kind,m,w_group,v_group,block_cols', [
-      (8, 'float', 1, 32, None, 32),
-      (8, 4, 4, 32, 96, 32),   # per-row basis scales (group = cols), blocks inside a group
-      (4, 8, 4, 96, 32, 32),
-      (4, 'float', 1, 32, None, 64),
-      (8, None, 0, 96, None, None),
+      (8, 'float', 1, 32, None, 128),  # 3 column blocks of 4 groups
+      (8, 4, 4, 32, 384, 128),  # per-row basis scales (group = cols), blocks inside a group
+      (4, 8, 4, 128, 32, 256),  # ragged column blocks (384 = 256 + 128)
+      (4, 'float', 1, 32, None, 512),  # one block overhanging the row: scales padded
+      (8, None, 0, 384, None, 128),
   ])
   def test_matches_reference_quantized(self, w_bits, v_kind, m, w_group, v_group, block_cols):
-    rows, cols = 37, 96
+    rows, cols = 37, 384
     w = quantize(_normal(1, (rows, cols)), w_group, bits=w_bits)
     basis = u = None
     if m:
@@ -120,12 +120,12 @@ class TestFusedPerturb:
                                                       (jnp.bfloat16, None, 'flat'),
                                                       (jnp.bfloat16, jnp.float32, 'rows')])
   def test_matches_reference_float(self, dtype, out_dtype, layout):
-    w = _normal(1, (20, 64)).astype(dtype)
-    basis, u = _normal(2, (2, 20, 64)), _normal(3, (2,))
+    w = _normal(1, (20, 200)).astype(dtype)
+    basis, u = _normal(2, (2, 20, 200)), _normal(3, (2,))
     leaf = keys_lib.leaf_key(_probe_key(), PATH)
     args = (w, leaf, 0.05, 0.8, 0.6, basis, u)
     kw = dict(layout=layout, out_dtype=out_dtype)
-    out = self.call(*args, block_rows=8, block_cols=32, **kw)
+    out = self.call(*args, block_rows=8, block_cols=128, **kw)
     assert out.dtype == (out_dtype or dtype)
     np.testing.assert_allclose(out.astype(jnp.float32),
                                fused_perturb_reference(*args, **kw).astype(jnp.float32),
@@ -137,7 +137,7 @@ class TestFusedPerturb:
     basis = quantize(_normal(2, (m, rows, cols)), 64)
     leaves = jnp.stack([keys_lib.leaf_key(_probe_key(p), PATH) for p in range(3)])
     us, hs = _normal(3, (3, m)), jnp.array([0.1, -0.2, 0.3])
-    run = lambda k, u, h: self.call(w, k, h, 1.0, 0.5, basis, u, block_rows=8, block_cols=32)
+    run = lambda k, u, h: self.call(w, k, h, 1.0, 0.5, basis, u, block_rows=8, block_cols=128)
     batched = jax.vmap(run)(leaves, us, hs)
     for c in range(3):
       np.testing.assert_allclose(batched[c], run(leaves[c], us[c], hs[c]), rtol=1e-6, atol=1e-6)
@@ -149,7 +149,7 @@ class TestFusedPerturb:
       jax.grad(loss)(0.1)
 
 
-@pytest.mark.skipif(jax.default_backend() != 'gpu', reason='compiled Pallas needs a GPU')
+@pytest.mark.skipif(jax.default_backend() == 'cpu', reason='compiled Pallas needs a GPU or TPU')
 class TestFusedPerturbCompiled(TestFusedPerturb):
   INTERPRET = False
 
@@ -196,12 +196,14 @@ def test_bad_input_is_one_clear_error():
        'group 5'),
       (lambda: fused_perturb(q, leaf, 1., 1., 0., block_cols=24), ValueError, 'powers of two'),
       (lambda: fused_perturb(q, leaf, 1., 1., 0., block_rows=12), ValueError, 'powers of two'),
+      (lambda: fused_perturb(q, leaf, 1., 1., 0., block_cols=64), ValueError, 'at least'),
+      (lambda: fused_perturb(q, leaf, 1., 1., 0., block_rows=4), ValueError, 'at least'),
       (lambda: fused_perturb(w, leaf, 1., 1., 0., layout='cols'), ValueError, 'layout'),
       (lambda: quantize(w, 16, bits=8, pack=True), ValueError, 'packing'),
-      (lambda: fused_perturb(quantize(w, 16, bits=4, pack=True), leaf, 1., 1., 0., block_cols=32),
-       ValueError, 'divide cols / 2'),
-      (lambda: fused_perturb(quantize(jnp.zeros((8, 48)), 24), leaf, 1., 1., 0., block_cols=32),
-       ValueError, 'multiple or a divisor'),
+      (lambda: fused_perturb(quantize(jnp.zeros((8, 384)), 16, bits=4, pack=True), leaf, 1., 1.,
+                             0.), ValueError, 'cols / 2 = 192'),
+      (lambda: fused_perturb(quantize(jnp.zeros((8, 48)), 24), leaf, 1., 1., 0.), ValueError,
+       'multiple or a divisor'),
       (lambda: fused_perturb(w, leaf, 1., 1., 0., basis=jnp.zeros((2, 8, 32))), ValueError,
        'both basis and u'),
       (lambda: fused_perturb(w, leaf, 1., 1., 0., jnp.zeros((2, 8, 16)), jnp.zeros(2)),
@@ -218,3 +220,18 @@ def test_non_partitionable_threefry_raises():
   with jax.threefry_partitionable(False):
     with pytest.raises(NotImplementedError, match='jax_threefry_partitionable'):
       fused_perturb(jnp.zeros((8, 32)), leaf, 1., 1., 0.)
+
+
+@pytest.mark.parametrize('layout', ['rows', 'flat'])
+def test_gpu_form_matches_tpu_form(monkeypatch, layout):
+  """The kernel's GPU form (scalars as whole-array blocks) gives the bits of its TPU form (scalar
+  prefetch), both interpreted: they share the body and differ only in how the scalars arrive."""
+  rows, cols, m = 21, 512, 2
+  w = quantize(_normal(1, (rows, cols)), 32, bits=4, pack=True)
+  basis, u = quantize(_normal(2, (m, rows, cols)), 64), _normal(3, (m,))
+  leaf = keys_lib.leaf_key(_probe_key(), PATH)
+  run = lambda: fused_perturb(w, leaf, 0.05, 0.8, 0.6, basis, u, layout=layout, block_rows=16,
+                              block_cols=128, row_offset=5, interpret=True)
+  tpu_form = run()
+  monkeypatch.setattr(kernel, '_INTERPRETER', kernel._TRITON._replace(interpret=True))
+  np.testing.assert_array_equal(run(), tpu_form)

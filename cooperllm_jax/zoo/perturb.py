@@ -20,8 +20,6 @@ from cooperllm_jax.zoo.quantized import dequantize, is_quantized, take_rows
 from cooperllm_jax.zoo.trainable import merge_lora
 
 IMPLS = ('xla', 'pallas')
-# The fused kernel's blocks in the client: powers of two (GPU), rows up to 512 columns wide.
-PALLAS_BLOCK_ROWS, PALLAS_MAX_BLOCK_COLS = 32, 512
 # The group models/common.scan_layers hooks one layer at a time: its leaves are stacked [layers, ...].
 STACKED = 'layers'
 
@@ -97,8 +95,6 @@ class Perturbation:
       b = 1.0
     return fused_perturb(x, key, self.scale, a, b, basis, u,
                          layout='rows' if layer is None else 'flat',
-                         block_rows=PALLAS_BLOCK_ROWS,
-                         block_cols=min(PALLAS_MAX_BLOCK_COLS, 1 << (x.shape[1] - 1).bit_length()),
                          out_dtype=jnp.promote_types(x.dtype, jnp.float32))
 
   def group(self, name, params, layer):
