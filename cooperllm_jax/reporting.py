@@ -3,9 +3,11 @@
 metrics.jsonl is the record of a run (plots, comparisons and resuming read it back) and keeps the
 bare keys (test_accuracy, sim_time_s, ...); TensorBoard is for watching a run live and groups the
 same scalars under train/, test/, comm/, sim/ and cloud/ (TB_GROUPS, the one place that maps keys
-to tags); accuracy.png is the one-glance result.
+to tags); accuracy.png is the one-glance result. A write that fails (a full disk) raises an OSError
+that names its file.
 """
 
+import contextlib
 import json
 import math
 import numbers
@@ -35,6 +37,30 @@ def to_json(value, **kwargs) -> str:
   return json.dumps(_finite(value), allow_nan=False, **kwargs)
 
 
+@contextlib.contextmanager
+def file_errors(path):
+  """An OSError inside names `path` if it names no file (a write to a full disk's does not)."""
+  try:
+    yield
+  except OSError as e:
+    if e.filename is None:
+      raise OSError(e.errno, e.strerror, str(path)) from e
+    raise
+
+
+def write_text(path, text: str) -> None:
+  """Writes `path` whole or not at all: a temporary file beside it, renamed over it; a failed
+  write (a full disk) names `path` and leaves the old file as it was."""
+  path = pathlib.Path(path)
+  tmp = path.with_name(f'.{path.name}.tmp')
+  with file_errors(path):
+    try:
+      tmp.write_text(text, encoding='utf-8')
+      tmp.replace(path)
+    finally:
+      tmp.unlink(missing_ok=True)
+
+
 def read_metrics(path) -> list[dict]:
   """The rows of a metrics.jsonl, in the order they were written."""
   with open(path, encoding='utf-8') as f:
@@ -53,9 +79,7 @@ def truncate_metrics(path, last_round: int) -> list[dict]:
       continue
     if row['round'] <= last_round:
       rows.append(row)
-  tmp = path.with_name(f'.{path.name}.tmp')
-  tmp.write_text(''.join(to_json(row) + '\n' for row in rows), encoding='utf-8')
-  tmp.replace(path)
+  write_text(path, ''.join(to_json(row) + '\n' for row in rows))
   return rows
 
 
@@ -164,12 +188,43 @@ def plot_run(rows: list[dict], path, title: str, chance: Optional[float] = None)
   fig.savefig(path, dpi=120)
 
 
+class _Events:
+  """A TensorBoard event file in `directory`, written in the caller's thread and flushed with each
+  row: tensorboardX's SummaryWriter writes from a thread of its own and flushes again at exit, so
+  a disk that filled up would print tracebacks after the run's error."""
+
+  def __init__(self, directory: pathlib.Path):
+    # Imported here: tensorboardX imports torch, seconds of every run's (and error's) start.
+    from tensorboardX.event_file_writer import EventsWriter  # pylint: disable=g-import-not-at-top
+    self.directory = directory
+    directory.mkdir(exist_ok=True)
+    # The file is named by the second and opened with 'wb'; the suffix keeps a writer reopened
+    # within the same second (a quick resume) from truncating the previous file.
+    self._writer = EventsWriter(str(directory / 'events'), f'.{time.time_ns()}')
+
+  def write(self, row: dict) -> None:
+    """The row's numeric fields, tagged by tb_tag, at step row['round']."""
+    # pylint: disable=g-import-not-at-top
+    from tensorboardX.proto.event_pb2 import Event
+    from tensorboardX.summary import scalar
+    for key, value in row.items():
+      # bool is an int subclass; lists (e.g. sampled clients) and strings are not scalars.
+      if key != 'round' and isinstance(value, numbers.Real) and not isinstance(value, bool):
+        self._writer.write_event(Event(wall_time=time.time(), step=row['round'],
+                                       summary=scalar(tb_tag(key), value)))
+    self._writer.flush()
+
+  def close(self) -> None:
+    self._writer.close()
+
+
 class MetricWriter:
   """Sink for one run's per-round rows: metrics.jsonl, TensorBoard (tb/) and accuracy.png on close
   (plot_run; `chance` is its chance line).
 
   metrics.jsonl is opened for appending so that a resumed run continues the same file; each row
-  is flushed as it is written so a crashed run keeps every finished round.
+  is flushed as it is written so a crashed run keeps every finished round. Leaving the `with` on
+  an error still closes and plots what it can, quietly: the run's own error is the one reported.
   """
 
   def __init__(self, workdir: pathlib.Path, title: str, tensorboard: bool = True,
@@ -179,38 +234,47 @@ class MetricWriter:
     self.workdir.mkdir(parents=True, exist_ok=True)
     self.metrics_path = self.workdir / 'metrics.jsonl'
     self._file = open(self.metrics_path, 'a', encoding='utf-8')
-    if tensorboard:  # imported here: it imports torch, seconds of every run's (and error's) start
-      import tensorboardX  # pylint: disable=g-import-not-at-top
-    # tensorboardX names event files by the second and opens them with 'wb'; the suffix keeps a
-    # writer reopened within the same second (a quick resume) from truncating the previous file.
-    self._tb = (tensorboardX.SummaryWriter(str(self.workdir / 'tb'),
-                                           filename_suffix=f'.{time.time_ns()}')
-                if tensorboard else None)
+    self._tb = _Events(self.workdir / 'tb') if tensorboard else None
 
   def write(self, row: dict) -> None:
     """Appends `row` (which must have an int 'round') to metrics.jsonl; numeric fields to TB,
     tagged by tb_tag."""
-    self._file.write(to_json(row) + '\n')
-    self._file.flush()
+    with file_errors(self.metrics_path):
+      self._file.write(to_json(row) + '\n')
+      self._file.flush()
     if self._tb is not None:
-      for key, value in row.items():
-        # bool is an int subclass; lists (e.g. sampled clients) and strings are not scalars.
-        if key != 'round' and isinstance(value, numbers.Real) and not isinstance(value, bool):
-          self._tb.add_scalar(tb_tag(key), value, global_step=row['round'])
+      with file_errors(self._tb.directory):
+        self._tb.write(row)
 
-  def close(self) -> None:
-    """Closes the files and plots the whole metrics.jsonl, earlier runs' rows of a resume included."""
-    self._file.close()
-    if self._tb is not None:
-      self._tb.close()
+  def _plot(self) -> None:
     plot_run(read_metrics(self.metrics_path), self.workdir / 'accuracy.png', self.title,
              self.chance)
+
+  def close(self) -> None:
+    """Closes the files and plots the whole metrics.jsonl, earlier runs' rows of a resume
+    included; each step is tried, and the first that failed is raised."""
+    steps = [(self._file.close, self.metrics_path), (self._plot, self.workdir / 'accuracy.png')]
+    if self._tb is not None:
+      steps.insert(1, (self._tb.close, self._tb.directory))
+    failed = None
+    for step, path in steps:
+      try:
+        with file_errors(path):
+          step()
+      except OSError as e:
+        failed = failed or e
+    if failed is not None:
+      raise failed
 
   def __enter__(self):
     return self
 
-  def __exit__(self, *exc_info):
-    self.close()
+  def __exit__(self, exc_type, exc, traceback):
+    if exc is None:
+      self.close()
+    else:
+      with contextlib.suppress(OSError):
+        self.close()
 
 
 class NullWriter:

@@ -1,6 +1,7 @@
 """MetricWriter: JSONL round trip, TensorBoard scalars, PNG plot, and append-on-reopen for resumes."""
 
 import json
+import pathlib
 import struct
 
 import pytest
@@ -154,3 +155,44 @@ def test_plot_run_with_chance_line_time_axis_and_bytes(tmp_path):
   assert_png(tmp_path / 'run.png')
   plot_run(ROWS[:1], tmp_path / 'first.png', 'before any round')   # round 0 only, no chance
   assert_png(tmp_path / 'first.png')
+
+
+def test_a_failed_write_names_its_file_and_keeps_the_old_one(tmp_path, monkeypatch):
+  """A full disk's OSError names no file: write_text's names it, leaves the file it replaces as it
+  was and no temporary file behind."""
+  from cooperllm_jax import reporting  # pylint: disable=g-import-not-at-top
+  path = tmp_path / 'summary.json'
+  path.write_text('old')
+  def full(self, text, encoding=None):
+    raise OSError(28, 'No space left on device')
+  monkeypatch.setattr(pathlib.Path, 'write_text', full)
+  with pytest.raises(OSError) as e:
+    reporting.write_text(path, 'new')
+  assert (e.value.errno, e.value.filename) == (28, str(path))
+  monkeypatch.undo()
+  assert path.read_text() == 'old' and sorted(p.name for p in tmp_path.iterdir()) == ['summary.json']
+
+
+class _FullFile:
+  """A metrics file on a full disk: every write and close fails like the OS's, naming no file."""
+
+  def write(self, text):
+    raise OSError(28, 'No space left on device')
+
+  flush = close = lambda self: self.write('')
+
+
+def test_a_run_that_fails_is_the_error_reported_and_a_full_disk_names_the_file(tmp_path):
+  """Leaving the writer on the run's own error raises that error, though closing fails too; a row
+  that cannot be written names metrics.jsonl."""
+  with pytest.raises(RuntimeError, match='round failed'):
+    with MetricWriter(tmp_path, title='t') as writer:
+      writer._file.close()
+      writer._file = _FullFile()
+      raise RuntimeError('round failed')
+  with pytest.raises(OSError) as e:
+    with MetricWriter(tmp_path, title='t') as writer:
+      writer._file.close()
+      writer._file = _FullFile()
+      writer.write(ROWS[0])
+  assert e.value.filename == str(tmp_path / 'metrics.jsonl')

@@ -18,9 +18,10 @@ from cooperllm_jax.errors import WorkdirError
 
 MARKER = '.cooperllm_run.json'
 # Everything a run writes at the top of its workdir (run/loop.py, checkpoint.py, reporting.py).
-RUN_ENTRIES = frozenset({MARKER, 'config.json', 'partition.npz', 'metrics.jsonl',
-                         '.metrics.jsonl.tmp', 'tb', 'accuracy.png', 'summary.json',
-                         'checkpoints', 'ledger'})
+RUN_ENTRIES = frozenset({MARKER, 'config.json', 'partition.npz', 'metrics.jsonl', 'tb',
+                         'accuracy.png', 'summary.json', 'checkpoints', 'ledger',
+                         # reporting.write_text's temporary files, left by a killed run
+                         '.config.json.tmp', '.metrics.jsonl.tmp', '.summary.json.tmp'})
 _REPOSITORY = pathlib.Path(__file__).resolve().parents[2]
 
 
