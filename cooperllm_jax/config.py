@@ -118,7 +118,7 @@ class ZO:
   eps: float = 1e-3
   probes: int = 1
   scheme: str = 'central'       # or 'one_sided'
-  distribution: str = 'gaussian_hash'  # or 'gaussian' (threefry), 'rademacher[_hash]' (keys.py)
+  distribution: str = 'rademacher_hash'  # or gaussian (threefry), gaussian_hash, rademacher
   clip: Optional[float] = None  # |g| bound; None = off
   trainable: str = 'head'       # full | bitfit | head | lora
   lora_rank: int = 8

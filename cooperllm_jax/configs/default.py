@@ -74,7 +74,7 @@ def get_config(algorithm: str = 'cooperllm') -> ml_collections.ConfigDict:
   c.zo.eps = 1e-3
   c.zo.probes = 1
   c.zo.scheme = 'central'       # or 'one_sided'
-  c.zo.distribution = 'gaussian_hash'  # or 'gaussian' (threefry), 'rademacher[_hash]'
+  c.zo.distribution = 'rademacher_hash'  # or 'gaussian' (threefry), 'gaussian_hash', 'rademacher'
   c.zo.clip = ml_collections.config_dict.placeholder(float)  # |g| bound; None = off
   c.zo.trainable = 'head'       # full | bitfit | head | lora: what every algorithm trains
   c.zo.lora_rank = 8
