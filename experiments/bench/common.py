@@ -83,14 +83,21 @@ def timed(calls: dict, repeats: int) -> dict:
   """Seconds per call of each `state = fn(state)` in calls {name: (fn, state)}, blocked until
   ready: one warm-up call each, then `repeats` rounds that call each once in turn, so that load from
   other processes hits all of them alike. Each call gets the previous output, so fn may donate it."""
+  return timed_wall_cpu(calls, repeats)[0]
+
+
+def timed_wall_cpu(calls: dict, repeats: int) -> tuple[dict, dict]:
+  """timed's wall seconds and, call by call, this process's CPU seconds (all its threads): the
+  work done, which other processes on the cores change less than the wall time."""
   states = {k: jax.block_until_ready(fn(s)) for k, (fn, s) in calls.items()}
-  times = {k: [] for k in calls}
+  wall, cpu = {k: [] for k in calls}, {k: [] for k in calls}
   for _ in range(repeats):
     for k, (fn, _) in calls.items():
-      start = time.perf_counter()
+      start, cpu_start = time.perf_counter(), time.process_time()
       states[k] = jax.block_until_ready(fn(states[k]))
-      times[k].append(time.perf_counter() - start)
-  return times
+      wall[k].append(time.perf_counter() - start)
+      cpu[k].append(time.process_time() - cpu_start)
+  return wall, cpu
 
 
 def summary(times) -> dict:

@@ -4,7 +4,8 @@ latter on every weight (bp_adamw) and on the ZO step's own trainable subset (bp_
   python -m experiments.bench.zo_step --models=minilm,smollm2 --batch=16 --seq=128 --repeats=5
 
 For each model: seconds per call (median over --repeats, after a warm-up call, the functions called
-in turn so that machine load hits all alike) and XLA's static memory estimate
+in turn so that machine load hits all alike; cpu_median_s: this process's CPU seconds, which other
+jobs on the cores change less) and XLA's static memory estimate
 (cooperllm_jax.memory) of each jitted function, compiled once and run from that executable. Training
 state (params, optimizer state, trainable weights) is donated. A central-difference step runs 2
 forwards per probe, so with every layer trained its time ratio to a forward pass has floor 2P (with
@@ -12,7 +13,7 @@ forwards per probe, so with every layer trained its time ratio to a forward pass
 target is a ZO step peak <= 1.15x the forward pass's. Each ZO step is timed once per
 --distributions entry (threefry 'gaussian' and the counter hash 'gaussian_hash' by default), side
 by side, under report['models'][model]['zo'][distribution][subset]. Prints one JSON object on
-stdout, progress on stderr; on a loaded machine compare the min_s ratios too.
+stdout, progress on stderr; on a loaded machine compare the min_s and CPU-time ratios too.
 
 --breakdown adds the memory of the estimate (forwards only) and of the update (apply_directions)
 alone; --dump_dir writes each executable's optimized HLO. --mezo times a peer in the same rounds:
@@ -24,6 +25,7 @@ per distribution).
 import itertools
 import os
 import pathlib
+import statistics
 
 from absl import app
 from absl import flags
@@ -196,41 +198,45 @@ def bench_model(name):
     calls.update(peer)
   common.log(f'{name}: timing {", ".join(calls)} ({_REPEATS.value} rounds)')
   load_before = common.environment()['loadavg']
-  times = common.timed(calls, _REPEATS.value)
+  wall, cpu = common.timed_wall_cpu(calls, _REPEATS.value)
+  timing = lambda k: dict(common.summary(wall[k]), cpu_median_s=statistics.median(cpu[k]))
   out = {'params': sum(x.size for x in jax.tree.leaves(params)),
          'param_bytes': sum(x.nbytes for x in jax.tree.leaves(params)),
          'loadavg_timing': [load_before, common.environment()['loadavg']]}
   for k in ('forward', 'bp_adamw'):
-    out[k] = {'time': common.summary(times[k]), 'memory': memory[k]}
-  fwd_s, fwd_peak = out['forward']['time']['median_s'], memory['forward']['peak_bytes']
+    out[k] = {'time': timing(k), 'memory': memory[k]}
+  fwd, fwd_peak = out['forward']['time'], memory['forward']['peak_bytes']
   out['zo'] = {dist: {} for dist in _DISTRIBUTIONS.value}
   for mode, dist in itertools.product(_SUBSETS.value, _DISTRIBUTIONS.value):
     tag, bp_same = _tag(mode, dist), 'bp_adamw' if mode == 'full' else f'bp_{mode}'
-    r = {'trainable_params': sizes[mode], 'time': common.summary(times[tag]),
-         'memory': memory[tag]}
+    r = {'trainable_params': sizes[mode], 'time': timing(tag), 'memory': memory[tag]}
     peak = memory[tag]['peak_bytes']
-    r.update(time_over_forward=r['time']['median_s'] / fwd_s,
-             time_over_forward_min=r['time']['min_s'] / out['forward']['time']['min_s'],
+    r.update(time_over_forward=r['time']['median_s'] / fwd['median_s'],
+             time_over_forward_min=r['time']['min_s'] / fwd['min_s'],
+             cpu_over_forward=r['time']['cpu_median_s'] / fwd['cpu_median_s'],
              forwards_per_step=zoo.Estimator(probes=_PROBES.value).forwards_per_step,
              peak_over_forward=peak / fwd_peak,
              peak_over_bp=peak / memory['bp_adamw']['peak_bytes'],
              peak_over_bp_same_subset=peak / memory[bp_same]['peak_bytes'],
-             bp_same_subset={'time': common.summary(times[bp_same]), 'memory': memory[bp_same]},
+             bp_same_subset={'time': timing(bp_same), 'memory': memory[bp_same]},
              meets_target=peak <= TARGET * fwd_peak, **extra.get(tag, {}))
     out['zo'][dist][mode] = r
-    common.log(f'  {tag}: {r["time"]["median_s"]:.3f} s ({r["time_over_forward"]:.2f}x forward), '
+    common.log(f'  {tag}: {r["time"]["median_s"]:.3f} s ({r["time_over_forward"]:.2f}x forward, '
+               f'CPU {r["cpu_over_forward"]:.2f}x), '
                f'peak {peak / 2**20:.1f} MiB ({r["peak_over_forward"]:.3f}x forward, '
                f'{r["peak_over_bp"]:.3f}x bp)')
   if _MEZO.value:
-    fwd, step = (common.summary(times[k]) for k in ('mezo_forward', 'mezo_step'))
-    over = lambda a, b: a['median_s'] / b['median_s']
-    out['mezo'] = {'forward': fwd, 'step': step, 'step_over_forward': over(step, fwd),
-                   'forward_over_ours': over(fwd, out['forward']['time']),
+    peer_fwd, step = timing('mezo_forward'), timing('mezo_step')
+    over = lambda a, b, s='median_s': a[s] / b[s]
+    ours = {d: out['zo'][d]['full']['time'] for d in out['zo']}
+    out['mezo'] = {'forward': peer_fwd, 'step': step, 'step_over_forward': over(step, peer_fwd),
+                   'step_over_forward_cpu': over(step, peer_fwd, 'cpu_median_s'),
+                   'forward_over_ours': over(peer_fwd, fwd),
                    'loss_gap_to_ours': mezo_gap, 'torch_threads': torch_threads,
-                   # our full-weight step's speed-up: MeZO's step time / ours (median, min)
-                   'speedup': {d: over(step, out['zo'][d]['full']['time']) for d in out['zo']},
-                   'speedup_min': {d: step['min_s'] / out['zo'][d]['full']['time']['min_s']
-                                   for d in out['zo']}}
+                   # our full-weight step's speed-up: MeZO's step time / ours (median, min, CPU)
+                   'speedup': {d: over(step, t) for d, t in ours.items()},
+                   'speedup_min': {d: over(step, t, 'min_s') for d, t in ours.items()},
+                   'speedup_cpu': {d: over(step, t, 'cpu_median_s') for d, t in ours.items()}}
     common.log(f'  mezo: step {step["median_s"]:.3f} s ({out["mezo"]["step_over_forward"]:.2f}x '
                f'its forward, {out["mezo"]["forward_over_ours"]:.2f}x ours); ours faster by '
                + ', '.join(f'{x:.2f}x ({d})' for d, x in out['mezo']['speedup'].items()))
