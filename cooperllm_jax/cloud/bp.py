@@ -22,14 +22,14 @@ stacked and no large sums of squares cancel. `curvature` (with CloudConfig.curva
 u^T H u for the unit direction u = direction / |direction|, H the Hessian of the public loss on
 the first of the K batches at the global params (one forward-over-reverse Hessian-vector product,
 about two gradients' cost): the curvature along the direction the clients step along, below
-2 / curvature of which ZGR's step along V is stable (config.ZGR.curvature_cap). It is measured at
+2 / curvature of which ZGR's step along V is stable (zgr.curvature_cap). It is measured at
 every refresh because it grows as the model trains (BBC News, MiniLM LoRA: 0.15 at round 1, 247
 by round 17; docs/zgr.md). `trace` (with CloudConfig.trace_probes = n > 0; else 0): Hutchinson's
 estimate mean_i w_i^T H w_i of tr H on the same batch, w_i Rademacher over the trainable leaves
 drawn from the step's `key` (n Hessian-vector products; unbiased, variance 2 sum_{j != k} H_jk^2 /
 n): the plain ZO step's stable rate scales as 1 / tr H (E[(v . g)^2 v^T H v] = |g|^2 tr H +
 2 g^T H g for v ~ N(0, I)), which the edge cannot see from central differences
-(config.ZGR.trace_cap). `line_step` (with CloudConfig.line_trials = J > 0; else 0): a backtracking
+(zgr.trace_cap). `line_step` (with CloudConfig.line_trials = J > 0; else 0): a backtracking
 line search on the public loss along the direction over the distance the clients' step along V
 will actually travel: the largest t in {line_start 2^-j, j < J} with
 
@@ -39,7 +39,7 @@ on the same K batches (at most J forward passes over them, largest t first, stop
 that passes; the smallest trial when none does). On a
 quadratic with curvature L along d it accepts t <= |d|^2 / d^T H d = 1 / L for d = g: the step
 that stops at the minimum along the line. Unlike `curvature` (one Hessian-vector product at
-theta) it sees a wall anywhere within the distance travelled (config.ZGR.line_search).
+theta) it sees a wall anywhere within the distance travelled (zgr.line_search).
 
 On a mesh the step is jitted with FSDP/tensor-parallel shardings from the model's logical axes
 (cloud/sharding.py) for the params, the direction and the optimizer state, and the batches split
