@@ -12,8 +12,8 @@ Report sections:
                  perturbation (fused_perturb_reference, jitted): whether z is bit-equal (h = a = 1,
                  b = 0 on zeros), the largest difference of the whole output, seconds per call;
   zo_step        seconds and XLA's memory plan of one ZO-SGD step (per --impls and --subsets:
-                 perturb_impl 'xla' and 'pallas', trainable 'full' and 'lora') against one
-                 forward pass;
+                 perturb_impl 'xla' and 'pallas', trainable 'full' and 'lora'; threefry Gaussian
+                 directions, which the kernel draws) against one forward pass;
   clients        client-steps per second at --clients clients a round, per perturb_impl
                  (bench/client_throughput.py's bench_clients and its flags: --model, --chunk,
                  --local_steps, --batch, --seq, --rounds, ...; here 20, 100, 1000 clients, LoRA,
@@ -64,6 +64,7 @@ _SUBSETS = flags.DEFINE_list('subsets', ['full', 'lora'], 'Trainable subsets of 
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 EPS, LR = 1e-3, 1e-5
+GAUSSIAN = 'gaussian'  # the fused kernel draws threefry Gaussians: every impl here draws them
 # What --smoke changes, unless given on the command line.
 SMOKE = {'clients': ['2'], 'chunk': 2, 'local_steps': 1, 'batch': 2, 'seq': 8, 'rounds': 1,
          'repeats': 1, 'subsets': ['lora'], 'impls': ['pallas'], 'kernel_tests': 'flat_index'}
@@ -167,7 +168,8 @@ def zo_step_vs_forward(model, params):
     subset = zoo.Subset(mode)
     trainable, frozen = subset.split(params, jax.random.key(0))
     for impl in _IMPLS.value:
-      est = zoo.Estimator(eps=EPS, probes=FLAGS.probes, perturb_impl=impl)
+      est = zoo.Estimator(eps=EPS, probes=FLAGS.probes, distribution=GAUSSIAN,
+                          perturb_impl=impl)
       memory[mode, impl], calls[mode, impl] = _prepared(
           zoo.make_zo_step(loss, est, subset), trainable, frozen, batch, keys, jnp.float32(LR),
           state=1)
@@ -189,7 +191,7 @@ def clients(model, params):
   out = {}
   for impl in _IMPLS.value:
     cfg = client_throughput.config()
-    cfg.zo.perturb_impl = impl
+    cfg.zo.perturb_impl, cfg.zo.distribution = impl, GAUSSIAN
     alg = make_algorithm(cfg, model)
     out[impl] = [client_throughput.bench_clients(alg, params, model.cfg.vocab_size, int(c))
                  for c in FLAGS.clients]
