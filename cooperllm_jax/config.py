@@ -55,14 +55,22 @@ def finite(value) -> bool:
   return isinstance(value, (int, float)) and math.isfinite(value)
 
 
+def field(default, meaning: str):
+  """A config field and its one-line meaning, which `--help` lists (field_meanings): every field
+  of a section has one, an algorithm's own section's too."""
+  return dataclasses.field(default=default, metadata={'help': meaning})
+
+
 @dataclasses.dataclass(frozen=True)
 class Model:
-  name: str = 'minilm'          # embedded name, a HF model directory, or a .gguf file
-  pooling: str = 'mean'
-  dtype: str = 'float32'        # activations
-  param_dtype: str = 'float32'  # stored weights
-  label_words: tuple = ()       # decoders: one word per class (default: the dataset's label names)
-  prompt_suffix: str = '\nTopic:'  # decoders: the cue after which label words are scored
+  """The pretrained model and how it reads a text."""
+  name: str = field('minilm', 'an embedded model (minilm, smollm2), a HF model directory or a '
+                    '.gguf file')
+  pooling: str = field('mean', 'encoders: how token states become one vector: mean | cls | pooler')
+  dtype: str = field('float32', 'dtype of the activations: float32 | bfloat16 | float16')
+  param_dtype: str = field('float32', 'dtype of the stored weights: float32 | bfloat16 | float16')
+  label_words: tuple = field((), "decoders: one word per class (() = the dataset's label names)")
+  prompt_suffix: str = field('\nTopic:', 'decoders: the cue after which label words are scored')
 
   def __post_init__(self):
     for name in ('dtype', 'param_dtype'):
@@ -72,18 +80,23 @@ class Model:
 
 @dataclasses.dataclass(frozen=True)
 class Data:
-  dataset: str = 'bbcnews'      # embedded name or a local CSV/JSON/Parquet file
-  text_column: str = 'text'     # a local file's columns of texts and of labels
-  label_column: str = 'label'
-  label_names: tuple = ()       # a local file's class names, label id order (() = from the file)
-  max_length: int = 32
-  num_clients: int = 10
-  partition: str = 'dirichlet'
-  dirichlet_alpha: float = 0.5
-  min_client_size: int = 16
-  test_fraction: float = 0.2
-  public_fraction: float = 0.05
-  validation_fraction: float = 0.0  # held out of the clients' data for tuning (val_accuracy)
+  """The dataset and its split into test, public, validation and client shards."""
+  dataset: str = field('bbcnews', 'a dataset by name (docs/datasets.md) or a local CSV/TSV/JSON/'
+                       'JSONL/Parquet file')
+  text_column: str = field('text', "a local file's column of texts")
+  label_column: str = field('label', "a local file's column of labels")
+  label_names: tuple = field((), "a local file's class names in label id order (() = from the "
+                             'file)')
+  max_length: int = field(32, 'tokens per example (longer texts are cut)')
+  num_clients: int = field(10, 'simulated clients that hold the training data')
+  partition: str = field('dirichlet', 'how the clients split it: iid | dirichlet (label skew)')
+  dirichlet_alpha: float = field(0.5, 'dirichlet: concentration of the labels (smaller: more '
+                                 'skew)')
+  min_client_size: int = field(16, 'examples every client holds at least (dirichlet redraws)')
+  test_fraction: float = field(0.2, 'share of the data held out as the test set')
+  public_fraction: float = field(0.05, "share held out as the cloud's public set")
+  validation_fraction: float = field(0.0, "share of the clients' data held out for tuning "
+                                     '(val_accuracy)')
 
   def __post_init__(self):
     positive('', self, 'max_length', 'num_clients')
@@ -115,18 +128,23 @@ class Data:
 
 @dataclasses.dataclass(frozen=True)
 class ZO:
-  eps: float = 1e-3
-  probes: int = 1
-  scheme: str = 'central'       # or 'one_sided'
-  distribution: str = 'rademacher_hash'  # or gaussian (threefry), gaussian_hash, rademacher
-  clip: Optional[float] = None  # |g| bound; None = off
-  trainable: str = 'head'       # full | bitfit | head | lora
-  lora_rank: int = 8
-  lora_alpha: float = 16.0
-  lora_targets: tuple = ('attn/q', 'attn/v')
-  perturb_impl: str = 'xla'     # or 'pallas': the fused kernel perturbs 2-D weights
-  base_weights: str = 'f32'     # frozen weights kept on the client as 'int8' or 'int4' (packed)
-  base_group: int = 32          # columns per quantization scale of the frozen weights
+  """The clients' zeroth-order estimator and what it trains."""
+  eps: float = field(1e-3, 'perturbation radius of the two-point loss difference')
+  probes: int = field(1, 'random directions per local step')
+  scheme: str = field('central', 'the loss difference: central | one_sided')
+  distribution: str = field('rademacher_hash', 'the directions: gaussian | rademacher (_hash: by '
+                            'the counter hash)')
+  clip: Optional[float] = field(None, 'bound on each projected-gradient scalar |g|; None = off')
+  trainable: str = field('head', 'what every algorithm trains: full | bitfit | head | lora')
+  lora_rank: int = field(8, 'lora: rank of the adapters')
+  lora_alpha: float = field(16.0, 'lora: the adapters are scaled by lora_alpha / lora_rank')
+  lora_targets: tuple = field(('attn/q', 'attn/v'), 'lora: the layer weights adapted, attn/q k v o '
+                              'and mlp/up down gate, or their PEFT names (q_proj, ...)')
+  perturb_impl: str = field('xla', 'how probes perturb the weights: xla | pallas (a fused kernel '
+                            'on 2-D weights)')
+  base_weights: str = field('f32', 'frozen weights kept on the client: f32 | int8 | int4 '
+                            '(packed)')
+  base_group: int = field(32, 'columns per quantization scale of the frozen weights')
 
   def __post_init__(self):
     self.estimator, self.subset  # pylint: disable=pointless-statement  # both validate
@@ -147,19 +165,20 @@ class ZO:
 
 @dataclasses.dataclass(frozen=True)
 class Cloud:
-  mode: str = 'gradient'        # or 'finetune': k AdamW steps of the cloud's own, send the update
-  learning_rate: float = 1e-3   # finetune: the cloud's AdamW rate (also the direction's unit)
-  weight_decay: float = 0.0     # finetune: AdamW's decoupled weight decay
-  batches: int = 2              # k public batches per refresh
-  batch_size: int = 32
-  lag: int = 0                  # 1: round r's guidance from round r-1's model (overlaps the tiers)
-  devices: int = 0              # > 0: the cloud runs on the last n devices, clients on device 0
-  public_examples: int = 0      # cap on the public slice the cloud uses (0 = all of it)
-  public_classes: tuple = ()    # keep only these labels (domain mismatch); () = all
-  shuffle_labels: bool = False  # control: permuted public labels (a cloud without signal)
-  # The cloud's public set from other datasets ('a+b': names or files, same label ids as the
-  # clients'), e.g. another domain of the task; '' = the private dataset's public slice.
-  public_dataset: str = ''
+  """The cloud tier: backpropagation on its public set (cooperllm, cloud_only, warm_start)."""
+  mode: str = field('gradient', "gradient | finetune (k AdamW steps of the cloud's own, the "
+                    'update sent)')
+  learning_rate: float = field(1e-3, "the cloud's AdamW rate (finetune, cloud_only)")
+  weight_decay: float = field(0.0, "AdamW's decoupled weight decay (finetune, cloud_only)")
+  batches: int = field(2, 'k: public batches per refresh')
+  batch_size: int = field(32, 'examples per public batch')
+  lag: int = field(0, "1: round r's guidance from round r-1's model (overlaps the tiers)")
+  devices: int = field(0, '> 0: the cloud runs on the last n devices, the clients on device 0')
+  public_examples: int = field(0, 'cap on the public examples the cloud uses (0 = all)')
+  public_classes: tuple = field((), 'keep only these labels of the public set (() = all)')
+  shuffle_labels: bool = field(False, 'control: permuted public labels (a cloud without signal)')
+  public_dataset: str = field('', "the public set from other datasets ('a+b', the clients' label "
+                              "ids; needs public_fraction=0); '' = the public slice")
 
   def __post_init__(self):
     self.step  # pylint: disable=pointless-statement  # validates mode and rates
@@ -179,9 +198,9 @@ class Cloud:
 class Aggregation:
   """How the edge combines the round's uplinks (federated/edge.py has the rules' definitions):
   mean (FedAvg) | clip | trimmed_mean | median."""
-  rule: str = 'mean'
-  trim: float = 0.2             # trimmed_mean: share of the clients cut at each end, in [0, 0.5]
-  clip: float = 1.0             # clip: a client's scalar norm is capped at this x the median's
+  rule: str = field('mean', "the edge's rule: mean | clip | trimmed_mean | median")
+  trim: float = field(0.2, 'trimmed_mean: share of the clients cut at each end, in [0, 0.5]')
+  clip: float = field(1.0, "clip: a client's scalar norm is capped at this x the median's")
 
   def __post_init__(self):
     check(self.rule in AGGREGATIONS,
@@ -193,12 +212,13 @@ class Aggregation:
 @dataclasses.dataclass(frozen=True)
 class Faults:
   """Simulated faults between the clients and the edge (federated/faults.py)."""
-  dropout: float = 0.0          # probability that a sampled client sends nothing this round
-  deadline: float = 0.0         # uploads later than this x the nominal latency dropped; 0 = none
-  latency_sigma: float = 0.5    # log-normal spread of client speed and of per-round jitter
-  byzantine: float = 0.0        # share of the clients (ids fixed by the seed) that corrupt scalars
-  byzantine_scale: float = -10.0  # what they multiply their scalars by (-1: sign flip)
-  nonfinite: float = 0.0        # probability that a sent scalar arrives as NaN/Inf
+  dropout: float = field(0.0, 'probability that a sampled client sends nothing in a round')
+  deadline: float = field(0.0, 'uploads later than this x the nominal latency are dropped; 0 = '
+                          'none')
+  latency_sigma: float = field(0.5, 'log-normal spread of client speed and of per-round jitter')
+  byzantine: float = field(0.0, 'share of the clients (fixed by the seed) that corrupt scalars')
+  byzantine_scale: float = field(-10.0, 'what they multiply their scalars by (-1: sign flip)')
+  nonfinite: float = field(0.0, 'probability that a sent scalar arrives as NaN/Inf')
 
   def __post_init__(self):
     for name, upper in (('dropout', 0.99), ('byzantine', 1.0), ('nonfinite', 1.0)):
@@ -224,9 +244,9 @@ class Faults:
 @dataclasses.dataclass(frozen=True)
 class DP:
   """Optional DP of the uplink scalars (federated/privacy.py)."""
-  clip: float = 0.0             # L2 bound on a client's scalars per round; 0 = DP off
-  noise: float = 1.0            # noise multiplier: N(0, (noise * clip)^2) on every sent scalar
-  delta: float = 1e-5           # epsilon is reported at this delta
+  clip: float = field(0.0, "L2 bound on a client's scalars per round; 0 = DP off")
+  noise: float = field(1.0, 'noise multiplier: N(0, (noise * clip)^2) on every sent scalar')
+  delta: float = field(1e-5, 'epsilon is reported at this delta (metrics: dp_epsilon)')
 
   def __post_init__(self):
     check(finite(self.clip) and self.clip >= 0, f'dp.clip must be > 0 (0 = DP off), got '
@@ -244,9 +264,9 @@ class DP:
 @dataclasses.dataclass(frozen=True)
 class Guard:
   """Divergence guard (run/guard.py): on a loss spike, roll back and halve the rate."""
-  spike: float = 4.0            # train loss > spike x the running median; 0 = off
-  window: int = 5               # losses in the running median (the guard starts once it is full)
-  max_rollbacks: int = 5        # then give up with an error
+  spike: float = field(4.0, 'a spike: train loss > this x the running median; 0 = guard off')
+  window: int = field(5, 'losses in the running median (the guard starts once it is full)')
+  max_rollbacks: int = field(5, 'rollbacks before the run gives up with an error')
 
   def __post_init__(self):
     check(self.spike == 0 or self.spike > 1,
@@ -262,19 +282,22 @@ class Guard:
 @dataclasses.dataclass(frozen=True)
 class System:
   """The simulated tiers (system/): device profiles and the SPC schedule."""
-  profiles: str = ''            # device-profile JSON; '' = cooperllm_jax/system/profiles.json
-  cloud: str = 'cloud_gpu'
-  edge: str = 'edge_server'
-  clients: str = 'phone_midrange'  # one end-device profile, or a mix 'name:share,name:share'
-  pipelined: bool = True        # SPC's layer-wise pipelining; False: each tier waits for the last
+  profiles: str = field('', "device-profile JSON; '' = cooperllm_jax/system/profiles.json")
+  cloud: str = field('cloud_gpu', "the cloud's device profile")
+  edge: str = field('edge_server', "the edge's device profile")
+  clients: str = field('phone_midrange', "the clients' device profile, or a mix "
+                       "'name:share,name:share'")
+  pipelined: bool = field(True, "SPC's layer-wise pipelining; False: each tier waits for the "
+                          'last')
 
 
 @dataclasses.dataclass(frozen=True)
 class Mesh:
   """The run's device mesh (cooperllm_jax/mesh.py); 1 x 1 x 1 = one device, no mesh."""
-  clients: int = 1              # must divide clients_per_round; -1: all devices left
-  data: int = 1                 # -1: all devices left
-  model: int = 1
+  clients: int = field(1, "devices the sampled clients are split over (divides "
+                       'clients_per_round; -1: all left)')
+  data: int = field(1, "devices along the cloud's data axis (-1: all left)")
+  model: int = field(1, "devices along the cloud's model axis")
 
   @property
   def sizes(self) -> tuple:
@@ -283,9 +306,10 @@ class Mesh:
 
 @dataclasses.dataclass(frozen=True)
 class Checkpoint:
-  every: int = 10               # orbax checkpoint every N rounds and at the last; 0 = off
-  keep: int = 3                 # the newest N are kept
-  ledger: bool = True           # workdir/ledger: each round's received uplinks (experiments.replay)
+  """What a run keeps to be resumed (--resume) and audited (experiments.replay)."""
+  every: int = field(10, 'an orbax checkpoint every N rounds and at the last; 0 = off')
+  keep: int = field(3, 'the newest N checkpoints are kept')
+  ledger: bool = field(True, "workdir/ledger: each round's received uplinks (experiments.replay)")
 
   def __post_init__(self):
     check(isinstance(self.every, int) and self.every >= 0,
@@ -298,22 +322,25 @@ class Checkpoint:
 class RunConfig:
   """A whole run: the top-level fields, one instance of every shared section and, in `sections`,
   of every registered algorithm's own, read like the others (cfg.zgr)."""
-  algorithm: str = 'cooperllm'
+  algorithm: str = field('cooperllm', 'the federated algorithm, a registered name '
+                         '(docs/algorithms.md)')
   # Modules imported before the algorithm is looked up ('pkg.mod' or 'a.b,c.d'): algorithms in a
   # user's code register themselves, and their config sections, when imported.
-  algorithm_module: str = ''
-  seed: int = 0
-  rounds: int = 20
-  clients_per_round: int = 4
-  local_steps: int = 8
-  batch_size: int = 8
-  learning_rate: float = 1e-2
-  weight_decay: float = 0.0     # fedavg_bp's AdamW
-  client_chunk: int = 1         # clients vmapped together inside the round's lax.map
-  client_backend: str = 'map'   # 'loop': one jitted call per client, for debugging
-  eval_every: int = 5
-  eval_batch_size: int = 64
-  tensorboard: bool = True
+  algorithm_module: str = field('', "modules imported first ('pkg.mod' or 'a.b,c.d'): a user's "
+                                'algorithms and their sections')
+  seed: int = field(0, 'seeds the partition, the client samples, the probes and new weights')
+  rounds: int = field(20, 'federated rounds')
+  clients_per_round: int = field(4, 'clients sampled in each round')
+  local_steps: int = field(8, "a sampled client's steps per round")
+  batch_size: int = field(8, "examples per client step")
+  learning_rate: float = field(1e-2, "the algorithm's rate (ZO-SGD's; AdamW's for fedavg_bp and "
+                               'cloud_only)')
+  weight_decay: float = field(0.0, "fedavg_bp's AdamW weight decay")
+  client_chunk: int = field(1, "clients vmapped together inside the round's lax.map")
+  client_backend: str = field('map', 'map | loop (one jitted call per client, for debugging)')
+  eval_every: int = field(5, 'test accuracy every N rounds (and after the last)')
+  eval_batch_size: int = field(64, 'examples per evaluation batch')
+  tensorboard: bool = field(True, 'TensorBoard events in workdir/tb')
   model: Model = Model()
   data: Data = Data()
   zo: ZO = ZO()
@@ -490,3 +517,31 @@ def parse(config: Any) -> RunConfig:
     return RunConfig(**top, **built, sections=own)
   except TypeError as e:
     raise ConfigError(f'config: {e}') from None
+
+
+def _layout():
+  """(key as --config.<key> names it, section name or None, dataclass field) of every config
+  field: the top-level ones and the shared sections' in RunConfig's order, then each registered
+  algorithm section's."""
+  flat = {where: key for key, where in _FLAT.items()}
+  for f in dataclasses.fields(RunConfig):
+    if f.name in SECTIONS:
+      for g in dataclasses.fields(SECTIONS[f.name]):
+        yield flat.get((f.name, g.name), f'{f.name}.{g.name}'), f.name, g
+    elif f.name in _TOP:
+      yield f.name, None, f
+  for name, cls in sorted(_ALGORITHM_SECTIONS.items()):
+    for g in dataclasses.fields(cls):
+      yield f'{name}.{g.name}', name, g
+
+
+def field_meanings() -> dict:
+  """{key: the field's one-line meaning (`field`'s; '' where a section gives none)} of every
+  config field, keyed as --config.<key> names it."""
+  return {key: f.metadata.get('help', '') for key, _, f in _layout()}
+
+
+def flatten(cfg: RunConfig) -> dict:
+  """{key: value} of every field of a typed config, keyed as --config.<key> names it."""
+  return {key: getattr(getattr(cfg, section) if section else cfg, f.name)
+          for key, section, f in _layout()}

@@ -150,14 +150,109 @@ def test_overwrite_refuses_a_directory_that_is_not_a_workdir(tmp_path):
   assert (tmp_path / 'precious.txt').read_text() == 'keep me'
 
 
-def test_noprogress_silences_the_datasets_progress_bar_too(tmp_path):
-  """Reading a local file shows `datasets`' bar ('Generating train split') unless --noprogress;
+def _train_on_a_terminal(workdir, *flags) -> str:
+  """What a run prints to stderr when stderr is a terminal (a pseudo-terminal of 100 x 24: one of
+  no width would get empty progress bars)."""
+  # pylint: disable=g-import-not-at-top
+  import fcntl
+  import pty
+  import struct
+  import termios
+  parent, child = pty.openpty()
+  fcntl.ioctl(child, termios.TIOCSWINSZ, struct.pack('HHHH', 24, 100, 0, 0))
+  cmd = [sys.executable, '-m', 'experiments.train', f'--workdir={workdir}', *flags]
+  proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=child,
+                          env={**os.environ, 'JAX_PLATFORMS': 'cpu'})
+  os.close(child)
+  out = b''
+  while True:
+    try:
+      chunk = os.read(parent, 4096)
+    except OSError:   # the terminal closed: the process is gone
+      break
+    if not chunk:
+      break
+    out += chunk
+  os.close(parent)
+  proc.wait(timeout=300)
+  return out.decode(errors='replace')
+
+
+def test_progress_bars_only_on_a_terminal(tmp_path):
+  """Reading a local file shows `datasets`' bar ('Generating train split') on a terminal unless
+  --noprogress, and never when stderr is a file or a pipe (no carriage-return fragments in logs);
   the run stops right after (a column the file lacks), so no model is loaded."""
-  data = _csv(tmp_path)
-  flags = (f'--config.dataset={data}', '--config.label_column=topic')
-  shown = _train(tmp_path / 'a', *flags)
-  silent = _train(tmp_path / 'b', *flags, '--noprogress')
-  for proc in (shown, silent):
-    assert "no column 'topic' (label_column)" in _error_line(proc)
-  assert 'Generating train split' in shown.stderr
-  assert 'Generating train split' not in silent.stderr
+  flags = (f'--config.dataset={_csv(tmp_path)}', '--config.label_column=topic')
+  shown = _train_on_a_terminal(tmp_path / 'a', *flags)
+  silent = _train_on_a_terminal(tmp_path / 'b', *flags, '--noprogress')
+  piped = _train(tmp_path / 'c', *flags)
+  assert "no column 'topic' (label_column)" in _error_line(piped)
+  assert "no column 'topic' (label_column)" in shown and 'Generating train split' in shown
+  assert "no column 'topic' (label_column)" in silent and 'Generating train split' not in silent
+  assert 'Generating train split' not in piped.stderr and '\r' not in piped.stderr
+
+
+def test_help_lists_every_config_field_with_its_meaning():
+  """--help: the command's flags and one line per config field with its meaning, the typed
+  config's field metadata (config.field): a field of the shared config without one fails here."""
+  # pylint: disable=g-import-not-at-top
+  from cooperllm_jax import cli
+  from cooperllm_jax import config as config_lib
+  proc = subprocess.run([sys.executable, '-m', 'experiments.train', '--help'], cwd=REPO,
+                        capture_output=True, text=True, timeout=300,
+                        env={**os.environ, 'JAX_PLATFORMS': 'cpu'})
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  assert '--print_config' in proc.stdout and '--workdir' in proc.stdout
+  meanings = cli.config_fields()
+  assert {'algorithm', 'rounds', 'dataset', 'zo.lora_targets', 'zgr.pool_size'} <= set(meanings)
+  own = tuple(f'{name}.' for name in config_lib.algorithm_sections())
+  lines = proc.stdout.splitlines()
+  for key, meaning in meanings.items():
+    line = next(l for l in lines if l.split()[:1] == [key])
+    assert line.split()[1:] == meaning.split()[:len(line.split()) - 1], key
+    assert meaning or key.startswith(own), f'config field {key} has no meaning (config.field)'
+
+
+def _print_config(*flags) -> str:
+  proc = subprocess.run([sys.executable, '-m', 'experiments.train', '--print_config', *flags],
+                        cwd=REPO, capture_output=True, text=True, timeout=300,
+                        env={**os.environ, 'JAX_PLATFORMS': 'cpu'})
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  return proc.stdout
+
+
+def test_print_config_and_an_algorithm_given_either_way():
+  """--print_config shows every resolved field (no workdir needed, nothing run); demo.py:fedmezo
+  and --config.algorithm=fedmezo are one run (fedmezo's tuned rate and rounds), the overrides on
+  top either way."""
+  by_file = _print_config('--config=experiments/configs/demo.py:fedmezo', '--config.seed=3')
+  by_field = _print_config('--config.algorithm=fedmezo', '--config.seed=3')
+  over_another = _print_config('--config=experiments/configs/demo.py:cooperllm',
+                               '--config.algorithm=fedmezo', '--config.seed=3')
+  assert by_file == by_field == over_another
+  values = dict(l.split(' = ', 1) for l in by_file.splitlines())
+  assert (values['algorithm'], values['seed'], values['learning_rate'], values['rounds']) == (
+      "'fedmezo'", '3', '0.05', '40')
+  assert values['zo.eps'] == '0.001' and "'cooperllm'" not in by_file
+  assert "algorithm = 'cooperllm'" in _print_config()
+
+
+@pytest.mark.slow
+def test_rollbacks_are_in_the_summary_line_and_json(tmp_path):
+  """The divergence guard's rollbacks (a rate far too high for threefry's Gaussian directions, a
+  hair-trigger guard) are counted in summary.json and named in the summary line, as in
+  metrics.jsonl."""
+  proc = _train(tmp_path / 'wd', '--config.algorithm=fedmezo', f'--config.dataset={_csv(tmp_path)}',
+                '--config.num_clients=2', '--config.clients_per_round=2', '--config.rounds=4',
+                '--config.local_steps=1', '--config.batch_size=4', '--config.max_length=16',
+                '--config.min_client_size=2', '--config.partition=iid',
+                '--config.test_fraction=0.25', '--config.learning_rate=3',
+                '--config.guard.spike=1.01', '--config.guard.window=1',
+                '--config.guard.max_rollbacks=100', '--config.checkpoint_every=0',
+                '--config.zo.distribution=gaussian')
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  rows = [json.loads(l) for l in (tmp_path / 'wd' / 'metrics.jsonl').read_text().splitlines()]
+  rollbacks = sum(bool(r.get('rollback')) for r in rows)
+  assert rollbacks > 0
+  assert json.loads((tmp_path / 'wd' / 'summary.json').read_text())['rollbacks'] == rollbacks
+  assert f'; {rollbacks} rollback' in proc.stdout and 'halving the learning rate' in proc.stdout

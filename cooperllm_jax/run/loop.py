@@ -35,8 +35,10 @@ from cooperllm_jax.federated import registry
 from cooperllm_jax.federated.accounting import DownlinkTracker
 from cooperllm_jax.federated.privacy import GaussianPrivacy
 from cooperllm_jax.models import count_params
-from cooperllm_jax.reporting import MetricWriter, NullWriter, to_json, truncate_metrics
+from cooperllm_jax.reporting import (MetricWriter, NullWriter, file_errors, to_json,
+                                     truncate_metrics, write_text)
 from cooperllm_jax.run import hooks as hooks_lib
+from cooperllm_jax.run import sizes
 from cooperllm_jax.run import workdir as workdir_lib
 from cooperllm_jax.run.provenance import provenance
 from cooperllm_jax.run.guard import DivergenceGuard
@@ -60,6 +62,10 @@ def check_resumable(workdir, config) -> pathlib.Path:
   if diffs:
     raise CheckpointError('cannot resume: the config differs from the run in the workdir in '
                           + '; '.join(diffs[:4]) + (' ...' if len(diffs) > 4 else ''))
+  if config.rounds < saved.get('rounds', 0):   # a resume finishes or extends a run, never cuts it
+    raise CheckpointError(f'cannot resume: the run in {path} has rounds={saved["rounds"]}, and '
+                          f'rounds={config.rounds} would end it earlier; pass rounds >= '
+                          f'{saved["rounds"]}')
   return path
 
 
@@ -88,16 +94,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: Union[str, os
   """Runs config (a ConfigDict of cooperllm_jax/configs/default.py's layout) in workdir and returns
   the summary; `log` takes each progress line, `progress(iterable)` may wrap the rounds (e.g.
   tqdm). resume=True continues the run in workdir from its newest good checkpoint (same training
-  config required)."""
+  config required, as many rounds or more). Every check of the config, the model and the data
+  (their sizes too: run/sizes.py) runs before anything is written to workdir."""
   cfg = config_lib.parse(config)
   primary = jax.process_index() == 0  # a multi-process run: all compute, process 0 writes
   workdir = open_workdir(config, workdir, overwrite, resume, primary)
   task, algorithm = prepare(cfg)
-  if primary and not resume:
-    workdir_lib.prepare(workdir)
-    (workdir / 'config.json').write_text(config.to_json(indent=2))
-    task.partition.save(workdir / 'partition.npz')
+  cfg = sizes.fit(cfg, task, algorithm, log)
   run = start_state(cfg, task, algorithm)
+  if primary and not resume:   # every check passed: the workdir is written from here on
+    workdir_lib.prepare(workdir)
+    write_text(workdir / 'config.json', config.to_json(indent=2))
+    with file_errors(workdir / 'partition.npz'):
+      task.partition.save(workdir / 'partition.npz')
   store = checkpoint_lib.RunStore(workdir, cfg.checkpoint, {
       'config': checkpoint_lib.training_config(config), 'seed': cfg.seed,
       'base_sha256': checkpoint_lib.tree_sha256(task.pre.params),
@@ -114,12 +123,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: Union[str, os
                                     on(validation) if len(validation) else None)
   before = (resumed(run, store, workdir, primary, log) if resume
             else first_evaluation(run, evaluation, store, algorithm, cfg, primary, log))
+  if resume and primary:   # restored: the run's config.json now holds its (possibly more) rounds
+    write_text(workdir / 'config.json', config.to_json(indent=2))
   if run.guard is not None:
     run.guard.reference = before['loss']   # a blow-up is judged against the starting model
   title = f'{cfg.algorithm} on {task.dataset.name} with {cfg.model.name}'
   chance = majority_rate(task.labels, task.partition.test)
-  with (MetricWriter(workdir, title=title, tensorboard=cfg.tensorboard, chance=chance) if primary
-        else NullWriter()) as writer:
+  # Every file the rounds write is in the workdir: a failed write that names none names it.
+  with file_errors(workdir), (MetricWriter(workdir, title=title, tensorboard=cfg.tensorboard,
+                                           chance=chance) if primary else NullWriter()) as writer:
     if not resume:
       writer.write({'round': 0, 'test_accuracy': before['accuracy'], 'test_loss': before['loss'],
                     'sim_time_s': 0.0})
@@ -135,10 +147,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: Union[str, os
       ctx.guide, run.round = algorithm.guide(run.state), r
       for hook in hooks:
         hook.after_round(run, ctx)
+  if ran is None:   # a resume of a finished run: its last round is evaluated as the loop does
+    ran = hooks_lib.RoundContext(run.round, None, float(run.state.lr), {'round': run.round})
+    evaluation.after_round(run, ran)
   summary = {'algorithm': cfg.algorithm, 'model': cfg.model.name, 'dataset': task.dataset.name,
              'rounds': cfg.rounds, 'accuracy_before': before['accuracy'],
-             'accuracy_after': ran.row['test_accuracy'] if ran else evaluation(run)['accuracy'],
-             'val_accuracy_after': ran.row.get('val_accuracy') if ran else None,
+             'accuracy_after': ran.row['test_accuracy'],
+             'val_accuracy_after': ran.row.get('val_accuracy'),
+             'rollbacks': run.guard.rollbacks if run.guard is not None else 0,
              'test_examples': before['examples'], 'validation_examples': len(validation),
              'chance_accuracy': chance,
              'train_seconds': run.seconds_before + time.perf_counter() - started,
@@ -147,7 +163,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: Union[str, os
                         'cloud': cfg.system.cloud, 'pipelined': bool(cfg.system.pipelined)},
              'backend': jax.default_backend(), **provenance()}
   if primary:
-    (workdir / 'summary.json').write_text(to_json(summary, indent=2))
+    write_text(workdir / 'summary.json', to_json(summary, indent=2))
   return summary
 
 
