@@ -104,8 +104,10 @@ def tb_tag(key: str) -> str:
   return _TB_TAGS.get(key, f'other/{key}')
 
 
-# The x axes the plots draw against: a metrics key and its label.
-X_AXES = {'round': 'round', 'sim_time_s': 'simulated time (s)'}
+# The x axes the plots draw against: a metrics key and its label (bytes_per_client is derived:
+# with_bytes_moved).
+X_AXES = {'round': 'round', 'sim_time_s': 'simulated time (s)',
+          'bytes_per_client': 'bytes per client, up + down, so far'}
 
 
 def _curve(ax, rows: list[dict], x: str, key: str, **kwargs) -> None:
@@ -115,13 +117,23 @@ def _curve(ax, rows: list[dict], x: str, key: str, **kwargs) -> None:
   ax.plot([p for p, _ in points], [v for _, v in points], '.-', markersize=4, **kwargs)
 
 
-def _time_axis(ax, runs) -> None:
-  """Simulated time on a symlog scale where rounds differ 10x (BP vs ZO), which would squash the
-  faster runs into the origin on a linear one."""
-  times = [row['sim_time_s'] for rows in runs for row in rows if row.get('sim_time_s', 0) > 0]
-  if times and max(times) > 10 * min(times):
-    ax.set_xscale('symlog', linthresh=min(times))
+def _wide_axis(ax, runs, x: str = 'sim_time_s') -> None:
+  """The x axis of `x` (simulated time, bytes) on a symlog scale where its values differ 10x
+  (BP vs ZO rounds), which would squash the smaller runs into the origin on a linear one."""
+  values = [row[x] for rows in runs for row in rows if row.get(x, 0) > 0]
+  if values and max(values) > 10 * min(values):
+    ax.set_xscale('symlog', linthresh=min(values))
     ax.set_xlim(left=0)
+
+
+def with_bytes_moved(rows: list[dict]) -> list[dict]:
+  """The rows, each with 'bytes_per_client': the bytes a client sent and received on average
+  in the rounds so far (0 at round 0)."""
+  total, out = 0.0, []
+  for row in rows:
+    total += row.get('bytes_up_per_client', 0) + row.get('bytes_down_per_client', 0)
+    out.append(dict(row, bytes_per_client=total))
+  return out
 
 
 def plot_accuracy(runs: dict[str, list[dict]], path, title: str, x: str = 'round',
@@ -150,7 +162,7 @@ def plot_accuracy(runs: dict[str, list[dict]], path, title: str, x: str = 'round
   if x == 'round':
     axes[-1].xaxis.set_major_locator(MaxNLocator(integer=True))
   else:
-    _time_axis(axes[-1], runs.values())
+    _wide_axis(axes[-1], runs.values(), x)
   fig.suptitle(title)
   fig.savefig(path, dpi=120)
 
@@ -184,6 +196,41 @@ def plot_run(rows: list[dict], path, title: str, chance: Optional[float] = None)
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
   for ax in (acc_r, acc_t, loss, comm):
     ax.grid(True, alpha=0.3)
+  fig.suptitle(title)
+  fig.savefig(path, dpi=120)
+
+
+def plot_comparison(runs: dict[str, list[dict]], path, title: str) -> None:
+  """Several runs overlaid, four panels: test accuracy against rounds, simulated time and the
+  bytes each client moved, and the learning rate each round ran at (log scale) with the divergence
+  guard's rollbacks marked x."""
+  runs = {name: with_bytes_moved(rows) for name, rows in runs.items()}
+  fig = Figure(figsize=(12, 8), layout='constrained')
+  FigureCanvasAgg(fig)
+  (by_round, by_time), (by_bytes, rate) = fig.subplots(2, 2)
+  for ax, x in ((by_round, 'round'), (by_time, 'sim_time_s'), (by_bytes, 'bytes_per_client')):
+    for name, rows in runs.items():
+      _curve(ax, rows, x, 'test_accuracy', label=name)
+    ax.set_xlabel(X_AXES[x])
+    ax.set_ylabel('test accuracy')
+    ax.grid(True, alpha=0.3)
+    if x != 'round':
+      _wide_axis(ax, runs.values(), x)
+  for name, rows in runs.items():
+    _curve(rate, rows, 'round', 'learning_rate', label=name)
+    back = [(row['round'], row['learning_rate']) for row in rows
+            if row.get('rollback') and 'learning_rate' in row]
+    rate.plot([r for r, _ in back], [lr for _, lr in back], 'x', color='black', markersize=8)
+  rate.plot([], [], 'x', color='black', label='rollback (the rate halves after it)')
+  if any(row.get('learning_rate', 0) > 0 for rows in runs.values() for row in rows):
+    rate.set_yscale('log')
+  rate.set_xlabel('round')
+  rate.set_ylabel('learning rate')
+  rate.grid(True, alpha=0.3)
+  rate.legend(loc='best', fontsize=8)
+  for ax in (by_round, rate):
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+  by_round.legend(loc='lower right', fontsize=8)
   fig.suptitle(title)
   fig.savefig(path, dpi=120)
 
