@@ -24,7 +24,7 @@ from cooperllm_jax.federated.registry import register
 @dataclasses.dataclass(frozen=True)
 class MomentumConfig:
   """The config section `fedmezo_momentum`."""
-  momentum: float = 0.9         # the share of the last step the edge keeps
+  momentum: float = config_lib.field(0.9, 'the share of the last step the edge keeps')
 
   def __post_init__(self):
     config_lib.check(0 <= self.momentum < 1,

@@ -57,6 +57,7 @@ import numpy as np
 from cooperllm_jax import config as config_lib
 from cooperllm_jax.cloud import bp as cloud_bp
 from cooperllm_jax.cloud import pool as pool_lib
+from cooperllm_jax.config import field
 from cooperllm_jax.errors import ConfigError
 from cooperllm_jax.federated import client_data
 from cooperllm_jax.federated.algorithms.fedmezo import FedMeZO
@@ -85,30 +86,31 @@ _ALPHA_FIXED = 'the adaptive mixing no longer moves alpha'
 class ZGR:
   """Guided probes z = beta (sqrt(alpha) v + probe_v sqrt(1-alpha) V u), steps along V at the
   first-order rate lr_v (zoo/guided.py: both free of d): cooperllm's config section `zgr`."""
-  alpha: float = 0.5            # share of the random part; 1 = plain ZO (FedMeZO)
-  adaptive: bool = False        # the V step's weight from the edge's estimates
-  ema: float = 0.8              # forgetting factor of the adaptive estimates' pooling
-  pool_size: int = 1            # m: the last m cloud directions span V
-  refresh: int = 1              # the cloud computes a new direction every `refresh` rounds
-  beta: float = 1.0             # scale of z's plain part (1 with alpha = 1: plain ZO)
-  probe_v: float = guided.DEFAULT_PROBE_V  # the probe's radius along V / the plain part's
-  lr_v: float = guided.DEFAULT_LR_V  # first-order rate of the step along V (d-free); the largest
-  # one with line_search, which backs off from it as the loss sharpens
-  # > 0: the step along V at most curvature_cap / L_V, L_V the public loss's curvature along the
-  # cloud's newest direction (the cloud measures it each refresh: one Hessian-vector product)
-  curvature_cap: float = 0.0
-  # > 0: the plain step's rate at most trace_cap / tr H, tr H the public loss's Hessian trace
-  # (Hutchinson, trace_probes Hessian-vector products on the cloud each refresh)
-  trace_cap: float = 0.0
-  trace_probes: int = 4
-  # > 0: the step along V at most the rate the cloud's backtracking line search accepts on the
-  # public loss over a round's V displacement (this many halvings of lr_v tried), and the plain
-  # step slowed by the same factor the accepted step shrank since the first round; 0 = off
-  line_search: int = 12
-  guidance_format: str = 'f32'  # V on the downlink: f32 | int8 | int4 | ternary | adaptive | link
-  guidance_block: int = 256     # values per codec scale
-  guidance_budget_bytes: int = 0  # adaptive: bytes of V per client and round (> 0)
-  guidance_topk: Optional[float] = None  # keep this share of V's entries; None = all
+  alpha: float = field(0.5, 'share of the random part of a probe; 1 = plain ZO (FedMeZO)')
+  adaptive: bool = field(False, "the step along V weighted by the edge's estimates of its noise")
+  ema: float = field(0.8, "forgetting factor of the adaptive estimates' pooling")
+  pool_size: int = field(1, 'm: the last m cloud directions span V')
+  refresh: int = field(1, 'the cloud computes a new direction every this many rounds')
+  beta: float = field(1.0, "scale of a probe's plain part (1 with alpha = 1: plain ZO)")
+  probe_v: float = field(guided.DEFAULT_PROBE_V, "a probe's radius along V over its plain part's")
+  # The largest rate with line_search, which backs off from it as the loss sharpens.
+  lr_v: float = field(guided.DEFAULT_LR_V, 'first-order rate of the step along V (free of d)')
+  # L_V: the public loss's curvature along the cloud's newest direction (the cloud measures it
+  # each refresh: one Hessian-vector product).
+  curvature_cap: float = field(0.0, '> 0: the rate along V at most this / L_V')
+  # tr H: the public loss's Hessian trace (Hutchinson, trace_probes Hessian-vector products on the
+  # cloud each refresh).
+  trace_cap: float = field(0.0, "> 0: the plain step's rate at most this / (lr tr H)")
+  trace_probes: int = field(4, "Hessian-vector products of the cloud's tr H estimate")
+  # The rate along V at most the step the cloud's backtracking line search accepts on the public
+  # loss over a round's V displacement, and the plain step slowed by the same factor the accepted
+  # step shrank since the first round.
+  line_search: int = field(12, "> 0: the line search's halvings of lr_v tried; 0 = off")
+  guidance_format: str = field('f32', 'V on the downlink: f32 | int8 | int4 | ternary | '
+                               'adaptive | link')
+  guidance_block: int = field(256, 'values per codec scale')
+  guidance_budget_bytes: int = field(0, 'adaptive: bytes of V per client and round (> 0)')
+  guidance_topk: Optional[float] = field(None, "keep this share of V's entries; None = all")
 
   RETIRED: ClassVar[dict] = {'alpha_min': (0.05, _ALPHA_FIXED), 'alpha_max': (0.95, _ALPHA_FIXED)}
 

@@ -9,6 +9,7 @@ from typing import ClassVar
 import numpy as np
 
 from cooperllm_jax import config as config_lib
+from cooperllm_jax.config import field
 from cooperllm_jax.federated import clients as clients_lib
 from cooperllm_jax.federated.algorithms.scalar import ScalarProtocol
 from cooperllm_jax.federated.api import SCALAR_BYTES
@@ -17,7 +18,7 @@ from cooperllm_jax.federated.registry import register
 
 @dataclasses.dataclass(frozen=True)
 class FedKSeedConfig:
-  candidates: int = 4096        # K: the seeds fixed for the run
+  candidates: int = field(4096, 'K: the seeds fixed for the run')
 
   RENAMED: ClassVar[dict] = {'zo.kseed_candidates': 'candidates'}
 

@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from cooperllm_jax import config as config_lib
+from cooperllm_jax.config import field
 from cooperllm_jax.errors import ConfigError
 from cooperllm_jax.federated.algorithms.scalar import ScalarProtocol
 from cooperllm_jax.federated.api import ServerState
@@ -86,9 +87,11 @@ def make_client_update(loss_fn, est: Estimator, subset: Subset = Subset(), candi
 
 @dataclasses.dataclass(frozen=True)
 class FwdLLMConfig:
-  candidates: int = 4           # directions drawn per probe slot, the best cosine kept
-  min_probes: int = 1           # probes per step run between min_probes and zo.probes (the max)
-  var_threshold: float = 0.5    # more probes while the gradient's standard error exceeds this
+  candidates: int = field(4, 'directions drawn per probe slot, the best cosine to the last '
+                          'update kept')
+  min_probes: int = field(1, 'probes a step runs at least (zo.probes: at most)')
+  var_threshold: float = field(0.5, "more probes while the gradient's standard error exceeds "
+                               'this share of its mean')
 
   RENAMED: ClassVar[dict] = {'zo.fwdllm_candidates': 'candidates',
                              'zo.fwdllm_min_probes': 'min_probes',

@@ -9,6 +9,7 @@ import dataclasses
 from typing import Any, ClassVar, NamedTuple, Optional
 
 from cooperllm_jax import config as config_lib
+from cooperllm_jax.config import field
 from cooperllm_jax.errors import ConfigError
 from cooperllm_jax.federated import registry
 from cooperllm_jax.federated.algorithms.cloud_only import PublicTrainer, cloud_round_result
@@ -23,9 +24,10 @@ class Warm:
   then the scalar protocol `then` (at learning_rate) for the rest. `cloud_rounds`: how many of
   cloud_only's rounds of compute the cloud phase spends, spread evenly over its rounds (0: one a
   round); the run's rounds give it cloud_only's whole model."""
-  rounds: int = 10
-  then: str = 'fedmezo'
-  cloud_rounds: int = 0
+  rounds: int = field(10, 'rounds the cloud trains alone (cloud_only) before warm.then')
+  then: str = field('fedmezo', 'the zeroth-order scalar protocol of the rounds after them')
+  cloud_rounds: int = field(0, "cloud_only rounds of compute the warm rounds spend (0: one a "
+                            'round)')
 
   def __post_init__(self):
     config_lib.check(isinstance(self.rounds, int) and self.rounds >= 0,
