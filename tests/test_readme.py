@@ -65,9 +65,23 @@ def test_commands_name_modules_and_files_that_exist():
     assert re.search(rf'^{target}:', (REPO / 'Makefile').read_text(), re.M), target
 
 
+RESULTS = (REPO / 'docs' / 'results.md').read_text()
+
+
+def test_readme_is_short_and_leads_with_the_two_commands():
+  lines = README.splitlines()
+  assert len(lines) <= 200, len(lines)
+  first_block = README[README.index('```bash'):]
+  assert first_block.splitlines()[1].startswith('make demo')
+  assert first_block.splitlines()[2].startswith('make test')
+  order = ['## What `make demo` does', '## Results', '## Command line', '## Library quickstart',
+           '## Installing as a package', '## Documentation']
+  assert [README.index(h) for h in order] == sorted(README.index(h) for h in order)
+
+
 def test_headline_section_is_marked_for_replacement():
-  start, end = README.index('<!-- headline -->'), README.index('<!-- /headline -->')
-  assert start < README.index('## Headline results') < end
+  start, end = RESULTS.index('<!-- headline -->'), RESULTS.index('<!-- /headline -->')
+  assert start < RESULTS.index('## The headline tables') < end
 
 
 def _benchmark_rows(setting: str) -> dict:
@@ -75,21 +89,37 @@ def _benchmark_rows(setting: str) -> dict:
   return {r['method']: r for r in json.loads(table.read_text())['rows']}
 
 
+def _fmt(row: dict) -> str:
+  return f'{row["accuracy"]:.3f} ± {row["accuracy_ci95"]:.3f}'
+
+
+def test_readme_results_table_is_the_committed_benchmark_tables():
+  """Each row of the README's table: a setting, then cloud_only, cooperllm, fedmezo,
+  warm_start_zo_swept and fedavg_bp as the committed table has them ('—': not run there)."""
+  columns = ('cloud_only', 'cooperllm', 'fedmezo', 'warm_start_zo_swept', 'fedavg_bp')
+  rows = re.findall(r'^\| `(\w+)` \| (.*) \|$', _section('Results'), re.M)
+  assert len(rows) == 8, rows
+  for setting, cells in rows:
+    table = _benchmark_rows(setting)
+    cells = cells.split(' | ')
+    for method, cell in zip(columns, cells):
+      assert cell == (_fmt(table[method]) if method in table else '—'), (setting, method)
+
+
 # A headline table's row: the method (its first word), one cell, then 'mean ± interval'.
 _ROW = r'^\| (\w+)[^|]* \| [^|]* \| (\d\.\d{3} ± \d\.\d{3}) \|'
 
 
 def test_headline_accuracies_are_the_committed_benchmark_tables():
-  """Every test accuracy the headline quotes is a committed table's mean ± interval, to 3 digits
-  (the README is written by hand; this catches a number left behind by a rerun)."""
-  headline = README[README.index('<!-- headline -->'):README.index('<!-- /headline -->')]
-  fmt = lambda r: f'{r["accuracy"]:.3f} ± {r["accuracy_ci95"]:.3f}'
+  """Every test accuracy docs/results.md's headline quotes is a committed table's mean ±
+  interval, to 3 digits (written by hand; this catches a number left behind by a rerun)."""
+  headline = RESULTS[RESULTS.index('<!-- headline -->'):RESULTS.index('<!-- /headline -->')]
   main = _benchmark_rows('rt_shifted_minilm_lora')
   first_table = headline[:headline.index('\nTarget:')]
   quoted = re.findall(_ROW, first_table, re.M)
   assert len(quoted) == len(main), quoted
   for method, accuracy in quoted:
-    assert accuracy == fmt(main[method]), method
+    assert accuracy == _fmt(main[method]), method
   # The 20 Newsgroups, local-steps and SmolLM2 tables: every row of the committed table, mean ±
   # interval and per seed.
   for title, setting in (('20 Newsgroups, prior shift', '20news_prior_shift_minilm_lora'),
@@ -102,7 +132,7 @@ def test_headline_accuracies_are_the_committed_benchmark_tables():
     quoted = re.findall(_ROW + r' ([\d. /]+) \|$', table, re.M)
     assert len(quoted) == len(rows), (setting, quoted)
     for method, accuracy, per_seed in quoted:
-      assert accuracy == fmt(rows[method]), (setting, method)
+      assert accuracy == _fmt(rows[method]), (setting, method)
       per_seed_table = ' / '.join(f'{a:.3f}' for a in rows[method]['accuracy_per_seed'])
       assert per_seed == per_seed_table, (setting, method)
   columns = ('fedmezo', 'cooperllm', 'cooperllm_fixed_rate', 'cooperllm_adaptive', 'cloud_only',
@@ -117,4 +147,4 @@ def test_headline_accuracies_are_the_committed_benchmark_tables():
       cell = cell.strip(' |')
       assert (cell == '—') == (method not in rows), (setting, method)
       if method in rows:
-        assert cell.startswith(fmt(rows[method])), (setting, method, cell)
+        assert cell.startswith(_fmt(rows[method])), (setting, method, cell)
