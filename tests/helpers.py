@@ -1,6 +1,11 @@
 """Helpers shared by test modules (pytest puts tests/ on sys.path)."""
 
+import json
 import math
+import os
+import pathlib
+import subprocess
+import sys
 
 import jax.numpy as jnp
 import numpy as np
@@ -60,3 +65,18 @@ def quadratic_setup():
   batch = {'A': jnp.asarray(a, jnp.float32), 'c': jnp.asarray(c, jnp.float32)}
   grad = a @ (np.asarray(flat(theta)) - c)
   return trainable, batch, grad, a, c, theta
+
+
+REPO = pathlib.Path(__file__).resolve().parent.parent
+
+
+def run_on_host_devices(script: str, devices: int = 8, timeout: int = 900) -> dict:
+  """Runs `script` in a fresh CPU-only Python with `devices` simulated host devices (the flag
+  must be set before jax starts) and returns the JSON its last 'RESULT ' line prints."""
+  env = dict(os.environ, XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}',
+             JAX_PLATFORMS='cpu')
+  proc = subprocess.run([sys.executable, '-c', script], cwd=REPO, env=env, capture_output=True,
+                        text=True, timeout=timeout)
+  lines = [l for l in proc.stdout.splitlines() if l.startswith('RESULT ')]
+  assert proc.returncode == 0 and lines, proc.stdout[-3000:] + proc.stderr[-3000:]
+  return json.loads(lines[-1][len('RESULT '):])

@@ -4,9 +4,6 @@ gives the single-device numbers with its weights and optimizer state really spli
 
 import json
 import math
-import os
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -14,6 +11,7 @@ import numpy as np
 import optax
 import pytest
 
+from helpers import run_on_host_devices
 from cooperllm_jax.cloud import LOGICAL_RULES, CloudConfig, logical_spec, make_cloud_step
 from cooperllm_jax.errors import ConfigError
 from cooperllm_jax.mesh import make_mesh
@@ -22,7 +20,6 @@ from cooperllm_jax.models.common import make_loss
 from cooperllm_jax.models.spec import is_spec
 from cooperllm_jax.zoo import Subset, overlay
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 CFG = EncoderConfig(vocab_size=97, hidden_size=32, num_layers=2, num_heads=4, intermediate_size=64,
                     max_positions=16, num_labels=2, type_vocab_size=0, pooling='mean')
@@ -348,15 +345,9 @@ print('RESULT ' + json.dumps(out))
 
 @pytest.fixture(scope='module')
 def sharded_run():
-  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=8',
-             JAX_PLATFORMS='cpu')
   # The timeout guards against a hang only: compiling for 8 host devices took over 300 s on 2
   # cores shared with other jobs (the test suite's xdist workers and a benchmark).
-  proc = subprocess.run([sys.executable, '-c', SHARDED_SCRIPT], cwd=REPO, env=env,
-                        capture_output=True, text=True, timeout=900)
-  lines = [l for l in proc.stdout.splitlines() if l.startswith('RESULT ')]
-  assert proc.returncode == 0 and lines, proc.stdout[-3000:] + proc.stderr[-3000:]
-  return json.loads(lines[-1][len('RESULT '):])
+  return run_on_host_devices(SHARDED_SCRIPT)
 
 
 def test_sharded_step_matches_single_device(sharded_run):

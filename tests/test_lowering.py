@@ -13,9 +13,6 @@ it runs in a subprocess with 8 simulated CPU devices, as tests/test_cloud.py's s
 """
 
 import json
-import os
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -25,6 +22,7 @@ import pytest
 from jax import export
 
 import test_perturb_impl as tp
+from helpers import run_on_host_devices
 from cooperllm_jax import evaluation, zoo
 from cooperllm_jax.config import Aggregation
 from cooperllm_jax.federated import clients as fzo
@@ -35,7 +33,6 @@ from cooperllm_jax.models.common import make_loss
 from cooperllm_jax.zoo import keys as keys_lib
 from cooperllm_jax.zoo import quantized
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PLATFORMS = ('tpu', 'cuda')
 # The kernel's custom call on each platform: Mosaic's on TPU, Triton's on CUDA.
 KERNEL_CALL = {'tpu': 'tpu_custom_call', 'cuda': '__gpu$xla.gpu.triton'}
@@ -199,12 +196,6 @@ print('RESULT ' + json.dumps(out))
 
 
 def test_cloud_step_lowers_on_a_data_model_mesh():
-  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=8',
-             JAX_PLATFORMS='cpu')
-  proc = subprocess.run([sys.executable, '-c', CLOUD_SCRIPT], cwd=REPO, env=env,
-                        capture_output=True, text=True, timeout=600)
-  lines = [l for l in proc.stdout.splitlines() if l.startswith('RESULT ')]
-  assert proc.returncode == 0 and lines, proc.stdout[-3000:] + proc.stderr[-3000:]
-  result = json.loads(lines[-1][len('RESULT '):])
+  result = run_on_host_devices(CLOUD_SCRIPT, timeout=600)
   assert result == {f'{m} {p}': '8 devices' for m in ('gradient', 'finetune') for p in PLATFORMS}, \
       json.dumps(result, indent=1)
