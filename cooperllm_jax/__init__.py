@@ -9,7 +9,9 @@ What a user imports to write their own loop (examples/custom_loop.py uses every 
   round       make_round (Round): clients in one jitted call -> channel (DP, faults) -> the edge's
               jitted replay; RoundOutput. Rounds are numbered from 1 (round 0 is the starting
               model): keys, client samples and batches are functions of (seed, round), so the
-              CLI's numbering reproduces its rounds bit for bit.
+              CLI's numbering reproduces its rounds bit for bit. Split at the transport:
+              Messages (what the edge sends), Round.run_clients or a deployment's transport
+              (Replies.collect: a missing reply is a dropout), Round.apply (the edge).
   ledger      replay, coefficients, address_key, address_keys: rebuild any update from (address,
               scalar) pairs
   cloud (ZGR) make_cloud_step (CloudStep, CloudConfig): BP on public batches -> a direction;
@@ -18,7 +20,8 @@ What a user imports to write their own loop (examples/custom_loop.py uses every 
               `guide=`
   evaluation  evaluate, majority_rate
   algorithms  make_algorithm, ALGORITHMS, register, Algorithm, RoundResult: the registered
-              algorithms behind one protocol (docs/algorithms.md)
+              algorithms behind one protocol (docs/algorithms.md); Deployable: the ones whose
+              round splits at the transport (prepare, run_clients, apply)
   runs        parse (the typed config), train_and_evaluate (what `cooperllm-train` runs)
 """
 
@@ -29,12 +32,12 @@ from cooperllm_jax.data import (Partition, TextDataset, load_dataset, make_parti
                                 tokenize_texts)
 from cooperllm_jax.evaluation import evaluate, majority_rate
 from cooperllm_jax.federated.algorithms import ALGORITHMS, make_algorithm
-from cooperllm_jax.federated.api import Algorithm, RoundResult
+from cooperllm_jax.federated.api import Algorithm, Deployable, RoundResult
 from cooperllm_jax.federated.client_data import (public_batches, public_set, round_batches,
                                                  sample_clients)
 from cooperllm_jax.federated.clients import Uplink, make_client_update
 from cooperllm_jax.federated.registry import register
-from cooperllm_jax.federated.round import Round, RoundOutput, make_round
+from cooperllm_jax.federated.round import Messages, Replies, Round, RoundOutput, make_round
 from cooperllm_jax.models import Pretrained, load_pretrained
 from cooperllm_jax.models.common import make_loss
 from cooperllm_jax.run import train_and_evaluate
@@ -50,13 +53,14 @@ __all__ = [
     'load_pretrained', 'Pretrained', 'make_loss',
     # clients, round, ledger
     'Estimator', 'Subset', 'make_zo_step', 'make_client_update', 'Uplink', 'make_round', 'Round',
-    'RoundOutput', 'replay', 'coefficients', 'address_key', 'address_keys',
+    'RoundOutput', 'Messages', 'Replies', 'replay', 'coefficients', 'address_key', 'address_keys',
     # cloud (ZGR)
     'make_cloud_step', 'CloudStep', 'CloudConfig', 'empty_pool', 'push', 'orthonormalize', 'Pool',
     'make_guidance', 'step_ratio', 'Guidance',
     # evaluation
     'evaluate', 'majority_rate',
     # algorithms and runs
-    'make_algorithm', 'ALGORITHMS', 'register', 'Algorithm', 'RoundResult', 'parse',
+    'make_algorithm', 'ALGORITHMS', 'register', 'Algorithm', 'Deployable', 'RoundResult',
+    'parse',
     'train_and_evaluate',
 ]

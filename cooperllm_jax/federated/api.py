@@ -24,6 +24,18 @@ registered by name).
     needs_public: bool                        the cloud's public examples are passed in
     mesh: Mesh | None                         the clients' mesh (round inputs are placed on it)
 
+A `Deployable` algorithm (the scalar protocols and cooperllm) also splits its round at the
+transport, so the in-process simulation and a deployment run the same edge:
+
+    prepare(state, clients, counts, round_index) -> (state, Messages)
+                                              the edge's (and the cloud's) work before the clients
+    run_clients(state, messages, batches) -> Replies   the clients, in this process
+    apply(state, messages, replies) -> (state, RoundResult)
+                                              the replies that arrived (a missing one: a dropout,
+                                              weight 0 in the ledger), then the edge's update
+
+and its run_round is prepare -> run_clients -> apply.
+
 batches is {name: [C, S, B, ...]} (C sampled clients, S local steps), counts float32 [C] (examples
 held by each client: the FedAvg weights), clients int32 [C] (their ids) and round_index the round,
 numbered from 1 (the run loop evaluates the starting model as round 0).
@@ -34,6 +46,7 @@ round (the divergence guard does). A new algorithm is one module that defines a 
 protocol, decorated with `registry.register('name', config=Section)` (docs/algorithms.md).
 """
 
+import abc
 import dataclasses
 from typing import Any, ClassVar, NamedTuple, Optional, Protocol
 
@@ -41,6 +54,7 @@ import jax
 import numpy as np
 
 from cooperllm_jax.federated.clients import Uplink
+from cooperllm_jax.federated.round import Messages, Replies
 from cooperllm_jax.system.codec import LeafCodec
 from cooperllm_jax.zoo.guided import Guidance
 
@@ -114,3 +128,47 @@ class Algorithm(Protocol):
   def client_memory(self, state: ServerState, batch_shapes: dict) -> dict: ...
   def dense_bytes(self, state: ServerState) -> int: ...
   def attach_clock(self, clock: Any) -> None: ...
+
+
+class Deployable(abc.ABC):
+  """Base of algorithms whose round the edge runs as prepare -> the clients -> apply (the module
+  docstring), whatever carries the messages; run_round runs the clients in this process."""
+
+  @abc.abstractmethod
+  def prepare(self, state: ServerState, clients: np.ndarray, counts: np.ndarray,
+              round_index: int) -> tuple[ServerState, Messages]:
+    """The edge's work before the clients.
+
+    Args:
+      state: the edge's state after the last round.
+      clients: int32 [C] the sampled clients; counts: float32 [C] their example counts.
+      round_index: numbered from 1.
+    Returns:
+      (state, the round's Messages): the state with what the edge did before sending (cooperllm:
+      the cloud's direction and the round's guidance).
+    """
+
+  @abc.abstractmethod
+  def run_clients(self, state: ServerState, messages: Messages, batches: dict) -> Replies:
+    """The sampled clients' replies, computed in this process from their batches
+    {name: [C, S, B, ...]}; every reply arrives."""
+
+  @abc.abstractmethod
+  def apply(self, state: ServerState, messages: Messages,
+            replies: Replies) -> tuple[ServerState, RoundResult]:
+    """The edge's work after the clients.
+
+    Args:
+      state: prepare's state (donated to the edge's update).
+      messages: prepare's Messages.
+      replies: what arrived by the deadline (round.Replies.collect for a transport); a missing
+        reply is a dropout: weight 0, recorded so in the RoundResult and the ledger.
+    Returns:
+      (new state, RoundResult), as run_round.
+    """
+
+  def run_round(self, state: ServerState, batches: dict, counts: np.ndarray, clients: np.ndarray,
+                round_index: int) -> tuple[ServerState, RoundResult]:
+    """Algorithm.run_round: prepare, the clients in this process, apply."""
+    state, messages = self.prepare(state, clients, counts, round_index)
+    return self.apply(state, messages, self.run_clients(state, messages, batches))

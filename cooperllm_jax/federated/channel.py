@@ -24,8 +24,9 @@ class Channel:
   faults: Optional[FaultModel] = None
   privacy: Optional[GaussianPrivacy] = None
 
-  def __call__(self, uplink: Optional[Uplink], counts, clients, round_index: int) -> 'Received':
-    return receive(uplink, counts, clients, round_index, self.faults, self.privacy)
+  def __call__(self, uplink: Optional[Uplink], counts, clients, round_index: int,
+               missing=None) -> 'Received':
+    return receive(uplink, counts, clients, round_index, self.faults, self.privacy, missing)
 
 
 @dataclasses.dataclass
@@ -40,18 +41,22 @@ class Received:
 
 def receive(uplink: Optional[Uplink], counts, clients, round_index: int,
             faults: Optional[FaultModel] = None,
-            privacy: Optional[GaussianPrivacy] = None) -> Received:
+            privacy: Optional[GaussianPrivacy] = None, missing=None) -> Received:
   """The channel and the edge's intake for one round. uplink: the clients' honest uploads (None for
-  dense protocols); privacy: the DP the honest clients apply before sending."""
+  dense protocols); privacy: the DP the honest clients apply before sending; missing: bool [C],
+  the clients whose replies did not reach the edge (a deployment's transport): dropouts, counted
+  in the metrics as `missing`."""
   clients = np.asarray(clients)
   counts = np.asarray(counts, np.float32)
-  dropped = late = np.zeros(len(clients), bool)
-  metrics = {}
+  late = np.zeros(len(clients), bool)
+  dropped = np.zeros(len(clients), bool) if missing is None else np.asarray(missing, bool)
+  metrics = {'missing': int(dropped.sum())} if dropped.any() else {}
   if uplink is not None and privacy is not None:
     uplink = privacy.privatize(uplink, clients, round_index)
   if faults is not None:
-    dropped, late = faults.arrivals(clients, round_index)
-    metrics.update(dropped=int(dropped.sum()), late=int(late.sum()))
+    simulated, late = faults.arrivals(clients, round_index)
+    dropped, late = dropped | simulated, late & ~dropped
+    metrics.update(dropped=int(simulated.sum()), late=int(late.sum()))
     if uplink is not None and faults.corrupts:
       uplink = faults.corrupt(uplink, clients, round_index)
       metrics['byzantine'] = int(np.isin(clients, faults.byzantine_ids).sum())

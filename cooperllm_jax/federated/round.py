@@ -1,5 +1,11 @@
 """The one round path of the scalar protocols: clients -> channel -> edge.
 
+The edge's round is two pure steps around whatever carries its messages: `Messages` (what the
+edge sends the sampled clients) and `Round.apply(trainable, messages, replies)` (the replies that
+arrived through the channel, then the edge's update); a client whose reply did not arrive is a
+dropout (FedAvg weight 0). `Round.run_clients` computes the replies in this process, and a
+deployment's transport delivers them instead, so both run the same edge.
+
 The clients' local training runs in one jitted call (federated/clients.py: lax.map over the
 sampled clients, optionally split over the mesh's 'clients' axis), the uploads pass through the
 channel on the host (federated/channel.py: DP, simulated faults, the edge's intake), and the edge
@@ -11,7 +17,7 @@ step of their own.
 """
 
 import functools
-from typing import Any, NamedTuple, Optional
+from typing import Any, NamedTuple, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -24,6 +30,54 @@ from cooperllm_jax.federated.clients import ClientUpdate, Uplink, make_clients_f
 from cooperllm_jax.federated.edge import edge_replay
 from cooperllm_jax.tree_math import PyTree
 from cooperllm_jax.zoo.guided import Guidance
+
+
+class Messages(NamedTuple):
+  """What the edge sends for one round, whatever carries it: every sampled client gets its id, the
+  round, the rate, the protocol's further client_update arguments and the guidance, and keeps the
+  global weights in step itself (the previous rounds' broadcast ledger)."""
+  round_index: int              # numbered from 1
+  clients: np.ndarray           # int32 [C] the sampled clients, in the order of the replies
+  counts: np.ndarray            # float32 [C] their example counts (the FedAvg weights)
+  lr: Any                       # float32 scalar: the round's rate
+  extra: tuple = ()             # further client_update arguments (FwdLLM's previous update)
+  guide: Optional[Guidance] = None  # the round's ZGR guidance (None: plain directions)
+
+  def to(self, i: int) -> 'Messages':
+    """The message the i-th sampled client gets: the round's, with its own id and count only."""
+    return self._replace(clients=self.clients[i:i + 1], counts=self.counts[i:i + 1])
+
+
+class Replies(NamedTuple):
+  """What came back from the clients by the deadline, in the messages' client order. A client
+  whose reply did not arrive (arrived False) is a dropout: its rows are zeros and weigh 0."""
+  uplink: Uplink                # [C, S, P, ...] host arrays
+  losses: np.ndarray            # float32 [C, S]
+  arrived: np.ndarray           # bool [C]
+
+  @classmethod
+  def collect(cls, replies: Sequence[Optional[tuple[Uplink, Any]]], steps: int,
+              probes: int) -> 'Replies':
+    """The round's replies from one entry per sampled client.
+
+    Args:
+      replies: (uplink [S, P, ...], losses [S]) of a client that replied, None for one whose
+        reply did not arrive.
+      steps, probes: S and P, the shape every reply has.
+    Returns:
+      Replies with zero rows (and arrived False) where a reply is missing.
+    """
+    c = len(replies)
+    uplink = Uplink(np.zeros((c, steps, probes, 4), np.int32),
+                    np.zeros((c, steps, probes), np.float32),
+                    np.zeros((c, steps, probes), np.float32))
+    losses = np.zeros((c, steps), np.float32)
+    arrived = np.array([r is not None for r in replies], bool)
+    for i, reply in enumerate(replies):
+      if reply is not None:
+        for rows, got in zip(uplink + (losses,), tuple(reply[0]) + (reply[1],)):
+          rows[i] = np.asarray(got)
+    return cls(uplink, losses, arrived)
 
 
 class RoundOutput(NamedTuple):
@@ -44,7 +98,8 @@ class Round:
   round's ZGR guidance (make_guidance), used by every client and by the edge's replay.
   backend='loop' runs one jitted call per client (for debugging); with a mesh the clients are
   split over its 'clients' axis. `distribution` must be the Estimator's (the edge regenerates its
-  directions).
+  directions). A call is apply(trainable, m, run_clients(trainable, frozen, m, batches)) for the
+  round's Messages m; a transport replaces run_clients.
   """
 
   def __init__(self, client_update: ClientUpdate, *, seed: int, chunk: int = 1,
@@ -91,27 +146,53 @@ class Round:
       outs.append((uplink, losses))
     return jax.tree.map(lambda *xs: jnp.stack(xs), *outs)
 
-  def receive(self, trainable: PyTree, frozen: PyTree, batches: dict, counts: Any, clients: Any,
-              round_index: int, lr: float, *extra: Any,
-              guide: Optional[Guidance] = None) -> tuple[Uplink, np.ndarray, Received]:
-    """The round up to the edge: (what the clients sent [C, S, P, ...] and their losses [C, S],
-    host arrays; what reached the edge through the channel)."""
-    ids = np.asarray(clients, np.int32)
-    args = (batches, jnp.asarray(counts, jnp.float32), jnp.asarray(ids), jnp.int32(round_index))
+  def run_clients(self, trainable: PyTree, frozen: PyTree, messages: Messages,
+                  batches: dict) -> Replies:
+    """The sampled clients' replies computed in this process (every one arrives).
+
+    Args:
+      trainable, frozen: the global model the clients hold.
+      messages: the round's Messages.
+      batches: {name: [C, S, B, ...]} the sampled clients' local batches.
+    Returns:
+      Replies, host arrays.
+    """
+    ids = np.asarray(messages.clients, np.int32)
+    args = (batches, jnp.asarray(messages.counts, jnp.float32), jnp.asarray(ids),
+            jnp.int32(messages.round_index))
     if self.mesh is not None:
       args = mesh_lib.place_round(self.mesh, *args)
-    uplinks, losses = self.local_training(trainable, frozen, args[0], args[2], args[3], lr, *extra,
-                                          guide=guide)
-    sent = jax.tree.map(np.asarray, uplinks)
-    return sent, np.asarray(losses), self.channel(sent, counts, ids, int(round_index))
+    uplinks, losses = self.local_training(trainable, frozen, args[0], args[2], args[3],
+                                          messages.lr, *messages.extra, guide=messages.guide)
+    return Replies(jax.tree.map(np.asarray, uplinks), np.asarray(losses), np.ones(len(ids), bool))
+
+  def deliver(self, messages: Messages, replies: Replies) -> Received:
+    """What reaches the edge: the replies through the channel (DP, simulated faults, the edge's
+    intake); a reply that did not arrive is a dropout."""
+    return self.channel(replies.uplink, messages.counts, messages.clients, messages.round_index,
+                        missing=~np.asarray(replies.arrived, bool))
+
+  def apply(self, trainable: PyTree, messages: Messages, replies: Replies) -> RoundOutput:
+    """The edge's half of the round: the replies that arrived, then its update.
+
+    Args:
+      trainable: the global trainable weights (donated unless donate=False).
+      messages: what the edge sent for the round.
+      replies: what came back (Replies.collect, or run_clients in this process).
+    Returns:
+      RoundOutput.
+    """
+    received = self.deliver(messages, replies)
+    new = self.edge(trainable, received.uplink, received.client_weights, messages.lr,
+                    messages.guide)
+    return RoundOutput(new, replies.uplink, replies.losses, received)
 
   def __call__(self, trainable: PyTree, frozen: PyTree, batches: dict, counts: Any, clients: Any,
                round_index: int, lr: float, *extra: Any,
                guide: Optional[Guidance] = None) -> RoundOutput:
-    sent, losses, received = self.receive(trainable, frozen, batches, counts, clients, round_index,
-                                          lr, *extra, guide=guide)
-    new = self.edge(trainable, received.uplink, received.client_weights, lr, guide)
-    return RoundOutput(new, sent, losses, received)
+    messages = Messages(int(round_index), np.asarray(clients, np.int32),
+                        np.asarray(counts, np.float32), lr, extra, guide)
+    return self.apply(trainable, messages, self.run_clients(trainable, frozen, messages, batches))
 
 
 # The factory name the package exports (cj.make_round), as optax names its transformations.

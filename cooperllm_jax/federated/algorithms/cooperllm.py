@@ -62,7 +62,8 @@ from cooperllm_jax.errors import ConfigError
 from cooperllm_jax.federated import client_data
 from cooperllm_jax.federated.algorithms.fedmezo import FedMeZO
 from cooperllm_jax.federated.algorithms.scalar import OnScalarProtocol
-from cooperllm_jax.federated.api import SCALAR_BYTES, Costs, GuidanceCosts, RoundResult, ServerState
+from cooperllm_jax.federated.api import (SCALAR_BYTES, Costs, Deployable, GuidanceCosts,
+                                         RoundResult, ServerState)
 from cooperllm_jax.federated.clients import SHARED
 from cooperllm_jax.federated.registry import register
 from cooperllm_jax.mesh import make_mesh
@@ -485,7 +486,7 @@ class CloudGuidance:
 
 @register('cooperllm', config=ZGR, section='zgr')
 @dataclasses.dataclass
-class CooperLLM(OnScalarProtocol):
+class CooperLLM(OnScalarProtocol, Deployable):
   """FedMeZO's scalar protocol whose probes the cloud's guidance steers (ZGR)."""
   guidance: Optional[CloudGuidance] = None
 
@@ -516,10 +517,19 @@ class CooperLLM(OnScalarProtocol):
   def client_memory(self, state, batch_shapes) -> dict:
     return self.zo.client_memory(self.zo_state(state), batch_shapes, state.extra.guidance)
 
-  def run_round(self, state, batches, counts, clients, round_index):
+  def prepare(self, state, clients, counts, round_index):
+    """The cloud's direction and the round's guidance, then FedMeZO's messages carrying it."""
     zgr = self.guidance.before_round(state.extra, state, clients, round_index)
-    inner, result = self.zo.run_round(self.zo_state(state._replace(extra=zgr)), batches, counts,
-                                      clients, round_index, guide=zgr.guidance)
-    zgr, result = self.guidance.after_round(zgr._replace(zo=inner.extra), result)
+    inner, messages = self.zo.prepare(self.zo_state(state._replace(extra=zgr)), clients, counts,
+                                      round_index, guide=zgr.guidance)
+    return self.with_zo(state._replace(extra=zgr), inner), messages
+
+  def run_clients(self, state, messages, batches):
+    return self.zo.run_clients(self.zo_state(state), messages, batches)
+
+  def apply(self, state, messages, replies):
+    """FedMeZO's edge under the round's guidance, then what the edge learns from the scalars."""
+    inner, result = self.zo.apply(self.zo_state(state), messages, replies)
+    zgr, result = self.guidance.after_round(state.extra._replace(zo=inner.extra), result)
     return (self.zo.on_mesh(inner._replace(extra=zgr)),
-            dataclasses.replace(result, cloud_ran=self.guidance.refreshes(round_index)))
+            dataclasses.replace(result, cloud_ran=self.guidance.refreshes(messages.round_index)))

@@ -21,11 +21,12 @@ from cooperllm_jax import config as config_lib
 from cooperllm_jax import mesh as mesh_lib
 from cooperllm_jax.errors import ConfigError
 from cooperllm_jax.federated import clients as clients_lib
-from cooperllm_jax.federated.api import COUNT_BYTES, SCALAR_BYTES, Costs, RoundResult, ServerState
+from cooperllm_jax.federated.api import (COUNT_BYTES, SCALAR_BYTES, Costs, Deployable,
+                                         RoundResult, ServerState)
 from cooperllm_jax.federated.channel import Channel, Received
 from cooperllm_jax.federated.faults import FaultModel
 from cooperllm_jax.federated.privacy import GaussianPrivacy
-from cooperllm_jax.federated.round import Round
+from cooperllm_jax.federated.round import Messages, Replies, Round
 from cooperllm_jax.memory import compiled_memory
 from cooperllm_jax.models.common import make_loss
 from cooperllm_jax.tree_math import tree_bytes
@@ -42,7 +43,7 @@ def channel_for(cfg: config_lib.RunConfig) -> Channel:
 
 
 @dataclasses.dataclass
-class ScalarProtocol:
+class ScalarProtocol(Deployable):
   """A ZO protocol on the scalar uplink; see the module docstring. Subclasses override the class
   attributes and the small methods below, nothing else."""
   model: Any
@@ -171,14 +172,22 @@ class ScalarProtocol:
     new = self._edge(state._replace(frozen=None), uplinks, client_weights, guide)
     return new._replace(frozen=state.frozen)
 
-  def run_round(self, state: ServerState, batches, counts, clients, round_index,
-                guide=None) -> tuple[ServerState, RoundResult]:
-    """api.Algorithm.run_round; guide: the round's guidance, from a tier around the protocol."""
-    sent, losses, received = self.round.receive(
-        state.trainable, state.frozen, batches, counts, clients, round_index, state.lr,
-        *self.client_extra(state), guide=guide)
-    new = self.edge_update(state, received.uplink, received.client_weights, guide)
-    return new, self.account(sent, losses, received)
+  def prepare(self, state: ServerState, clients, counts, round_index: int,
+              guide=None) -> tuple[ServerState, Messages]:
+    """api.Deployable.prepare; guide: the round's guidance, from a tier around the protocol (the
+    protocol's own state is unchanged: its clients read it as it is)."""
+    return state, Messages(int(round_index), np.asarray(clients, np.int32),
+                           np.asarray(counts, np.float32), np.float32(state.lr),
+                           self.client_extra(state), guide)
+
+  def run_clients(self, state: ServerState, messages: Messages, batches) -> Replies:
+    return self.round.run_clients(state.trainable, state.frozen, messages, batches)
+
+  def apply(self, state: ServerState, messages: Messages,
+            replies: Replies) -> tuple[ServerState, RoundResult]:
+    received = self.round.deliver(messages, replies)
+    new = self.edge_update(state, received.uplink, received.client_weights, messages.guide)
+    return new, self.account(replies.uplink, replies.losses, received)
 
   def account(self, uplinks: clients_lib.Uplink, losses, received: Received) -> RoundResult:
     """Bytes and passes of the clients that ran and sent (a dropped client: none)."""
