@@ -247,7 +247,7 @@ def report(plan: Plan, root: pathlib.Path, record: dict) -> str:
                                for s, summary in zip(finished_seeds, runs[method][1])}
   finals = {m: interval([s['accuracy_after'] for s in summaries])
             for m, (_, summaries, _) in runs.items()}
-  baselines = [m for m in runs if METHODS[m].algorithm != 'cooperllm']   # not ours
+  baselines = [m for m in runs if not METHODS[m].ours]
   target_by = max(baselines, key=lambda m: finals[m][0]) if baselines else None
   target = finals[target_by][0] if target_by else None
   rows = []

@@ -56,6 +56,7 @@ class Method:
   rate_of: Optional[str] = None
   cloud_phase: bool = False     # warm_start: the first half of the rounds are the cloud's
   whole_cloud: bool = False     # ... and spend cloud_only's whole compute (its final model)
+  ours: bool = False            # a CooperLLM variant: never the target the baselines set
 
   def depends_on(self) -> set:
     return {m for _, m in self.needs} | ({self.rate_of} if self.rate_of else set())
@@ -68,7 +69,7 @@ class Method:
 COOPERLLM = ('zgr.alpha=0.5', 'zgr.adaptive=False')   # pinned: the runs keep their config
 FIXED = ('zgr.line_search=0',)
 LINE_ADAPTIVE = ('zgr.alpha=0.5', 'zgr.adaptive=True')
-_GUIDED = dict(family='lr_v', knob='zgr.lr_v', needs=(('learning_rate', 'fedmezo'),))
+_GUIDED = dict(family='lr_v', knob='zgr.lr_v', needs=(('learning_rate', 'fedmezo'),), ours=True)
 METHODS = {
     'cloud_only': Method('cloud_only', family='bp'),
     'cooperllm': Method('cooperllm', COOPERLLM, **dict(_GUIDED, family='lr_v_max')),
