@@ -233,8 +233,8 @@ SETTINGS = {
         # costs 10-15 min on 2 cores), so its one-value "grid" is marked as an edge pick.
         {'zo': (1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3), 'bp': (1e-5, 3e-5, 1e-4, 3e-4, 1e-3),
          'lr_v_max': (0.1,)}),
-    # The third trainable subset of issue 15's "one set of defaults from head to full": every
-    # bias (BitFit) + the head, cooperllm again at its default largest lr_V only.
+    # The third trainable subset of the one set of defaults from the head to every weight:
+    # every bias (BitFit) + the head, cooperllm again at its default largest lr_V only.
     'bbc_minilm_bitfit': Setting(
         'BBC News on 10 clients, in-domain public set; MiniLM, BitFit (every bias) + head',
         _bbc('bitfit'), 20, 5,

@@ -12,7 +12,7 @@ Step (what the update subtracts, theta - lr w g z_step, one ledger entry per pro
 
     z_step = c (beta^2 / a) v + (rho / b) V u,     rho = step_v = lr_V / lr,  c = step_plain
 
-Why these scales (issue 15). Write h = V^T grad (the private gradient's coordinates in the cloud
+Why these scales. Write h = V^T grad (the private gradient's coordinates in the cloud
 subspace). For central differences g = z . grad + O(eps^2) = a v.grad + b u.h + O(eps^2).
 
 * Probe radius. The plain part moves the weights by eps a (v . e) ~ eps a N(0, 1) along any fixed
