@@ -490,7 +490,16 @@ def _section(cls, values: dict, where: str):
 
 
 def parse(config: Any) -> RunConfig:
-  """The typed, validated run config of a ConfigDict (or a plain dict of the same layout)."""
+  """The typed, validated run config of a ConfigDict (or a plain dict of the same layout).
+
+  Args:
+    config: a ConfigDict, a plain dict of the same layout (sections as nested dicts, or their
+      flat field names), or a RunConfig (returned as it is).
+
+  Returns:
+    The RunConfig, each section (the shared ones and the registered algorithms' own) a frozen
+    dataclass that validated itself; an unknown or wrongly typed field raises ConfigError.
+  """
   if isinstance(config, RunConfig):
     return config
   raw = canonical(config.to_dict() if hasattr(config, 'to_dict') else config)

@@ -21,9 +21,21 @@ def _eval_batch(model, params, batch):
 
 def evaluate(model: Model, params: Any, arrays: dict, labels: np.ndarray, indices: np.ndarray,
              batch_size: int = 64) -> dict:
-  """{'accuracy', 'loss', 'examples'} of `model` at `params` on the examples `indices` of the
-  tokenized `arrays` ({input_ids, attention_mask}: data.tokenize_texts) with their `labels`; one
-  jitted batch shape (the last batch is padded with weight 0), so any split compiles once."""
+  """{'accuracy', 'loss', 'examples'} of `model` at `params` on the examples `indices`; one
+  jitted batch shape (the last batch is padded with weight 0), so any split compiles once.
+
+  Args:
+    model: the Encoder or Decoder (Pretrained.model).
+    params: the full params tree (frozen and trainable overlaid).
+    arrays: the tokenized dataset {input_ids, attention_mask: [N, L]} (data.tokenize_texts).
+    labels: the dataset's integer labels [N].
+    indices: the examples to evaluate (non-empty).
+    batch_size: the examples per jitted batch.
+
+  Returns:
+    {'accuracy': float, the share predicted right; 'loss': float, the mean cross-entropy;
+    'examples': int, len(indices)}.
+  """
   correct = total_loss = 0.0
   for start in range(0, len(indices), batch_size):
     idx = indices[start:start + batch_size]
@@ -41,5 +53,13 @@ def evaluate(model: Model, params: Any, arrays: dict, labels: np.ndarray, indice
 
 def majority_rate(labels: np.ndarray, indices: np.ndarray) -> float:
   """The accuracy of always predicting the most frequent class of labels[indices]: the chance
-  level a classifier must beat on a skewed split (1/num_classes only when classes are balanced)."""
+  level a classifier must beat on a skewed split (1/num_classes only when classes are balanced).
+
+  Args:
+    labels: the dataset's non-negative integer labels [N].
+    indices: the split's examples (non-empty).
+
+  Returns:
+    The majority class's share of labels[indices], a float.
+  """
   return float(np.bincount(labels[indices]).max() / len(indices))

@@ -69,6 +69,20 @@ BATCH_AXIS = 1   # batches are {name: [K, B, ...]}
 
 @dataclasses.dataclass(frozen=True)
 class CloudConfig:
+  """What the cloud's BP round computes.
+
+  Attributes:
+    mode: 'gradient' (the direction is the mean of the K public batches' gradients) or
+      'finetune' (K AdamW steps; the direction is (start - after) / (K learning_rate)).
+    learning_rate: finetune only: the cloud's AdamW rate (also the direction's unit); finite
+      and > 0.
+    weight_decay: finetune only: AdamW's decoupled weight decay (>= 0).
+    curvature: also measure the public loss's curvature along the direction (u^T H u on the
+      first batch).
+    trace_probes: > 0: also estimate tr H with this many Hutchinson probes.
+    line_trials: > 0: also line-search the step along the direction (this many trials).
+    line_start: the line search's first (largest) step, in units of direction (finite, > 0).
+  """
   mode: str = 'gradient'
   learning_rate: float = 1e-3   # finetune only: the cloud's AdamW rate (also the direction's unit)
   weight_decay: float = 0.0     # finetune only: AdamW's decoupled weight decay
@@ -128,6 +142,20 @@ class CloudStep:
   float32 master copy of the trainable leaves (the forward pass sees them in their own dtype), so a
   round's small update is not rounded away in bf16. `place` puts inputs on the step's shardings
   once, so repeated calls do not reshard them.
+
+  step's direction is a float32 tree shaped like `trainable` (on a mesh, sharded like it); stats
+  are float32 scalars {'loss' (the public loss at the start), 'grad_sq_norm' (|direction|^2),
+  'variance' (the trace variance of the K-batch mean gradient), 'curvature', 'trace',
+  'line_step'} (0 where the config does not ask for them). `train(cloud_state, trainable, frozen,
+  batches)` -> (cloud_state, trainable after K AdamW steps, in its own dtype) donates both.
+
+  Args:
+    loss_fn: loss_fn(params, batch, perturb) -> float32 scalar (make_loss(model)).
+    subset: which weights train (the split of trainable and frozen).
+    config: the CloudConfig.
+    mesh: a mesh to shard the step on (its 'data' axis splits the batch axis); None: no mesh.
+    model: the model whose specs' logical axes shard the params; required with a mesh.
+    rules: the logical-axis rules mapping those axes onto the mesh.
   """
 
   def __init__(self, loss_fn: Callable, subset: Subset, config: CloudConfig,
@@ -331,5 +359,18 @@ def make_cloud_step(loss_fn: Callable, subset: Subset, config: CloudConfig = Clo
                     mesh: Optional[Mesh] = None, model: Any = None,
                     rules: Sequence[tuple] = LOGICAL_RULES) -> CloudStep:
   """The cloud's jitted BP round for `loss_fn = make_loss(model)` on the `subset` split; `model`
-  (its specs' logical axes) is needed only with a mesh."""
+  (its specs' logical axes) is needed only with a mesh.
+
+  Args:
+    loss_fn: loss_fn(params, batch, perturb) -> float32 scalar (make_loss(model)).
+    subset: which weights train.
+    config: the CloudConfig (mode, AdamW settings, the optional measurements).
+    mesh: a mesh to shard the step on; None: no mesh.
+    model: the model (its specs' logical axes); required with a mesh.
+    rules: the logical-axis rules.
+
+  Returns:
+    The CloudStep: init(trainable) -> cloud_state; step(cloud_state, trainable, frozen,
+    batches, key=None) -> (cloud_state, direction, stats), cloud_state donated.
+  """
   return CloudStep(loss_fn, subset, config, mesh, model, rules)

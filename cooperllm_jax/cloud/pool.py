@@ -17,18 +17,41 @@ from cooperllm_jax.tree_math import PyTree, tree_dot
 
 
 class Pool(NamedTuple):
+  """The last m cloud directions, newest first (a pytree; jittable).
+
+  Attributes:
+    directions: the trainable tree's structure, leaves [m, *shape] float32, newest first
+      (unfilled slots are zero).
+    filled: int32 scalar, how many slots hold a direction (at most m).
+  """
   directions: dict     # trainable-tree structure, leaves [m, *shape] float32, newest first
   filled: jax.Array    # int32: how many slots hold a direction
 
 
 def empty_pool(trainable: PyTree, m: int) -> Pool:
-  """A pool of m slots shaped like the trainable weights, none filled."""
+  """A pool of m slots shaped like the trainable weights, none filled.
+
+  Args:
+    trainable: the trainable tree (only its structure and leaf shapes are used).
+    m: the number of slots.
+
+  Returns:
+    A Pool with float32 zero leaves [m, *leaf.shape] and filled 0.
+  """
   return Pool(jax.tree.map(lambda x: jnp.zeros((m,) + x.shape, jnp.float32), trainable),
               jnp.int32(0))
 
 
 def push(pool: Pool, direction: PyTree) -> Pool:
-  """The pool with `direction` as the newest entry; the oldest falls out when all m are filled."""
+  """The pool with `direction` as the newest entry; the oldest falls out when all m are filled.
+
+  Args:
+    pool: the Pool.
+    direction: a tree shaped like the trainable weights (cast to float32).
+
+  Returns:
+    A new Pool (slot 0 holds `direction`, the rest shift by one; filled + 1, at most m).
+  """
   def one(stack, d):
     return jnp.concatenate([d[None].astype(jnp.float32), stack[:-1]], axis=0)
 
@@ -38,7 +61,17 @@ def push(pool: Pool, direction: PyTree) -> Pool:
 
 def orthonormalize(pool: Pool, rank_tol: float = 1e-4) -> tuple[PyTree, jax.Array]:
   """(basis, valid): basis leaves [m, *shape] orthonormal over the whole tree (invalid slots zero),
-  spanning the pool's directions newest first; valid float32 [m]."""
+  spanning the pool's directions newest first; valid float32 [m].
+
+  Args:
+    pool: the Pool.
+    rank_tol: a direction whose part outside the newer ones' span is at most rank_tol of its
+      own norm gets an invalid slot (as do unfilled and zero slots).
+
+  Returns:
+    (basis, valid): basis, the pool's tree structure with float32 leaves [m, *shape]; valid,
+    float32 [m], 1 for a slot in use and 0 otherwise.
+  """
   m = jax.tree.leaves(pool.directions)[0].shape[0]
   vectors = [jax.tree.map(lambda x, j=j: x[j], pool.directions) for j in range(m)]
   basis, valid = [], []

@@ -21,7 +21,16 @@ SCHEMES = ('iid', 'dirichlet')
 
 @dataclasses.dataclass(frozen=True, eq=False)  # eq=False: numpy fields make `==` ambiguous.
 class Partition:
-  """Sorted int64 index arrays into the dataset; the sets are disjoint and cover it."""
+  """Sorted int64 index arrays into the dataset; the sets are disjoint and cover it.
+
+  Attributes:
+    clients: one int64 index array per client (its shard).
+    public: int64 indices of the cloud's public set.
+    test: int64 indices of the test set.
+    meta: the partition's settings (scheme, alpha, seed, fractions, sizes; 'tries' for
+      Dirichlet).
+    validation: int64 indices of the held-out validation set (empty when not requested).
+  """
   clients: tuple[np.ndarray, ...]
   public: np.ndarray
   test: np.ndarray
@@ -104,6 +113,21 @@ def make_partition(labels: np.ndarray, *, num_clients: int, scheme: str = 'iid',
 
   The public slice is stratified so the cloud sees the task's label mix. Clients split the rest
   either iid (nearly equal shards) or with Dirichlet(alpha) label skew (smaller alpha, more skew).
+
+  Args:
+    labels: 1-D integer array [N] of the dataset's labels.
+    num_clients: how many client shards (>= 1).
+    scheme: 'iid' or 'dirichlet'.
+    alpha: the Dirichlet concentration (> 0), used with scheme='dirichlet'.
+    test_fraction: share of the examples in the test set, in [0, 1).
+    public_fraction: share in the cloud's public set, in [0, 1).
+    validation_fraction: share in the validation set, in [0, 1); the three sum to < 1.
+    min_client_size: the fewest examples a client may hold (Dirichlet draws are retried).
+    seed: seed of the numpy generator behind every split.
+    max_tries: how many Dirichlet draws to try before raising ConfigError.
+
+  Returns:
+    The Partition, its index arrays sorted int64.
   """
   labels = np.asarray(labels)
   if labels.ndim != 1 or not labels.size or not np.issubdtype(labels.dtype, np.integer):

@@ -161,9 +161,16 @@ def check_labels(dataset: TextDataset, source: str) -> TextDataset:
 
 
 def load_dataset(name_or_path: str, **kw: Any) -> TextDataset:
-  """Loads a named dataset ('bbcnews' or corpora.LOADERS; keyword arguments are its loader's
-  options, e.g. split='test' for '20news') or a local file (keyword arguments go to
-  `load_local`), checked by check_labels."""
+  """Loads a named dataset or a local file, checked by check_labels.
+
+  Args:
+    name_or_path: 'bbcnews', a name in corpora.LOADERS, or the path of a local file.
+    **kw: a named dataset's loader options (e.g. split='test' for '20news'), or, for a local
+      file, the keyword arguments of `load_local`.
+
+  Returns:
+    The TextDataset (at least 2 classes, every class with examples).
+  """
   named = {'bbcnews': load_bbc_news, **corpora.LOADERS}
   if name_or_path in named:
     options = inspect.signature(named[name_or_path]).parameters

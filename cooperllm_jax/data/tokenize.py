@@ -76,9 +76,18 @@ def tokenize_texts(tokenizer: tokenizers.Tokenizer, texts: Sequence[str], *, max
                    ) -> dict[str, np.ndarray]:
   """Returns int32 'input_ids' and 'attention_mask' [N, max_length] and 'length' [N].
 
-  `suffix` (a prompt such as '\\nTopic:') is appended after the encoded text, special tokens
-  included, so it is always the last thing before the padding: a decoder classifies from there.
-  `cache_dir` None uses `default_cache_dir()`; False disables the disk cache.
+  Args:
+    tokenizer: the model's tokenizer (a copy is used, without its padding and truncation).
+    texts: the N texts.
+    max_length: the padded length (>= 1); longer texts are truncated to fit with the suffix.
+    pad_id: the id filling input_ids past each text's length.
+    suffix: a prompt such as '\\nTopic:', appended after the encoded text, special tokens
+      included, so it is always the last thing before the padding: a decoder classifies from
+      there. None: no suffix.
+    cache_dir: the disk cache's folder; None uses `default_cache_dir()`, False disables it.
+
+  Returns:
+    {'input_ids', 'attention_mask'}: int32 [N, max_length]; 'length': int32 [N].
   """
   if max_length < 1:
     raise ConfigError(f'max_length must be >= 1, got {max_length}')

@@ -73,6 +73,22 @@ class ServerState(NamedTuple):
 
 @dataclasses.dataclass(frozen=True)
 class RoundResult:
+  """What a round reports besides the new state: losses, traffic and work per client.
+
+  Attributes:
+    losses: [C, S], the mean training loss of each local step.
+    uplink_bytes: [C], the bytes each client sent.
+    broadcast_bytes: the bytes of what this round adds to the global model, as broadcast.
+    forwards: [C], the forward passes each client ran.
+    backwards: [C], the backward passes each client ran.
+    uplink: the round's ledger as the edge received it, an Uplink [C, S, P, ...]; None for
+      dense protocols.
+    client_weights: [C], the FedAvg weights the edge used (0: did not arrive); None if unset.
+    sent: bool [C], whether each client uploaded (privacy releases); None if unset.
+    guidance_bytes: what every sampled client receives for this round (ZGR's V).
+    cloud_ran: whether the cloud backpropped this round; None without a cloud tier.
+    metrics: algorithm-specific scalars to log.
+  """
   losses: np.ndarray            # [C, S] mean training loss of each local step
   uplink_bytes: np.ndarray      # [C] bytes each client sent
   broadcast_bytes: int          # bytes of what this round adds to the global model, as broadcast
@@ -106,7 +122,17 @@ class Costs:
 
 
 class Algorithm(Protocol):
-  """The protocol of the module docstring (docs/algorithms.md walks through a new one)."""
+  """The protocol of the module docstring (docs/algorithms.md walks through a new one).
+
+  Attributes:
+    name: the algorithm's name, set by registry.register.
+    config: its config section's dataclass (registry.register(config=...)), or None.
+    costs: what the simulated clock charges each tier (Costs).
+    sync_bytes: the size of a fixed catch-up message, or None: a client replays the rounds.
+    replayable: edge_update over the ledger rebuilds the model.
+    needs_public: the cloud's public examples are passed to from_config.
+    mesh: the clients' mesh (round inputs are placed on it), or None.
+  """
   name: str
   config: ClassVar[Optional[type]]
   costs: Costs
@@ -132,7 +158,12 @@ class Algorithm(Protocol):
 
 class Deployable(abc.ABC):
   """Base of algorithms whose round the edge runs as prepare -> the clients -> apply (the module
-  docstring), whatever carries the messages; run_round runs the clients in this process."""
+  docstring), whatever carries the messages; run_round runs the clients in this process.
+
+  A subclass implements prepare(state, clients, counts, round_index) -> (state, Messages),
+  run_clients(state, messages, batches) -> Replies and apply(state, messages, replies)
+  -> (state, RoundResult); the state is donated to the edge's update in apply.
+  """
 
   @abc.abstractmethod
   def prepare(self, state: ServerState, clients: np.ndarray, counts: np.ndarray,

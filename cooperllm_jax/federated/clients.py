@@ -26,7 +26,15 @@ SHARED = -1  # an address field shared by every client (DeComFL's seeds, FedKSee
 
 
 class Uplink(NamedTuple):
-  """One client's scalars for a round: addresses int32 [S, P, 4], scalars and weights float32 [S, P]."""
+  """One client's scalars for a round: addresses int32 [S, P, 4], scalars and weights float32
+  [S, P].
+
+  Attributes:
+    addresses: int32 [S, P, 4], each probe's (round, client, step, probe) address (SHARED, -1,
+      in a field every client shares).
+    scalars: float32 [S, P], the projected gradients g.
+    weights: float32 [S, P], each entry's weight in its step (1/P).
+  """
   addresses: jax.Array
   scalars: jax.Array
   weights: jax.Array
@@ -86,8 +94,19 @@ def make_client_update(loss_fn: LossFn, est: Estimator, subset: Subset = Subset(
   -> (trainable, Uplink, losses): one client's S local ZO steps under lax.scan, pure and jittable.
   round is 1-based (make_round); the local model stays with the client, the Uplink is what it sends.
 
-  batches: {name: [S, B, ...]}; losses: float32 [S] (the mean loss of each step's probes);
-  guide: the round's ZGR guidance (zoo.Guidance), None for plain directions.
+  Args:
+    loss_fn: loss_fn(params, batch, perturb) -> float32 scalar (models.make_loss).
+    est: the Estimator.
+    subset: which weights train.
+    address_fn: address_fn(seed, round, client, step, probes) -> int32 [probes, 4], the probes'
+      addresses (own_addresses: a direction per client, step and probe).
+
+  Returns:
+    client_update(trainable, frozen, batches, seed, round, client, lr, guide=None)
+    -> (trainable, uplink, losses). batches: {name: [S, B, ...]}; guide: the round's ZGR
+    guidance (zoo.Guidance), None for plain directions. The returned trainable is the float32
+    master copy after the S steps (narrower float leaves are upcast); uplink: the Uplink with
+    [S, P] rows; losses: float32 [S] (the mean loss of each step's probes). Nothing is donated.
   """
   zo_step = make_zo_step(loss_fn, est, subset)
 

@@ -51,7 +51,16 @@ def lookup(name: str) -> type:
 
 def make_algorithm(config: Any, model: Any, public: Optional[dict] = None) -> Any:
   """The algorithm named by the config (a ConfigDict or config.RunConfig), built for `model`.
-  public: the cloud's tokenized public examples (client_data.public_set), for algorithms whose
-  `needs_public` is set."""
+
+  Args:
+    config: the run config, a ConfigDict (parsed here) or a config.RunConfig.
+    model: the loaded model (models.Pretrained).
+    public: the cloud's tokenized public examples (client_data.public_set), for algorithms
+      whose `needs_public` is set; None otherwise.
+
+  Returns:
+    The registered class's from_config(cfg, model, public): an object with the Algorithm
+    protocol.
+  """
   cfg = config_lib.parse(config)
   return lookup(cfg.algorithm).from_config(cfg, model, public)

@@ -35,7 +35,16 @@ from cooperllm_jax.zoo.guided import Guidance
 class Messages(NamedTuple):
   """What the edge sends for one round, whatever carries it: every sampled client gets its id, the
   round, the rate, the protocol's further client_update arguments and the guidance, and keeps the
-  global weights in step itself (the previous rounds' broadcast ledger)."""
+  global weights in step itself (the previous rounds' broadcast ledger).
+
+  Attributes:
+    round_index: the round, numbered from 1.
+    clients: int32 [C], the sampled clients, in the order of the replies.
+    counts: float32 [C], their example counts (the FedAvg weights).
+    lr: float32 scalar, the round's rate.
+    extra: further client_update arguments (FwdLLM's previous update); () for none.
+    guide: the round's ZGR guidance; None for plain directions.
+  """
   round_index: int              # numbered from 1
   clients: np.ndarray           # int32 [C] the sampled clients, in the order of the replies
   counts: np.ndarray            # float32 [C] their example counts (the FedAvg weights)
@@ -50,7 +59,13 @@ class Messages(NamedTuple):
 
 class Replies(NamedTuple):
   """What came back from the clients by the deadline, in the messages' client order. A client
-  whose reply did not arrive (arrived False) is a dropout: its rows are zeros and weigh 0."""
+  whose reply did not arrive (arrived False) is a dropout: its rows are zeros and weigh 0.
+
+  Attributes:
+    uplink: the clients' Uplink, host arrays [C, S, P, ...].
+    losses: float32 [C, S], the clients' training losses.
+    arrived: bool [C], whether each client's reply arrived.
+  """
   uplink: Uplink                # [C, S, P, ...] host arrays
   losses: np.ndarray            # float32 [C, S]
   arrived: np.ndarray           # bool [C]
@@ -81,6 +96,15 @@ class Replies(NamedTuple):
 
 
 class RoundOutput(NamedTuple):
+  """What a round returns: the edge's new global weights and what it received.
+
+  Attributes:
+    trainable: the global trainable weights after the edge's update.
+    uplinks: what the clients sent, an Uplink of host arrays [C, S, P, ...].
+    losses: float32 [C, S], the clients' training losses.
+    received: what the edge used (channel.Received): the uplinks as received, the FedAvg
+      weights float32 [C] (0 for a dropout) and what happened on the way.
+  """
   trainable: Any                # the global trainable weights after the edge's update
   uplinks: Uplink               # what the clients sent, [C, S, P, ...] (host arrays)
   losses: np.ndarray            # [C, S] the clients' training losses
@@ -91,15 +115,26 @@ class Round:
   """round(trainable, frozen, batches, counts, clients, round_index, lr, *extra, guide=None)
   -> RoundOutput; `trainable` is donated unless donate=False.
 
-  batches {name: [C, S, B, ...]}; counts float32 [C] (FedAvg weights); clients int32 [C];
-  round_index: 1-based, as the CLI numbers rounds (round 0 is the starting model's evaluation);
-  the probe keys are functions of (seed, round, client, step, probe), so the same numbering gives
-  the same bits. extra: further client_update args (e.g. FwdLLM's previous update); guide: the
-  round's ZGR guidance (make_guidance), used by every client and by the edge's replay.
-  backend='loop' runs one jitted call per client (for debugging); with a mesh the clients are
-  split over its 'clients' axis. `distribution` must be the Estimator's (the edge regenerates its
-  directions). A call is apply(trainable, m, run_clients(trainable, frozen, m, batches)) for the
-  round's Messages m; a transport replaces run_clients.
+  The probe keys are functions of (seed, round, client, step, probe), so the CLI's round
+  numbering gives the same bits. A call is
+  apply(trainable, m, run_clients(trainable, frozen, m, batches)) for the round's Messages m; a
+  transport replaces run_clients.
+
+  Args:
+    client_update: one client's update (make_client_update).
+    seed: the run's seed; the probe keys derive from it.
+    chunk: how many clients the jitted clients call vmaps at a time inside its lax.map.
+    mesh: with a mesh the clients are split over its 'clients' axis (C must divide evenly)
+      and the edge's result stays replicated; None runs on the default device.
+    backend: 'map' (every client in one jitted call) or 'loop' (one jitted call per client,
+      for debugging).
+    distribution: the directions' distribution; must be the Estimator's (the edge regenerates
+      its directions).
+    shared: the clients' addresses are identical (DeComFL): the edge combines the scalars per
+      (step, probe) before replaying.
+    aggregation: the edge's rule for combining the uplinks (mean, clip, trimmed_mean, median).
+    channel: the uplinks' transforms on the way (DP, simulated faults).
+    donate: donate `trainable` to the edge's jitted update (it is updated in place).
   """
 
   def __init__(self, client_update: ClientUpdate, *, seed: int, chunk: int = 1,
@@ -190,6 +225,24 @@ class Round:
   def __call__(self, trainable: PyTree, frozen: PyTree, batches: dict, counts: Any, clients: Any,
                round_index: int, lr: float, *extra: Any,
                guide: Optional[Guidance] = None) -> RoundOutput:
+    """One whole round: run_clients in this process, then apply.
+
+    Args:
+      trainable: the global trainable weights (donated unless donate=False).
+      frozen: the frozen weights.
+      batches: {name: [C, S, B, ...]}, the sampled clients' local batches.
+      counts: float32 [C], the FedAvg weights (the clients' example counts).
+      clients: int32 [C], the sampled client ids.
+      round_index: 1-based, as the CLI numbers rounds (round 0 is the starting model's
+        evaluation).
+      lr: the round's rate.
+      *extra: further client_update arguments (e.g. FwdLLM's previous update).
+      guide: the round's ZGR guidance (make_guidance), used by every client and by the edge's
+        replay; None for plain directions.
+
+    Returns:
+      RoundOutput.
+    """
     messages = Messages(int(round_index), np.asarray(clients, np.int32),
                         np.asarray(counts, np.float32), lr, extra, guide)
     return self.apply(trainable, messages, self.run_clients(trainable, frozen, messages, batches))

@@ -58,7 +58,16 @@ def classification_loss(logits, labels, weight=None):
 
 def make_loss(model: Any) -> Callable[..., jax.Array]:
   """loss(params, batch, perturb=None) -> float32 mean cross-entropy of the model's class logits
-  (an Encoder's or a Decoder's), masked by batch['weight'] when present."""
+  (an Encoder's or a Decoder's), masked by batch['weight'] when present.
+
+  Args:
+    model: an Encoder or Decoder (Pretrained.model).
+
+  Returns:
+    loss(params, batch, perturb=None): batch {input_ids, attention_mask: [B, L]; labels: [B];
+    optional weight: [B]}; perturb, if given, perturbs the params inside the forward pass.
+    Returns the float32 scalar loss.
+  """
 
   def loss(params: Params, batch: dict, perturb: Optional[Perturb] = None) -> jax.Array:
     return classification_loss(model.logits(params, batch, perturb), batch['labels'],

@@ -30,7 +30,15 @@ TOKENIZER_FILES = ('tokenizer.json', 'vocab.txt', 'vocab.json', 'tokenizer.model
 
 @dataclasses.dataclass
 class Pretrained:
-  """A loaded model: its pure functions, params pytree, tokenizer and pad id."""
+  """A loaded model: its pure functions, params pytree, tokenizer and pad id.
+
+  Attributes:
+    model: the Encoder or Decoder (its pure functions and config).
+    params: the params pytree, leaves in the load's param_dtype.
+    tokenizer: a `tokenizers.Tokenizer`.
+    pad_id: the id that pads input_ids.
+    source: the path the weights were loaded from.
+  """
   model: Model
   params: dict
   tokenizer: object          # a `tokenizers.Tokenizer`
@@ -109,7 +117,22 @@ def load_pretrained(name_or_path: str, *, num_labels: int = 2,
                     label_words: Optional[Sequence[str]] = None, dtype: str = 'float32',
                     param_dtype: str = 'float32', pooling: str = 'mean',
                     seed: int = 0) -> Pretrained:
-  """Loads weights and tokenizer; `num_labels`/`pooling` shape encoder heads, `label_words` decoders."""
+  """Loads weights and tokenizer; `num_labels`/`pooling` shape encoder heads, `label_words`
+  decoders.
+
+  Args:
+    name_or_path: an embedded model's name ('minilm', 'smollm2'), a Hugging Face model
+      directory or a .gguf file.
+    num_labels: an encoder's number of classes (its head's width).
+    label_words: a decoder's class words; each class is scored by its word's token.
+    dtype: the compute dtype.
+    param_dtype: the params' dtype.
+    pooling: an encoder head's pooling (e.g. 'mean').
+    seed: seed of the freshly initialized encoder head.
+
+  Returns:
+    The Pretrained model.
+  """
   path = resolve(name_or_path)
   pdtype = jnp.dtype(param_dtype)
   if path.is_file() and path.suffix == '.gguf':

@@ -91,11 +91,24 @@ def start_state(cfg, task: Task, algorithm) -> RunState:
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: Union[str, os.PathLike],
                        overwrite: bool = False, log: Callable[[str], None] = print,
                        progress: Optional[Callable] = None, resume: bool = False) -> dict:
-  """Runs config (a ConfigDict of cooperllm_jax/configs/default.py's layout) in workdir and returns
-  the summary; `log` takes each progress line, `progress(iterable)` may wrap the rounds (e.g.
-  tqdm). resume=True continues the run in workdir from its newest good checkpoint (same training
-  config required, as many rounds or more). Every check of the config, the model and the data
-  (their sizes too: run/sizes.py) runs before anything is written to workdir."""
+  """Runs config in workdir and returns the summary. Every check of the config, the model and
+  the data (their sizes too: run/sizes.py) runs before anything is written to workdir.
+
+  Args:
+    config: a ConfigDict of cooperllm_jax/configs/default.py's layout.
+    workdir: the run's folder (config.json, partition.npz, metrics, checkpoints, summary.json).
+    overwrite: replace an existing run in workdir (not together with resume).
+    log: takes each progress line.
+    progress: progress(iterable) may wrap the rounds (e.g. tqdm); None: no wrapper.
+    resume: continue the run in workdir from its newest good checkpoint (same training config
+      required, as many rounds or more).
+
+  Returns:
+    The summary dict (also written to workdir/summary.json by process 0): algorithm, model,
+    dataset, rounds, accuracy_before, accuracy_after, val_accuracy_after, rollbacks, the
+    example counts, chance_accuracy, train_seconds, client_memory_bytes, sim_time_s, system,
+    backend and the run's provenance.
+  """
   cfg = config_lib.parse(config)
   primary = jax.process_index() == 0  # a multi-process run: all compute, process 0 writes
   workdir = open_workdir(config, workdir, overwrite, resume, primary)

@@ -71,15 +71,17 @@ DEFAULT_PROBE_V = 1.0
 class Guidance(NamedTuple):
   """What a client needs to sample guided directions (a pytree; every field may be traced).
 
-  basis:   the trainable tree's structure, each leaf [m, *leaf.shape] float32, orthonormal over the
-           concatenation of all leaves (unused slots are zero);
-  valid:   float32 [m], 1 for a basis vector in use;
-  alpha:   float32 scalar in [0, 1], the random part's share of the probe (a^2 = beta^2 alpha);
-  beta:    float32 scalar, overall scale of the probe's plain part;
-  probe_v: float32 scalar s, the subspace part's radius relative to the plain part's
-           per-direction radius (b = beta s sqrt(1 - alpha));
-  step_v:  float32 scalar rho = lr_V / lr, the rate of the step along V relative to the plain lr;
-  step_plain: float32 scalar c, the plain step's rate relative to lr (1 unless capped).
+  Attributes:
+    basis: the trainable tree's structure, each leaf [m, *leaf.shape] float32, orthonormal over
+      the concatenation of all leaves (unused slots are zero).
+    valid: float32 [m], 1 for a basis vector in use.
+    alpha: float32 scalar in [0, 1], the random part's share of the probe (a^2 = beta^2 alpha).
+    beta: float32 scalar, overall scale of the probe's plain part.
+    probe_v: float32 scalar s, the subspace part's radius relative to the plain part's
+      per-direction radius (b = beta s sqrt(1 - alpha)).
+    step_v: float32 scalar rho = lr_V / lr, the rate of the step along V relative to the plain
+      lr.
+    step_plain: float32 scalar c, the plain step's rate relative to lr (1 unless capped).
   """
   basis: dict
   valid: jax.Array
@@ -94,8 +96,20 @@ def make_guidance(basis: dict, valid: ArrayLike, alpha: ArrayLike, beta: ArrayLi
                   probe_v: ArrayLike = DEFAULT_PROBE_V, step_v: ArrayLike = 1.0,
                   step_plain: ArrayLike = 1.0) -> Guidance:
   """A Guidance from an orthonormal basis (pool.orthonormalize's (basis, valid)) and the mixing:
-  alpha = 1 or an empty basis is plain ZO; step_v = step_ratio(lr_V, lr) sets the first-order rate
-  lr_V of the step along V, step_plain the plain step's rate as a share of lr."""
+  alpha = 1 or an empty basis is plain ZO.
+
+  Args:
+    basis: the orthonormal basis, leaves [m, *leaf.shape] float32 (pool.orthonormalize).
+    valid: [m], 1 for a basis vector in use (pool.orthonormalize).
+    alpha: in [0, 1], the random part's share of the probe.
+    beta: the overall scale of the probe's plain part.
+    probe_v: the subspace part's radius relative to the plain part's per-direction radius.
+    step_v: step_ratio(lr_V, lr), which sets the first-order rate lr_V of the step along V.
+    step_plain: the plain step's rate as a share of lr.
+
+  Returns:
+    The Guidance, every scalar (and valid) cast to float32; basis as given.
+  """
   f = lambda x: jnp.asarray(x, jnp.float32)
   return Guidance(basis, f(valid), f(alpha), f(beta), f(probe_v), f(step_v), f(step_plain))
 
@@ -106,7 +120,15 @@ def _safe_over(num, den):
 
 
 def step_ratio(lr_v: ArrayLike, lr: ArrayLike) -> jax.Array:
-  """step_v = lr_V / lr (0 where lr is 0: nothing moves then anyway)."""
+  """step_v = lr_V / lr (0 where lr is 0: nothing moves then anyway).
+
+  Args:
+    lr_v: lr_V, the first-order rate of the step along V.
+    lr: the plain learning rate.
+
+  Returns:
+    float32 lr_v / lr, 0 where lr <= 0.
+  """
   return _safe_over(jnp.asarray(lr_v, jnp.float32), jnp.asarray(lr, jnp.float32))
 
 

@@ -46,7 +46,15 @@ def root_key(seed: ArrayLike) -> jax.Array:
 
 
 def address_key(seed: ArrayLike, address: Sequence[ArrayLike]) -> jax.Array:
-  """The probe key of address = (round, client, step, probe); ints or traced int32 scalars."""
+  """The probe key of address = (round, client, step, probe); ints or traced int32 scalars.
+
+  Args:
+    seed: the run's seed (int or traced scalar).
+    address: the (round, client, step, probe) fields, each folded into the seed's threefry key.
+
+  Returns:
+    A threefry2x32 typed key (shape []).
+  """
   key = root_key(seed)
   for field in address:
     key = jax.random.fold_in(key, jnp.asarray(field, jnp.int32).astype(jnp.uint32))
@@ -54,7 +62,15 @@ def address_key(seed: ArrayLike, address: Sequence[ArrayLike]) -> jax.Array:
 
 
 def address_keys(seed: ArrayLike, addresses: jax.Array) -> jax.Array:
-  """Probe keys for int32 addresses of shape [..., 4] (vmapped address_key)."""
+  """Probe keys for int32 addresses of shape [..., 4] (vmapped address_key).
+
+  Args:
+    seed: the run's seed.
+    addresses: int32 [..., 4], (round, client, step, probe) in the last axis.
+
+  Returns:
+    Threefry2x32 typed keys of shape [...].
+  """
   flat = addresses.reshape(-1, len(ADDRESS_FIELDS))
   keys = jax.vmap(lambda a: address_key(seed, tuple(a)))(flat)
   return keys.reshape(addresses.shape[:-1])

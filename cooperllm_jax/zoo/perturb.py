@@ -177,7 +177,16 @@ def apply_direction(tree, key: jax.Array, coef, distribution: str = 'gaussian',
 
 def coefficients(lr: ArrayLike, scalars: ArrayLike, weights: ArrayLike) -> ArrayLike:
   """Update coefficients lr * (weight * g) of ledger entries: the one formula the client's step and
-  the edge's replay share (weight is 1/P for a P-probe average, 0 for padding)."""
+  the edge's replay share (weight is 1/P for a P-probe average, 0 for padding).
+
+  Args:
+    lr: the learning rate (a scalar).
+    scalars: the entries' projected gradients g (float32, any shape).
+    weights: the entries' weights, broadcastable against `scalars`.
+
+  Returns:
+    lr * (weights * scalars), broadcast to the shape of its arguments.
+  """
   return lr * (weights * scalars)
 
 
@@ -195,6 +204,19 @@ def replay(tree: PyTree, seed: ArrayLike, addresses: jax.Array, coefs: jax.Array
            distribution: str = 'gaussian', guide: Optional[Guidance] = None) -> PyTree:
   """The edge's replay of a ledger: addresses int32 [N, 4], coefs float32 [N] (already lr- and
   weight-scaled), under the round's guidance if any. Entries with coef 0 (padding, rejected
-  scalars) leave the tree unchanged."""
+  scalars) leave the tree unchanged.
+
+  Args:
+    tree: the trainable tree to update.
+    seed: the run's seed (the root of the probe keys).
+    addresses: int32 [N, 4], the entries' (round, client, step, probe) addresses.
+    coefs: float32 [N], the entries' coefficients (coefficients()).
+    distribution: the directions' distribution, the clients' Estimator's.
+    guide: the round's Guidance; None for plain directions.
+
+  Returns:
+    The tree after tree - coefs[i] * z(address i) for every entry in order, leaves in their
+    own dtypes. Pure: nothing is donated (jit with donation to update in place).
+  """
   return apply_directions(tree, keys_lib.address_keys(seed, addresses), coefs, distribution,
                           guide)

@@ -36,6 +36,19 @@ ZOStep = Callable[..., tuple[PyTree, jax.Array, jax.Array]]
 
 @dataclasses.dataclass(frozen=True)
 class Estimator:
+  """The SPSA estimator's settings: a client estimates projected gradients with these.
+
+  Attributes:
+    eps: the perturbation radius (> 0).
+    probes: P, the directions averaged per step (>= 1).
+    scheme: 'central' (L(theta + eps z) and L(theta - eps z)) or 'one_sided' (L(theta + eps z)
+      against one shared L(theta) per step).
+    distribution: the directions' distribution, one of keys.DISTRIBUTIONS ('gaussian',
+      'rademacher', 'gaussian_hash', 'rademacher_hash').
+    clip: bound on |g_p|; None turns clipping off.
+    perturb_impl: forward perturbation of 2-D weights, 'xla' or 'pallas' (the fused kernel,
+      Gaussian directions only).
+  """
   eps: float = 1e-3
   probes: int = 1
   scheme: str = 'central'
@@ -124,7 +137,18 @@ def make_zo_step(loss_fn: LossFn, est: Estimator, subset: Subset = Subset()) -> 
 
   One ZO-SGD step: estimate, then apply the P entries (keys[p], coefficients(lr, g_p, 1/P)) with the
   same functions the edge replays with. With `guide` (ZGR) the probes use guided directions.
-  Donate `trainable` when jitting to update it in place.
+
+  Args:
+    loss_fn: loss_fn(params, batch, perturb) -> float32 scalar (models.make_loss).
+    est: the Estimator (eps, probes, scheme, distribution, clip, perturb_impl).
+    subset: which weights train; its LoRA scale is applied to perturbed adapters.
+
+  Returns:
+    step(trainable, frozen, batch, keys, lr, guide=None) -> (trainable, g, loss): keys [P]
+    threefry probe keys (address_keys); lr the learning rate; guide a Guidance or None. g is
+    float32 [P], the projected gradients (clipped if est.clip); loss the float32 mean loss of
+    the probes. The step does not donate: donate `trainable` when jitting to update it in
+    place.
   """
   estimate = make_estimate(loss_fn, est, subset)
 

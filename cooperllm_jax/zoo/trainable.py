@@ -81,6 +81,16 @@ def merge_lora(p, scale: float):
 
 @dataclasses.dataclass(frozen=True)
 class Subset:
+  """Which weights train: `split` divides the params into (trainable, frozen).
+
+  Attributes:
+    mode: 'full' (every weight), 'bitfit' (the head and every bias), 'head' (the head only) or
+      'lora' (the head and LoRA adapters on the targets).
+    lora_rank: the adapters' rank r (>= 1 with mode='lora').
+    lora_alpha: the LoRA scale's numerator; the update is scaled by lora_alpha / lora_rank.
+    lora_targets: the layer weights that get adapters ('attn/q', 'mlp/up', ...), PEFT names
+      such as 'q_proj' accepted and mapped to these; duplicates are dropped.
+  """
   mode: str = 'full'
   lora_rank: int = 8
   lora_alpha: float = 16.0
