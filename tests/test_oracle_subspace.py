@@ -69,3 +69,19 @@ def test_report_picks_by_validation_and_measures_the_gap_on_test(tmp_path):
   assert row['gap_closed'] == pytest.approx(0.5)
   assert not row['grid_edge']
   assert '| pca | 8 | adam | 0.003 |' in (tmp_path / 'oracle.md').read_text()
+
+
+@pytest.mark.parametrize('flag, message', [
+    ('--settings=nope', "unknown setting 'nope'"),
+    ('--candidates=pca,bogus', "unknown candidate 'bogus'"),
+    ('--ms=8,x', "--ms takes positive integers, got 'x'")])
+def test_bad_flags_are_one_line_errors_that_write_nothing(tmp_path, flag, message):
+  import subprocess
+  import sys
+  proc = subprocess.run([sys.executable, '-m', 'experiments.bench.oracle_subspace', flag,
+                         f'--out={tmp_path / "out"}', f'--cache={tmp_path / "cache"}'],
+                        capture_output=True, text=True, timeout=300,
+                        cwd=__import__('pathlib').Path(__file__).resolve().parent.parent)
+  assert proc.returncode == 2, proc.stderr[-2000:]
+  assert proc.stderr.strip().splitlines()[-1].startswith(f'error: {message}')
+  assert not (tmp_path / 'out').exists() and not (tmp_path / 'cache').exists()

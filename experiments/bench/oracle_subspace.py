@@ -39,6 +39,7 @@ read back, so the study resumes across sessions. The cloud's training is cached 
 import json
 import math
 import pathlib
+import sys
 import time
 from typing import Optional
 
@@ -61,7 +62,7 @@ from cooperllm_jax.io import write_text_atomic
 from cooperllm_jax.models.common import make_loss
 from cooperllm_jax.run.task import load_task
 from cooperllm_jax.zoo.spsa import loss_at
-from experiments.benchmark_settings import Plan
+from experiments.benchmark_settings import SETTINGS, Plan
 from experiments.configs import demo
 from experiments.variants import apply_override
 
@@ -473,9 +474,15 @@ def main(argv):
   f = flags.FLAGS
   out, cache, bench = pathlib.Path(f.out), pathlib.Path(f.cache), pathlib.Path(
       f.benchmark)
-  unknown = sorted(set(f.candidates) - set(CANDIDATES))
-  if unknown:
-    raise app.UsageError(f'unknown candidates {unknown}; choose from {", ".join(CANDIDATES)}')
+  problems = [f'unknown candidate {c!r}; choose from {", ".join(CANDIDATES)}'
+              for c in f.candidates if c not in CANDIDATES]
+  problems += [f'unknown setting {s!r}; choose from {", ".join(SETTINGS)}'
+               for s in f.settings if s not in SETTINGS]
+  problems += [f'--ms takes positive integers, got {m!r}' for m in f.ms
+               if not (m.isdigit() and int(m) > 0)]
+  if problems:
+    print(f'error: {problems[0]}', file=sys.stderr)
+    sys.exit(2)
   if f.stage in ('all', 'runs'):
     lrs = [float(x) for x in f.lrs] or GRIDS[f.rule]
     for setting in f.settings:
