@@ -63,10 +63,16 @@ def test_report_picks_by_validation_and_measures_the_gap_on_test(tmp_path):
   run(1e-3, 0.71, 0.79)   # the best test accuracy, but not the validation pick
   run(3e-3, 0.74, 0.75)
   run(1e-2, 0.0, 0.0, diverged=True)
+  (root / 'full_m0_adam_lr0.001.json').write_text(json.dumps(dict(
+      candidate='full', m=100, rule='adam', lr=1e-3, diverged=False, val_accuracy=0.8,
+      test_accuracy=0.9, val_loss=0.4, distance=0.0, captured=1.0)))
   report(tmp_path)
-  (row,) = json.loads((tmp_path / 'oracle.json').read_text())
+  full, row = sorted(json.loads((tmp_path / 'oracle.json').read_text()),
+                     key=lambda r: r['candidate'])
   assert row['lr'] == 3e-3 and row['test_accuracy'] == 0.75
   assert row['gap_closed'] == pytest.approx(0.5)
+  assert row['share_of_full'] == pytest.approx(0.25)   # (0.75 - 0.70) / (0.90 - 0.70)
+  assert full['share_of_full'] == pytest.approx(1.0)
   assert not row['grid_edge']
   assert '| pca | 8 | adam | 0.003 |' in (tmp_path / 'oracle.md').read_text()
 
