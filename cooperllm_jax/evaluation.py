@@ -12,7 +12,10 @@ from cooperllm_jax.models.pretrained import Model
 
 
 @functools.partial(jax.jit, static_argnums=0)
-def _eval_batch(model, params, batch):
+def eval_batch(model, params, batch):
+  """(correct predictions, summed cross-entropy) of one padded batch {input_ids, attention_mask,
+  labels, weight}: the jitted step `evaluate` runs (public, so it can be exported or AOT-compiled
+  for an accelerator; rows with weight 0 count for nothing)."""
   logits = model.logits(params, batch)
   correct = (logits.argmax(-1) == batch['labels']) * batch['weight']
   loss = classification_loss(logits, batch['labels'], batch['weight']) * batch['weight'].sum()
@@ -44,7 +47,7 @@ def evaluate(model: Model, params: Any, arrays: dict, labels: np.ndarray, indice
     batch = {'input_ids': arrays['input_ids'][take], 'attention_mask': arrays['attention_mask'][take],
              'labels': labels[take].astype(np.int32),
              'weight': np.concatenate([np.ones(len(idx)), np.zeros(pad)]).astype(np.float32)}
-    c, l = _eval_batch(model, params, jax.tree.map(jnp.asarray, batch))
+    c, l = eval_batch(model, params, jax.tree.map(jnp.asarray, batch))
     correct += float(c)
     total_loss += float(l)
   n = len(indices)

@@ -107,7 +107,7 @@ def test_evaluation_step_lowers(platform):
   # pylint: disable=protected-access
   batch = {k: v[0] for k, v in tp._batches(MODEL).items()}
   batch['weight'] = jnp.ones(batch['labels'].shape, jnp.float32)
-  exported(evaluation._eval_batch, platform, MODEL, tp._params(MODEL), batch)
+  exported(evaluation.eval_batch, platform, MODEL, tp._params(MODEL), batch)
 
 
 # --- the fused kernel on its own, every variant -------------------------------------------------
@@ -183,7 +183,7 @@ for mode, subset in [('gradient', Subset('lora', lora_rank=4)), ('finetune', Sub
   config = CloudConfig(mode, curvature=True, trace_probes=2, line_trials=2)
   cloud = make_cloud_step(tc.LOSS, subset, config, mesh=mesh, model=tc.MODEL)
   state, batches = cloud.init(trainable), tc._batches()
-  step, _ = cloud._jit_on_mesh(trainable, frozen, batches)  # the program cloud.step runs
+  step, _ = cloud.jit_on_mesh(trainable, frozen, batches)  # the program cloud.step runs
   for platform in tl.PLATFORMS:
     try:
       devices = tl.exported(step, platform, state, trainable, frozen, batches,

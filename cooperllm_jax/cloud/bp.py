@@ -340,12 +340,16 @@ class CloudStep:
     leaves, treedef = jax.tree.flatten(args)
     signature = (treedef, tuple((x.shape, x.dtype) for x in leaves))
     if signature not in self._on_mesh:
-      self._on_mesh[signature] = self._jit_on_mesh(trainable, frozen, batches)
+      self._on_mesh[signature] = self.jit_on_mesh(trainable, frozen, batches)
     jitted, in_sh = self._on_mesh[signature]
     # jit refuses arrays committed elsewhere; device_put is free for those already in place.
     return jitted(*jax.device_put(args, in_sh))
 
-  def _jit_on_mesh(self, trainable, frozen, batches):
+  def jit_on_mesh(self, trainable, frozen, batches):
+    """(the jitted program `step` runs on the mesh for arrays shaped like these, its input
+    shardings): step(cloud_state, trainable, frozen, batches, key_data) -> (cloud_state,
+    direction, stats), cloud_state donated. Public so it can be exported (jax.export) or
+    AOT-compiled for an accelerator mesh."""
     in_sh = self.shardings(trainable, frozen, batches)
     replicated = NamedSharding(self.mesh, PartitionSpec())
     stats_sh = {'loss': replicated, 'grad_sq_norm': replicated, 'variance': replicated,
