@@ -90,7 +90,8 @@ def start_state(cfg, task: Task, algorithm) -> RunState:
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: Union[str, os.PathLike],
                        overwrite: bool = False, log: Callable[[str], None] = print,
-                       progress: Optional[Callable] = None, resume: bool = False) -> dict:
+                       progress: Optional[Callable] = None, resume: bool = False,
+                       run_clients: Optional[Callable] = None) -> dict:
   """Runs config in workdir and returns the summary. Every check of the config, the model and
   the data (their sizes too: run/sizes.py) runs before anything is written to workdir.
 
@@ -102,6 +103,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: Union[str, os
     progress: progress(iterable) may wrap the rounds (e.g. tqdm); None: no wrapper.
     resume: continue the run in workdir from its newest good checkpoint (same training config
       required, as many rounds or more).
+    run_clients: a transport's clients (cooperllm_jax/deploy): run_clients(state, messages,
+      batches) -> Replies takes the place of the Deployable algorithm's in-process run_clients
+      between its prepare and apply; None runs the algorithm's run_round.
 
   Returns:
     The summary dict (also written to workdir/summary.json by process 0): algorithm, model,
@@ -156,7 +160,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: Union[str, os
       ctx.sampled, batches, counts = task.round_inputs(cfg, r, algorithm.mesh)
       for hook in hooks:
         hook.before_round(run, ctx)
-      run.state, ctx.result = algorithm.run_round(run.state, batches, counts, ctx.sampled, r)
+      if run_clients is None:
+        run.state, ctx.result = algorithm.run_round(run.state, batches, counts, ctx.sampled, r)
+      else:   # the round split at the transport (docs/engine.md)
+        state, messages = algorithm.prepare(run.state, ctx.sampled, counts, r)
+        run.state, ctx.result = algorithm.apply(state, messages,
+                                                run_clients(state, messages, batches))
       ctx.guide, run.round = algorithm.guide(run.state), r
       for hook in hooks:
         hook.after_round(run, ctx)
