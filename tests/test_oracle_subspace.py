@@ -91,3 +91,20 @@ def test_bad_flags_are_one_line_errors_that_write_nothing(tmp_path, flag, messag
   assert proc.returncode == 2, proc.stderr[-2000:]
   assert proc.stderr.strip().splitlines()[-1].startswith(f'error: {message}')
   assert not (tmp_path / 'out').exists() and not (tmp_path / 'cache').exists()
+
+
+def test_diagnostic_bases_span_the_private_data_they_are_built_from():
+  """private_pca spans the private gradients' top principal directions (numpy's SVD); full_path
+  spans full's steps when they lie in m dimensions (distance 0 to their row space)."""
+  from experiments.bench.oracle_subspace import build
+  rng = np.random.default_rng(1)
+  basis = np.linalg.qr(rng.standard_normal((40, 3)))[0]
+  steps = (rng.standard_normal((10, 3)) @ basis.T).astype(np.float32)   # rank 3, in `basis`
+  private_g = rng.standard_normal((20, 40)).astype(np.float32)
+  v = build('full_path', 3, None, {}, None, 0, private_g, lambda: steps)
+  assert v.shape == (40, 3)
+  assert distance(v, basis) == pytest.approx(0.0, abs=1e-3)
+  _, _, vt = np.linalg.svd(private_g.astype(np.float64), full_matrices=False)
+  v = build('private_pca', 4, None, {}, None, 0, private_g)
+  assert distance(v, vt[:4].T) == pytest.approx(0.0, abs=1e-3)
+  assert distance(v, vt[4:8].T) == pytest.approx(1.0, abs=1e-3)

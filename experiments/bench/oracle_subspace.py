@@ -23,6 +23,12 @@ table). Candidates, all orthonormal [d, m] over the trainable leaves (LoRA + hea
   random     a random orthonormal V (the control)
   full       V = I: the unprojected private gradient (the headroom of this step rule)
 
+Two diagnostics the cloud cannot build (they read the private data), bounds for an m-dim V:
+
+  private_pca  top-m principal directions of the private per-example gradients at the start
+  full_path    top-m principal directions of full's own steps (at full's picked rate): whether
+               the headroom lives in m dimensions at all
+
 For each V: the gap closed, (acc - acc_cloud_only) / (acc_fedavg_bp - acc_cloud_only) on the
 test split (fedavg_bp: the benchmark's committed runs, backprop on the clients from the
 pretrained model), and two cheap predictors at the start model: the subspace distance to the
@@ -58,7 +64,7 @@ from cooperllm_jax.errors import ConfigError
 from cooperllm_jax.evaluation import evaluate
 from cooperllm_jax.federated import client_data
 from cooperllm_jax.federated.edge import fedavg_weights
-from cooperllm_jax.io import write_text_atomic
+from cooperllm_jax.io import save_npz_atomic, write_text_atomic
 from cooperllm_jax.models.common import make_loss
 from cooperllm_jax.run.task import load_task
 from cooperllm_jax.zoo.spsa import loss_at
@@ -66,7 +72,8 @@ from experiments.benchmark_settings import SETTINGS, Plan
 from experiments.configs import demo
 from experiments.variants import apply_override
 
-CANDIDATES = ('pool', 'history', 'pca', 'pca_adam', 'pca_drop2', 'head', 'random', 'full')
+CANDIDATES = ('pool', 'history', 'pca', 'pca_adam', 'pca_drop2', 'head', 'random', 'private_pca',
+              'full_path', 'full')
 GRIDS = {'sgd': (0.01, 0.03, 0.1, 0.3, 1.0), 'adam': (1e-4, 3e-4, 1e-3, 3e-3, 1e-2)}
 
 _PRIVATE_EXAMPLES = 256   # private per-example gradients for the subspace distance
@@ -199,7 +206,7 @@ class Study:
            'grads': np.stack(grads[-64:]), 'updates': np.stack(updates[-64:]),
            'nu': np.asarray(ravel_pytree(nu[0])[0])}
     cache.parent.mkdir(parents=True, exist_ok=True)
-    np.savez(cache, **out)
+    save_npz_atomic(cache, out)
     return out
 
   def private_sample(self) -> dict:
@@ -291,10 +298,15 @@ def head_block(study: Study, theta: np.ndarray, public: dict, m: int) -> np.ndar
 
 
 def build(candidate: str, m: int, study: Study, cloud: dict, public_g: np.ndarray,
-          seed: int) -> Optional[np.ndarray]:
-  """The candidate's V [d, m] at the start (None for 'full'; 'pool' is its starting pool)."""
+          seed: int, private_g: np.ndarray, full_steps=lambda: None) -> Optional[np.ndarray]:
+  """The candidate's V [d, m] at the start (None for 'full'; 'pool' is its starting pool);
+  full_steps() gives full's steps [rounds, d] (computed only for 'full_path')."""
   if candidate == 'full':
     return None
+  if candidate == 'private_pca':
+    return orthonormal(principal(private_g, m))
+  if candidate == 'full_path':
+    return orthonormal(principal(full_steps(), m))
   if candidate == 'pool':
     return orthonormal(cloud['grads'][-m:].T)
   if candidate == 'history':
@@ -329,8 +341,9 @@ def captured(v: Optional[np.ndarray], g: np.ndarray) -> float:
 # ---- the oracle run -------------------------------------------------------------------------------
 
 def oracle_run(study: Study, theta0: np.ndarray, v0: Optional[np.ndarray], rule: str, lr: float,
-               pool: Optional[np.ndarray]) -> dict:
-  """The edge's rounds with the exact private gradient projected on V (pool: refreshed)."""
+               pool: Optional[np.ndarray], steps: Optional[list] = None) -> dict:
+  """The edge's rounds with the exact private gradient projected on V (pool: refreshed);
+  each round's step [d] is appended to `steps` if given."""
   cfg = study.cfg
   theta = jnp.asarray(theta0)
   v = None if v0 is None else jnp.asarray(v0)
@@ -350,7 +363,10 @@ def oracle_run(study: Study, theta0: np.ndarray, v0: Optional[np.ndarray], rule:
     else:
       step, opt = adam.update(h, opt)
       step = -step
-    theta = theta - (step if v is None else v @ step)
+    step = step if v is None else v @ step
+    if steps is not None:
+      steps.append(np.asarray(step))
+    theta = theta - step
     if not bool(jnp.isfinite(theta).all()):
       return {'diverged': True, 'round': r}
   val, test = study.evaluate(theta, 'validation'), study.evaluate(theta, 'test')
@@ -387,9 +403,26 @@ def study_one(setting: str, seed: int, candidates, ms, rule: str, lrs, out: path
                                                                   study.private_sample())))
   private_top = principal(private_g, max(ms))
   private_mean = private_g.mean(axis=0)
+
+  def full_steps() -> np.ndarray:
+    """full's steps at its picked rate (rerun once with the steps recorded, then cached)."""
+    runs = [json.loads(p.read_text()) for p in root.glob(f'full_m0_{rule}_lr*.json')]
+    runs = [r for r in runs if not r['diverged']]
+    if not runs:
+      raise ConfigError(f'full_path needs full\'s runs with rule {rule} first '
+                        f'(--candidates=full)')
+    lr = max(runs, key=lambda r: (r['val_accuracy'], -r['lr']))['lr']
+    path = cache / setting / f'seed={seed}_full_steps_{rule}_lr{lr:g}.npz'
+    if not path.exists():
+      steps = []
+      oracle_run(study, theta, None, rule, lr, None, steps)
+      path.parent.mkdir(parents=True, exist_ok=True)
+      save_npz_atomic(path, {'steps': np.stack(steps)})
+    return np.load(path)['steps']
+
   for candidate in candidates:
     for m in (ms if candidate != 'full' else (0,)):
-      v = build(candidate, m, study, cloud, public_g, seed)
+      v = build(candidate, m, study, cloud, public_g, seed, private_g, full_steps)
       pool = cloud['grads'][-m:] if candidate == 'pool' else None
       for lr in lrs:
         path = root / f'{candidate}_m{m}_{rule}_lr{lr:g}.json'
