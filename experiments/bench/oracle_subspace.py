@@ -398,9 +398,13 @@ def study_one(setting: str, seed: int, candidates, ms, rule: str, lrs, out: path
     write_text_atomic(recalibrated_path, json.dumps(study.recalibrated(jnp.asarray(theta)),
                                                     indent=1))
   theta_j = jnp.asarray(theta)
-  public_g = np.asarray(study.per_example(theta_j, jax.tree.map(jnp.asarray, study.task.public)))
-  private_g = np.asarray(study.per_example(theta_j, jax.tree.map(jnp.asarray,
-                                                                  study.private_sample())))
+  per_example = cache / setting / f'seed={seed}_per_example.npz'   # the start's, [n, d] each
+  if not per_example.exists():
+    save_npz_atomic(per_example, {
+        name: np.asarray(study.per_example(theta_j, jax.tree.map(jnp.asarray, batch)))
+        for name, batch in (('public', study.task.public), ('private', study.private_sample()))})
+  with np.load(per_example) as grads:
+    public_g, private_g = grads['public'], grads['private']
   private_top = principal(private_g, max(ms))
   private_mean = private_g.mean(axis=0)
 
