@@ -182,6 +182,8 @@ class EndDevice:
 def train(msg: Message, context: Context) -> Message:
   """One round of this end device's local training on the edge's message."""
   rc = context.run_config
+  print(f'end device {context.node_config["partition-id"]}: round {msg.content["head"]["round"]}',
+        flush=True)
   device = EndDevice(rc, pathlib.Path(rc['state-dir']) / CACHE)
   row = device.reply(int(context.node_config['partition-id']), msg.content['head'],
                      msg.content['payload'])

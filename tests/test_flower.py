@@ -1,0 +1,151 @@
+"""The tiers as processes on Flower (cooperllm_jax/deploy) on loopback: a deployed run gives the
+in-process run's models bit for bit after every round and a ledger experiments.replay rebuilds, also
+when its edge is killed and resumed; an end device killed mid-round is a dropout and the run goes
+on; the launcher leaves no process behind and refuses bad input in one line."""
+
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+pytest.importorskip('flwr')
+
+from test_experiment import REPO, _csv, _error_line, _train  # pylint: disable=g-import-not-at-top
+from test_resume import _ledger, _restore_raw  # pylint: disable=g-import-not-at-top
+
+from cooperllm_jax.deploy import local  # pylint: disable=g-import-not-at-top
+
+ROUNDS = 3
+TINY = ('--config=experiments/configs/demo.py:cooperllm', '--config.num_clients=2',
+        '--config.clients_per_round=2', '--config.local_steps=2', '--config.batch_size=4',
+        '--config.max_length=16', '--config.min_client_size=2', '--config.partition=iid',
+        '--config.test_fraction=0.25', '--config.eval_every=1', '--config.checkpoint_every=1')
+
+
+def _flags(tmp_path, rounds=ROUNDS):
+  return (*TINY, f'--config.dataset={_csv(tmp_path)}', f'--config.rounds={rounds}')
+
+
+def _launch(workdir, *flags):
+  """The local federation's command, started (its output in workdir.log)."""
+  cmd = [sys.executable, '-m', 'cooperllm_jax.deploy.local', f'--workdir={workdir}', *flags]
+  log = open(f'{workdir}.log', 'ab')  # pylint: disable=consider-using-with
+  return subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
+                          env={**os.environ, 'JAX_PLATFORMS': 'cpu'})
+
+
+def _wait(condition, proc, what, timeout=400):
+  """Waits for condition() while proc runs; fails naming `what` otherwise."""
+  deadline = time.monotonic() + timeout
+  while time.monotonic() < deadline and proc.poll() is None:
+    if condition():
+      return
+    time.sleep(0.1)
+  pytest.fail(f'{what}: not seen (launcher exit {proc.poll()})')
+
+
+def _rounds(run):
+  path = run / 'metrics.jsonl'
+  if not path.exists():
+    return []
+  return [json.loads(l) for l in path.read_text().splitlines()[1:] if l.endswith('}')]
+
+
+def _alive(pids):
+  return [p for p in pids if pathlib.Path(f'/proc/{p}').exists()
+          and 'Z' not in pathlib.Path(f'/proc/{p}/stat').read_text().split(')')[-1][:3]]
+
+
+def _tree(workdir):
+  """The ids of every process of the running federation (the launcher's pids.json, descendants)."""
+  pids = json.loads((workdir / 'flower' / local.PIDS).read_text())
+  return pids, {q for p in pids.values() for q in {p} | local.descendants(p)}
+
+
+def _bits(tree):
+  import jax  # pylint: disable=g-import-not-at-top
+  return [np.asarray(x).tobytes() for x in jax.tree.leaves(tree)]
+
+
+def test_a_deployed_run_is_the_in_process_run_bit_for_bit_also_after_its_edge_is_killed(tmp_path):
+  """Rounds 1-2 deployed, the edge (the ServerApp's process) killed, the run resumed to round 3:
+  every round's model equals the in-process run's, and the ledger replays."""
+  reference = tmp_path / 'reference'
+  done = _train(reference, *_flags(tmp_path), '--progress=false')
+  assert done.returncode == 0, done.stderr[-2000:]
+  fed = tmp_path / 'fed'
+  proc = _launch(fed, *_flags(tmp_path), '--round_timeout=300')
+  try:
+    _wait(lambda: len(_rounds(fed / 'run')) >= 2, proc, 'round 2 of the deployed run')
+    pids, _ = _tree(fed)
+    edges = [p for p in local.descendants(pids['superlink'])
+             if b'flwr-serverapp' in pathlib.Path(f'/proc/{p}/cmdline').read_bytes()]
+    assert len(edges) == 1
+    os.kill(edges[0], signal.SIGKILL)
+    assert proc.wait(120) == 2
+  finally:
+    proc.kill()
+  assert 'the edge ended without finishing the run' in pathlib.Path(f'{fed}.log').read_text()
+  resumed = _launch(fed, *_flags(tmp_path), '--round_timeout=300', '--resume')
+  assert resumed.wait(400) == 0, pathlib.Path(f'{fed}.log').read_text()[-3000:]
+  for r in range(1, ROUNDS + 1):
+    assert _bits(_restore_raw(fed / 'run', r)) == _bits(_restore_raw(reference, r)), r
+  assert [r['round'] for r in _rounds(fed / 'run')] == list(range(1, ROUNDS + 1))
+  ledger, expected = _ledger(fed / 'run'), _ledger(reference)
+  assert ledger.keys() == expected.keys()
+  for name, arrays in expected.items():
+    for k, v in arrays.items():
+      np.testing.assert_array_equal(ledger[name][k], v)
+  replay = subprocess.run([sys.executable, '-m', 'experiments.replay', f'--workdir={fed / "run"}'],
+                          cwd=REPO, capture_output=True, text=True, timeout=300)
+  assert replay.returncode == 0 and 'equal bit for bit' in replay.stdout, replay.stderr[-2000:]
+
+
+def test_an_end_device_killed_mid_round_is_a_dropout_and_the_run_goes_on(tmp_path):
+  """End device 1 dies while it trains in round 1: round 1 completes with it missing (weight 0 in
+  the ledger), round 2 runs without it, and the launcher leaves no process behind."""
+  fed = tmp_path / 'fed'
+  proc = _launch(fed, *_flags(tmp_path, rounds=2), '--round_timeout=300')
+  try:
+    node_log = fed / 'flower' / 'logs' / 'node1.log'
+    _wait(lambda: node_log.exists() and 'end device 1: round 1' in node_log.read_text(), proc,
+          'end device 1 training round 1')
+    pids, tree = _tree(fed)
+    device = {pids['node1']} | local.descendants(pids['node1'])
+    for pid in device:
+      os.kill(pid, signal.SIGKILL)
+    assert proc.wait(400) == 0, pathlib.Path(f'{fed}.log').read_text()[-3000:]
+  finally:
+    proc.kill()
+  assert not _alive(tree | device)
+  rows = _rounds(fed / 'run')
+  assert [r['round'] for r in rows] == [1, 2]
+  assert [r['missing'] for r in rows] == [1, 1]
+  for r in (1, 2):   # the ledger records the dropout: weight 0, no scalars
+    with np.load(fed / 'run' / 'ledger' / f'{r:08d}.npz') as z:
+      assert z['client_weights'][1] == 0 and z['client_weights'][0] > 0
+      assert not z['weights'][1].any()
+
+
+def test_bad_input_is_one_error_line_and_nothing_runs(tmp_path):
+  """A bad flag, too many end devices or a non-empty workdir: one line, exit 2."""
+  (tmp_path / 'full').mkdir()
+  (tmp_path / 'full' / 'x').write_text('')
+  for flags, says in ((('--nodes=5',), '--nodes=5'), (('--round_timeout=0',), 'positive'),
+                      (('--resume',), 'holds no run')):
+    workdir = tmp_path / 'fed'
+    cmd = [sys.executable, '-m', 'cooperllm_jax.deploy.local', f'--workdir={workdir}',
+           *_flags(tmp_path), *flags]
+    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert says in _error_line(done), done.stderr
+    assert not workdir.exists()
+  done = subprocess.run([sys.executable, '-m', 'cooperllm_jax.deploy.local',
+                         f'--workdir={tmp_path / "full"}', *_flags(tmp_path)], cwd=REPO,
+                        capture_output=True, text=True, timeout=120)
+  assert 'not empty' in _error_line(done)
