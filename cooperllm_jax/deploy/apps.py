@@ -180,11 +180,14 @@ class EndDevice:
 
 @client.train()
 def train(msg: Message, context: Context) -> Message:
-  """One round of this end device's local training on the edge's message."""
-  rc = context.run_config
-  print(f'end device {context.node_config["partition-id"]}: round {msg.content["head"]["round"]}',
-        flush=True)
+  """One round of this end device's local training on the edge's message; its log line says what
+  the process's start (imports, task, compiled programs) and the training took."""
+  rc, me = context.run_config, int(context.node_config['partition-id'])
+  r, started = msg.content['head']['round'], time.perf_counter()
+  print(f'end device {me}: round {r}', flush=True)
   device = EndDevice(rc, pathlib.Path(rc['state-dir']) / CACHE)
-  row = device.reply(int(context.node_config['partition-id']), msg.content['head'],
-                     msg.content['payload'])
+  ready = time.perf_counter()
+  row = device.reply(me, msg.content['head'], msg.content['payload'])
+  print(f'end device {me}: round {r} replied (set-up {ready - started:.1f}s, training '
+        f'{time.perf_counter() - ready:.1f}s)', flush=True)
   return Message(RecordDict({'reply': wire.encode(row)}), reply_to=msg)

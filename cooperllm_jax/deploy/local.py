@@ -25,6 +25,7 @@ import socket
 import subprocess
 import sys
 import time
+from typing import Callable, Optional
 
 from absl import flags
 from ml_collections import config_flags
@@ -39,7 +40,7 @@ PR_SET_CHILD_SUBREAPER = 36   # prctl: orphans of our descendants come back to u
 PIDS = 'pids.json'            # {process name: id} in the state dir, while the federation runs
 
 with cli.flag_errors():
-  _CONFIG = config_flags.DEFINE_config_file(
+  CONFIG = config_flags.DEFINE_config_file(
       'config', str(pathlib.Path(__file__).parents[1] / 'configs' / 'default.py'),
       'Path to a config file with get_config() (as the CLI\'s --config).')
 _WORKDIR = flags.DEFINE_string('workdir', None, 'The federation\'s directory (new, or the one to '
@@ -100,14 +101,17 @@ class Federation:
     _reap()
     (self.state_dir / PIDS).unlink(missing_ok=True)
 
-  def up(self, nodes: int) -> str:
-    """Starts the SuperLink and the end devices; returns the SuperLink's address."""
+  def up(self, nodes: int, route: Optional[Callable[[int, str], str]] = None) -> str:
+    """Starts the SuperLink and the end devices; returns the SuperLink's address. route(i, link):
+    the address end device i dials for the SuperLink at `link` (a relay that counts the bytes:
+    measure.py); None: the SuperLink's own."""
     link = f'127.0.0.1:{free_port()}'   # one HTTP port serves the Fleet, Control and Runtime APIs
     self.start('superlink', 'flower-superlink', '--insecure',
                '--disable-runtime-dependency-installation', '--host', '127.0.0.1',
                '--port', link.split(':')[1])
     for i in range(nodes):
-      self.start(f'node{i}', 'flower-supernode', '--insecure', '--superlink', link,
+      self.start(f'node{i}', 'flower-supernode', '--insecure', '--superlink',
+                 link if route is None else route(i, link),
                  '--node-config', f'partition-id={i}', '--host', '127.0.0.1',
                  '--port', str(free_port()))
     home = self.state_dir / 'home'
@@ -178,7 +182,7 @@ def wait_for_edge(fed: Federation, timeout: float) -> dict:
   return {'ok': False, 'error': f'the run took longer than --timeout={timeout:g}s'}
 
 
-def _check_flags(config) -> tuple:
+def check_flags(config) -> tuple:
   """(workdir, nodes) after the flags' checks: a bad one is a CooperError (one line, exit 2)."""
   from cooperllm_jax import config as config_lib  # pylint: disable=g-import-not-at-top
   from cooperllm_jax.errors import ConfigError  # pylint: disable=g-import-not-at-top
@@ -198,30 +202,40 @@ def _check_flags(config) -> tuple:
   return workdir, nodes
 
 
-def _main(argv) -> None:
-  del argv
+def federate(config, workdir: pathlib.Path, nodes: int, round_timeout: float, timeout: float,
+             resume: bool, route: Optional[Callable[[int, str], str]] = None,
+             started: Optional[Callable[[Federation], None]] = None) -> dict:
+  """Runs `config` on a loopback federation in workdir (the module docstring) and stops it;
+  returns the edge's status. started(federation) is called once its processes are up."""
   import tomli_w  # pylint: disable=g-import-not-at-top
-  with cli.main_errors():
-    workdir, nodes = _check_flags(_CONFIG.value)
   state_dir = workdir / 'flower'
   fed = Federation(state_dir)
   signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))   # runs the finally below
   ctypes.CDLL(None, use_errno=True).prctl(PR_SET_CHILD_SUBREAPER, 1)
   try:
     (state_dir / STATUS).unlink(missing_ok=True)
-    fed.up(nodes)
+    fed.up(nodes, route)
+    if started is not None:
+      started(fed)
     run_config = state_dir / 'run_config.toml'
     run_config.write_text(tomli_w.dumps({
-        'config': _CONFIG.value.to_json(), 'workdir': str(workdir / 'run'),
-        'state-dir': str(state_dir), 'nodes': nodes, 'round-timeout': _ROUND_TIMEOUT.value,
-        'resume': _RESUME.value}))
+        'config': config.to_json(), 'workdir': str(workdir / 'run'), 'state-dir': str(state_dir),
+        'nodes': nodes, 'round-timeout': round_timeout, 'resume': resume}))
     with open(fed.logs / 'flwr_run.log', 'ab') as log:
       subprocess.run([str(BIN / 'flwr'), 'run', str(APP), 'local', '--run-config',
                       str(run_config)], stdout=log, stderr=subprocess.STDOUT, env=fed.env,
                      check=True, timeout=120)
-    status = wait_for_edge(fed, _TIMEOUT.value)
+    return wait_for_edge(fed, timeout)
   finally:
     fed.stop()
+
+
+def _main(argv) -> None:
+  del argv
+  with cli.main_errors():
+    workdir, nodes = check_flags(CONFIG.value)
+  status = federate(CONFIG.value, workdir, nodes, _ROUND_TIMEOUT.value, _TIMEOUT.value,
+                    _RESUME.value)
   if not status['ok']:
     cli.fail(status['error'])
   summary = json.loads((workdir / 'run' / 'summary.json').read_text())
@@ -231,7 +245,8 @@ def _main(argv) -> None:
 
 
 def main() -> None:
-  cli.run(_main, _CONFIG)
+  cli.run(_main, CONFIG, lambda: __doc__.strip() + '\n\nflags:\n' + flags.FLAGS.module_help(
+      flags.FLAGS.find_module_defining_flag('workdir')))
 
 
 if __name__ == '__main__':
