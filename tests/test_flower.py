@@ -21,7 +21,7 @@ from test_resume import _ledger, _restore_raw  # pylint: disable=g-import-not-at
 
 from cooperllm_jax.deploy import local  # pylint: disable=g-import-not-at-top
 
-ROUNDS = 3
+ROUNDS = 2
 TINY = ('--config=experiments/configs/demo.py:cooperllm', '--config.num_clients=2',
         '--config.clients_per_round=2', '--config.local_steps=2', '--config.batch_size=4',
         '--config.max_length=16', '--config.min_client_size=2', '--config.partition=iid',
@@ -73,8 +73,9 @@ def _bits(tree):
   return [np.asarray(x).tobytes() for x in jax.tree.leaves(tree)]
 
 
+@pytest.mark.slow
 def test_a_deployed_run_is_the_in_process_run_bit_for_bit_also_after_its_edge_is_killed(tmp_path):
-  """Rounds 1-2 deployed, the edge (the ServerApp's process) killed, the run resumed to round 3:
+  """Round 1 deployed, the edge (the ServerApp's process) killed, the run resumed to round 2:
   every round's model equals the in-process run's, and the ledger replays."""
   reference = tmp_path / 'reference'
   done = _train(reference, *_flags(tmp_path), '--progress=false')
@@ -82,7 +83,7 @@ def test_a_deployed_run_is_the_in_process_run_bit_for_bit_also_after_its_edge_is
   fed = tmp_path / 'fed'
   proc = _launch(fed, *_flags(tmp_path), '--round_timeout=300')
   try:
-    _wait(lambda: len(_rounds(fed / 'run')) >= 2, proc, 'round 2 of the deployed run')
+    _wait(lambda: len(_rounds(fed / 'run')) >= 1, proc, 'round 1 of the deployed run')
     pids, _ = _tree(fed)
     edges = [p for p in local.descendants(pids['superlink'])
              if b'flwr-serverapp' in pathlib.Path(f'/proc/{p}/cmdline').read_bytes()]
@@ -107,6 +108,7 @@ def test_a_deployed_run_is_the_in_process_run_bit_for_bit_also_after_its_edge_is
   assert replay.returncode == 0 and 'equal bit for bit' in replay.stdout, replay.stderr[-2000:]
 
 
+@pytest.mark.slow
 def test_an_end_device_killed_mid_round_is_a_dropout_and_the_run_goes_on(tmp_path):
   """End device 1 dies while it trains in round 1: round 1 completes with it missing (weight 0 in
   the ledger), round 2 runs without it, and the launcher leaves no process behind."""

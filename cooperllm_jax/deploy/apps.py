@@ -120,8 +120,10 @@ def edge(grid: Grid, context: Context) -> None:
   try:
     config = _config(rc)
     cfg = config_lib.parse(config)
+    asked = time.perf_counter()
     nodes = discover(grid, int(rc['nodes']), float(rc['round-timeout']))
-    print(f'edge: end devices {sorted(nodes)} connected', flush=True)
+    print(f'edge: end devices {sorted(nodes)} connected and answered a query in '
+          f'{time.perf_counter() - asked:.1f}s', flush=True)
     clients = FlowerClients(grid, nodes, cfg.local_steps, cfg.zo.probes,
                             float(rc['round-timeout']), state_dir / WIRE_LOG)
     train_and_evaluate(config, rc['workdir'], resume=bool(rc['resume']),
