@@ -74,13 +74,14 @@ def test_report_picks_by_validation_and_measures_the_gap_on_test(tmp_path):
   assert row['share_of_full'] == pytest.approx(0.25)   # (0.75 - 0.70) / (0.90 - 0.70)
   assert full['share_of_full'] == pytest.approx(1.0)
   assert not row['grid_edge']
-  assert '| pca | 8 | adam | 0.003 |' in (tmp_path / 'oracle.md').read_text()
+  assert '| pca | 8 | adam | exact | 0.003 |' in (tmp_path / 'oracle.md').read_text()
 
 
 @pytest.mark.parametrize('flag, message', [
     ('--settings=nope', "unknown setting 'nope'"),
     ('--candidates=pca,bogus', "unknown candidate 'bogus'"),
-    ('--ms=8,x', "--ms takes positive integers, got 'x'")])
+    ('--ms=8,x', "--ms takes positive integers, got 'x'"),
+    ('--estimates=exact,spsa', "unknown estimate 'spsa'")])
 def test_bad_flags_are_one_line_errors_that_write_nothing(tmp_path, flag, message):
   import subprocess
   import sys
@@ -108,3 +109,35 @@ def test_diagnostic_bases_span_the_private_data_they_are_built_from():
   v = build('private_pca', 4, None, {}, None, 0, private_g)
   assert distance(v, vt[:4].T) == pytest.approx(0.0, abs=1e-3)
   assert distance(v, vt[4:8].T) == pytest.approx(1.0, abs=1e-3)
+
+
+def test_gaussian_probe_estimate_is_unbiased():
+  """Averaged over rounds (fresh u each), one probe per client recovers sum_i w_i h_i: the
+  Monte-Carlo mean within 4 standard errors of the truth, coordinate by coordinate."""
+  from experiments.bench.oracle_subspace import probe_estimate
+  rng = np.random.default_rng(3)
+  hs = rng.standard_normal((20, 8))
+  w = rng.random(20)
+  w /= w.sum()
+  truth = w @ hs
+  draws = np.stack([probe_estimate('gaussian', hs, w, np.arange(20), r, 0) for r in range(4000)])
+  se = draws.std(axis=0) / np.sqrt(len(draws))
+  assert np.all(np.abs(draws.mean(axis=0) - truth) < 4 * se)
+  assert np.linalg.norm(draws.mean(axis=0) - truth) < 0.2 * np.linalg.norm(truth) + 4 * se.max()
+
+
+def test_coordinate_design_is_exact_when_the_clients_agree():
+  """Clients with the same gradient: every coordinate the round's design covers is exact, the
+  others are 0; across rounds the design covers every coordinate."""
+  from experiments.bench.oracle_subspace import probe_estimate
+  h = np.arange(1.0, 33.0)
+  hs = np.tile(h, (20, 1))
+  w = np.full(20, 1 / 20)
+  seen = np.zeros(32, bool)
+  for r in range(1, 4):
+    est = probe_estimate('coordinates', hs, w, np.arange(20), r, 0)
+    covered = est != 0
+    assert covered.sum() == 20
+    np.testing.assert_allclose(est[covered], h[covered])
+    seen |= covered
+  assert seen.all()

@@ -29,6 +29,16 @@ Two diagnostics the cloud cannot build (they read the private data), bounds for 
   full_path    top-m principal directions of full's own steps (at full's picked rate): whether
                the headroom lives in m dimensions at all
 
+Estimates of h = V^T g (--estimates): `exact` (the oracle), or what the clients' probes give,
+one probe per sampled client and round, each measuring only the directional derivative
+d_i = g_i . V u_i of its own batch gradient g_i (a central difference at small eps, to O(eps^2)):
+
+  gaussian     u_i ~ N(0, I_m): h = sum_i w_i d_i u_i (unbiased, w the FedAvg weights)
+  coordinates  u_i = e_j with j = (round * C + i) mod m, an orthogonal design across the round's
+               clients: h_j = the weighted mean of d_i over the clients on j (0 if none)
+
+The realized gain of a V against its exact oracle is the protocol's mechanism check.
+
 For each V: the gap closed, (acc - acc_cloud_only) / (acc_fedavg_bp - acc_cloud_only) on the
 test split (fedavg_bp: the benchmark's committed runs, backprop on the clients from the
 pretrained model), and two cheap predictors at the start model: the subspace distance to the
@@ -42,6 +52,7 @@ Every (V, m, rule, rate) run is one JSON file under --out/<setting>/seed=<s>/; f
 read back, so the study resumes across sessions. The cloud's training is cached (--cache).
 """
 
+import itertools
 import json
 import math
 import pathlib
@@ -157,6 +168,14 @@ class Study:
       return jax.grad(total)(flat)
 
     self.private_grad = private_grad
+
+    @jax.jit
+    def client_grads(flat, batches):
+      """Each sampled client's own mean batch gradient [C, d] (what its probes measure)."""
+      one = lambda b: jax.grad(lambda f: jax.vmap(lambda s: loss(f, s))(b).mean())(flat)
+      return jax.lax.map(one, batches)
+
+    self.client_grads = client_grads
 
     @jax.jit
     def per_example(flat, batch):
@@ -340,10 +359,32 @@ def captured(v: Optional[np.ndarray], g: np.ndarray) -> float:
 
 # ---- the oracle run -------------------------------------------------------------------------------
 
+ESTIMATES = ('exact', 'gaussian', 'coordinates')
+
+
+def probe_estimate(estimate: str, hs: np.ndarray, weights: np.ndarray, clients: np.ndarray,
+                   round_index: int, seed: int) -> np.ndarray:
+  """The edge's estimate of sum_i w_i hs[i] [m] when client i reports only hs[i] . u_i
+  (the module docstring); u_i is a function of (seed, round, client id), as the probe keys are."""
+  c, m = hs.shape
+  if estimate == 'gaussian':
+    u = np.stack([np.random.default_rng([seed, round_index, int(k), 0x9B0BE]).standard_normal(m)
+                  for k in clients])
+    return ((weights * np.sum(hs * u, axis=1))[:, None] * u).sum(axis=0)
+  if estimate == 'coordinates':
+    j = (round_index * c + np.arange(c)) % m
+    total, mass = np.zeros(m), np.zeros(m)
+    np.add.at(total, j, weights * hs[np.arange(c), j])
+    np.add.at(mass, j, weights)
+    return np.where(mass > 0, total / np.where(mass > 0, mass, 1.0), 0.0)
+  raise ConfigError(f'unknown estimate {estimate!r}; choose from {", ".join(ESTIMATES)}')
+
+
 def oracle_run(study: Study, theta0: np.ndarray, v0: Optional[np.ndarray], rule: str, lr: float,
-               pool: Optional[np.ndarray], steps: Optional[list] = None) -> dict:
-  """The edge's rounds with the exact private gradient projected on V (pool: refreshed);
-  each round's step [d] is appended to `steps` if given."""
+               pool: Optional[np.ndarray], steps: Optional[list] = None,
+               estimate: str = 'exact') -> dict:
+  """The edge's rounds with the private gradient projected on V (pool: refreshed), exact or as
+  the clients' probes estimate it; each round's step [d] is appended to `steps` if given."""
   cfg = study.cfg
   theta = jnp.asarray(theta0)
   v = None if v0 is None else jnp.asarray(v0)
@@ -356,8 +397,14 @@ def oracle_run(study: Study, theta0: np.ndarray, v0: Optional[np.ndarray], rule:
       history = history[1:] + [np.asarray(study.public_grad(theta, r))]
       v = jnp.asarray(orthonormal(np.stack(history, axis=1)))
     sampled, batches, counts = study.task.round_inputs(cfg, r)
-    g = study.private_grad(theta, jax.tree.map(jnp.asarray, batches), jnp.asarray(counts))
-    h = g if v is None else v.T @ g
+    batches = jax.tree.map(jnp.asarray, batches)
+    if estimate == 'exact':
+      g = study.private_grad(theta, batches, jnp.asarray(counts))
+      h = g if v is None else v.T @ g
+    else:
+      hs = np.asarray(study.client_grads(theta, batches) @ v, np.float64)
+      h = jnp.asarray(probe_estimate(estimate, hs, np.asarray(fedavg_weights(counts)), sampled,
+                                     r, cfg.seed), jnp.float32)
     if rule == 'sgd':
       step = lr * h
     else:
@@ -375,7 +422,7 @@ def oracle_run(study: Study, theta0: np.ndarray, v0: Optional[np.ndarray], rule:
 
 
 def study_one(setting: str, seed: int, candidates, ms, rule: str, lrs, out: pathlib.Path,
-              cache: pathlib.Path, bench: pathlib.Path) -> None:
+              cache: pathlib.Path, bench: pathlib.Path, estimates=('exact',)) -> None:
   cfg = run_config(setting, seed, bench)
   study = Study(cfg)
   t0 = time.time()
@@ -428,15 +475,16 @@ def study_one(setting: str, seed: int, candidates, ms, rule: str, lrs, out: path
     for m in (ms if candidate != 'full' else (0,)):
       v = build(candidate, m, study, cloud, public_g, seed, private_g, full_steps)
       pool = cloud['grads'][-m:] if candidate == 'pool' else None
-      for lr in lrs:
-        path = root / f'{candidate}_m{m}_{rule}_lr{lr:g}.json'
+      for estimate, lr in itertools.product(estimates if v is not None else ('exact',), lrs):
+        suffix = '' if estimate == 'exact' else f'_{estimate}'
+        path = root / f'{candidate}_m{m}_{rule}_lr{lr:g}{suffix}.json'
         if path.exists():
           continue
         t = time.time()
-        result = oracle_run(study, theta, v, rule, lr, pool)
+        result = oracle_run(study, theta, v, rule, lr, pool, estimate=estimate)
         result.update(candidate=candidate, m=m if v is not None else int(study.d),
                       basis_rank=int(v.shape[1]) if v is not None else int(study.d),
-                      rule=rule, lr=lr, distance=distance(v, private_top),
+                      rule=rule, estimate=estimate, lr=lr, distance=distance(v, private_top),
                       captured=captured(v, private_mean), seconds=time.time() - t)
         write_text_atomic(path, json.dumps(result, indent=1))
         print(f'{path.name}: {result}', flush=True)
@@ -463,32 +511,34 @@ def report(out: pathlib.Path) -> str:
               f'cloud_only (start): test {base:.4f}, validation {start["val_accuracy"]:.4f}; '
               f'fedavg_bp test: {"not run" if top is None else f"{top:.4f}"}; cloud_only with '
               f'its head bias refit on validation: {recal_text}', '',
-              '| V | m | rule | picked lr | val acc | test acc | gap closed | of full\'s gain | '
-              'val loss | distance | captured | grid edge |', '| --- ' * 12 + '|']
+              '| V | m | rule | h | picked lr | val acc | test acc | gap closed | of full\'s gain '
+              '| val loss | distance | captured | grid edge |', '| --- ' * 13 + '|']
     groups = {}
-    for r in runs:
-      groups.setdefault((r['candidate'], r['m'], r['rule']), []).append(r)
+    for r in runs:   # runs from before the probe estimates are exact
+      groups.setdefault((r['candidate'], r['m'], r['rule'], r.get('estimate', 'exact')),
+                        []).append(r)
     picks = {key: max((r for r in rs if not r['diverged']),
                       key=lambda r: (r['val_accuracy'], -r['lr']), default=None)
              for key, rs in groups.items()}
-    for (candidate, m, rule), rs in sorted(groups.items(), key=lambda kv: (
-        CANDIDATES.index(kv[0][0]) if kv[0][0] in CANDIDATES else 99, kv[0][1], kv[0][2])):
-      best = picks[(candidate, m, rule)]
+    for (candidate, m, rule, estimate), rs in sorted(groups.items(), key=lambda kv: (
+        CANDIDATES.index(kv[0][0]) if kv[0][0] in CANDIDATES else 99, kv[0][1], kv[0][2],
+        ESTIMATES.index(kv[0][3]))):
+      best = picks[(candidate, m, rule, estimate)]
       if best is None:
         continue
       lrs = sorted(r['lr'] for r in rs)
       gap = None if top is None or top == base else (best['test_accuracy'] - base) / (top - base)
-      full = [b for (c, _, r), b in picks.items() if c == 'full' and r == rule and b is not None]
+      full = [b for (c, _, r, _), b in picks.items() if c == 'full' and r == rule and b is not None]
       share = (None if not full or full[0]['test_accuracy'] == base
                else (best['test_accuracy'] - base) / (full[0]['test_accuracy'] - base))
       row = dict(setting=start['setting'], seed=start['seed'], candidate=candidate, m=m,
-                 rule=rule, lr=best['lr'], val_accuracy=best['val_accuracy'],
+                 rule=rule, estimate=estimate, lr=best['lr'], val_accuracy=best['val_accuracy'],
                  test_accuracy=best['test_accuracy'], gap_closed=gap, share_of_full=share,
                  val_loss=best['val_loss'], distance=best['distance'],
                  captured=best['captured'], grid_edge=best['lr'] in (lrs[0], lrs[-1]),
                  rates_tried=len(rs), start_test_accuracy=base, fedavg_bp_test_accuracy=top)
       table.append(row)
-      lines.append(f'| {candidate} | {m} | {rule} | {best["lr"]:g} | '
+      lines.append(f'| {candidate} | {m} | {rule} | {estimate} | {best["lr"]:g} | '
                    f'{best["val_accuracy"]:.4f} | {best["test_accuracy"]:.4f} | '
                    f'{"" if gap is None else f"{gap:+.2f}"} | '
                    f'{"" if share is None else f"{share:+.2f}"} | {best["val_loss"]:.4f} | '
@@ -508,6 +558,8 @@ def define_flags() -> None:
   flags.DEFINE_list('candidates', list(CANDIDATES), 'V constructions.')
   flags.DEFINE_list('ms', ['4', '8', '16', '32', '64'], 'Subspace dimensions m.')
   flags.DEFINE_enum('rule', 'adam', list(GRIDS), 'The edge\'s step rule.')
+  flags.DEFINE_list('estimates', ['exact'], 'How the edge gets h = V^T g: exact, or the '
+                    'clients\' probes (gaussian, coordinates).')
   flags.DEFINE_list('lrs', [], 'Rates to try (default: the rule\'s grid).')
   flags.DEFINE_enum('stage', 'all', ['all', 'runs', 'report'], 'Runs, the table, or both.')
   flags.DEFINE_string('out', 'experiments/results/oracle_subspace', 'Result JSON files.')
@@ -527,6 +579,8 @@ def main(argv):
                for s in f.settings if s not in SETTINGS]
   problems += [f'--ms takes positive integers, got {m!r}' for m in f.ms
                if not (m.isdigit() and int(m) > 0)]
+  problems += [f'unknown estimate {e!r}; choose from {", ".join(ESTIMATES)}'
+               for e in f.estimates if e not in ESTIMATES]
   if problems:
     print(f'error: {problems[0]}', file=sys.stderr)
     sys.exit(2)
@@ -535,7 +589,7 @@ def main(argv):
     for setting in f.settings:
       for seed in f.seeds:
         study_one(setting, int(seed), f.candidates, [int(m) for m in f.ms],
-                  f.rule, lrs, out, cache, bench)
+                  f.rule, lrs, out, cache, bench, f.estimates)
   if f.stage in ('all', 'report'):
     print(report(out))
 
