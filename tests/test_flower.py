@@ -83,7 +83,8 @@ def test_a_deployed_run_is_the_in_process_run_bit_for_bit_also_after_its_edge_is
   fed = tmp_path / 'fed'
   proc = _launch(fed, *_flags(tmp_path), '--round_timeout=300')
   try:
-    _wait(lambda: len(_rounds(fed / 'run')) >= 1, proc, 'round 1 of the deployed run')
+    saved = fed / 'run' / 'checkpoints' / '1' / 'commit_success.txt'   # orbax's last write
+    _wait(saved.exists, proc, 'the checkpoint of round 1 of the deployed run')
     pids, _ = _tree(fed)
     edges = [p for p in local.descendants(pids['superlink'])
              if b'flwr-serverapp' in pathlib.Path(f'/proc/{p}/cmdline').read_bytes()]
@@ -140,7 +141,8 @@ def test_bad_input_is_one_error_line_and_nothing_runs(tmp_path):
   (tmp_path / 'full').mkdir()
   (tmp_path / 'full' / 'x').write_text('')
   for flags, says in ((('--nodes=5',), '--nodes=5'), (('--round_timeout=0',), 'positive'),
-                      (('--resume',), 'holds no run')):
+                      (('--resume',), 'holds no run'),
+                      (('--config.algorithm=fedavg_bp',), 'cannot be deployed')):
     workdir = tmp_path / 'fed'
     cmd = [sys.executable, '-m', 'cooperllm_jax.deploy.local', f'--workdir={workdir}',
            *_flags(tmp_path), *flags]

@@ -186,9 +186,16 @@ def check_flags(config) -> tuple:
   """(workdir, nodes) after the flags' checks: a bad one is a CooperError (one line, exit 2)."""
   from cooperllm_jax import config as config_lib  # pylint: disable=g-import-not-at-top
   from cooperllm_jax.errors import ConfigError  # pylint: disable=g-import-not-at-top
+  from cooperllm_jax.federated import registry  # pylint: disable=g-import-not-at-top
+  from cooperllm_jax.federated.api import Deployable  # pylint: disable=g-import-not-at-top
+  import cooperllm_jax.federated.algorithms  # pylint: disable=g-import-not-at-top,unused-import
   if not _WORKDIR.value:
     raise ConfigError('--workdir is required: the federation\'s directory')
   cfg = config_lib.parse(config)
+  if not issubclass(registry.lookup(cfg.algorithm), Deployable):
+    raise ConfigError(f'{cfg.algorithm} does not split its round at the transport '
+                      '(api.Deployable), so it cannot be deployed: the scalar protocols and '
+                      'cooperllm can')
   nodes = cfg.data.num_clients if _NODES.value is None else _NODES.value
   if not 1 <= nodes <= cfg.data.num_clients:
     raise ConfigError(f'--nodes={nodes}: pass 1 to num_clients={cfg.data.num_clients} end devices')
