@@ -19,6 +19,7 @@ resume (bool).
 import json
 import pathlib
 import time
+import traceback
 from typing import Any, Optional
 
 import numpy as np
@@ -29,6 +30,7 @@ from flwr.serverapp import Grid, ServerApp
 from cooperllm_jax.deploy import wire
 
 STATUS = 'edge.json'      # the edge's outcome in state-dir: {"ok": bool, "error": str}
+EDGE_LOG = 'edge.log'     # the edge's log lines (the run loop's) and a failure's traceback
 WIRE_LOG = 'wire.jsonl'   # one line per round: payload bytes down/up per client, seconds
 CACHE = 'jax_cache'       # the end devices' persistent compilation cache in state-dir
 
@@ -109,33 +111,40 @@ def discover(grid: Grid, count: int, timeout: float) -> dict:
 
 @server.main()
 def edge(grid: Grid, context: Context) -> None:
-  """The edge's run: the run loop with FlowerClients; its outcome goes to state-dir/edge.json (an
-  error a user can fix is one line there, anything else keeps its traceback in the log)."""
+  """The edge's run: the run loop with FlowerClients. Its log lines go to state-dir/edge.log (and
+  stdout), its outcome to state-dir/edge.json: an error a user can fix is one line there, anything
+  else also keeps its traceback in the log."""
   from cooperllm_jax import config as config_lib  # pylint: disable=g-import-not-at-top
   from cooperllm_jax.errors import CooperError  # pylint: disable=g-import-not-at-top
   from cooperllm_jax.run.loop import train_and_evaluate  # pylint: disable=g-import-not-at-top
   rc = context.run_config
   state_dir = pathlib.Path(rc['state-dir'])
   status = {'ok': False, 'error': ''}
-  try:
-    config = _config(rc)
-    cfg = config_lib.parse(config)
-    asked = time.perf_counter()
-    nodes = discover(grid, int(rc['nodes']), float(rc['round-timeout']))
-    print(f'edge: end devices {sorted(nodes)} connected and answered a query in '
-          f'{time.perf_counter() - asked:.1f}s', flush=True)
-    clients = FlowerClients(grid, nodes, cfg.local_steps, cfg.zo.probes,
-                            float(rc['round-timeout']), state_dir / WIRE_LOG)
-    train_and_evaluate(config, rc['workdir'], resume=bool(rc['resume']),
-                       log=lambda line: print(line, flush=True), run_clients=clients)
-    status['ok'] = True
-  except CooperError as e:
-    status['error'] = str(e)
-  except Exception as e:
-    status['error'] = f'the edge failed: {type(e).__name__}: {e}'
-    raise
-  finally:
-    (state_dir / STATUS).write_text(json.dumps(status) + '\n')
+  with open(state_dir / EDGE_LOG, 'a') as out:
+    def log(line: str) -> None:
+      print(line, flush=True)
+      out.write(line + '\n')
+      out.flush()
+    try:
+      config = _config(rc)
+      cfg = config_lib.parse(config)
+      asked = time.perf_counter()
+      nodes = discover(grid, int(rc['nodes']), float(rc['round-timeout']))
+      log(f'edge: end devices {sorted(nodes)} connected and answered a query in '
+          f'{time.perf_counter() - asked:.1f}s')
+      clients = FlowerClients(grid, nodes, cfg.local_steps, cfg.zo.probes,
+                              float(rc['round-timeout']), state_dir / WIRE_LOG)
+      train_and_evaluate(config, rc['workdir'], resume=bool(rc['resume']), log=log,
+                         run_clients=clients)
+      status['ok'] = True
+    except CooperError as e:
+      status['error'] = str(e)
+    except Exception as e:
+      status['error'] = f'the edge failed: {type(e).__name__}: {e} (traceback in {out.name})'
+      log(traceback.format_exc())
+      raise
+    finally:
+      (state_dir / STATUS).write_text(json.dumps(status) + '\n')
 
 
 @client.query()
