@@ -144,7 +144,9 @@ def edge(grid: Grid, context: Context) -> None:
       log(traceback.format_exc())
       raise
     finally:
-      (state_dir / STATUS).write_text(json.dumps(status) + '\n')
+      written = state_dir / f'.{STATUS}.tmp'   # whole or not at all: the launcher polls for it
+      written.write_text(json.dumps(status) + '\n')
+      written.replace(state_dir / STATUS)
 
 
 @client.query()

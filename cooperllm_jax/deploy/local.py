@@ -55,6 +55,7 @@ _RESUME = flags.DEFINE_bool('resume', False, 'Continue the run in WORKDIR/run fr
 
 
 def free_port() -> int:
+  """A TCP port on loopback that is free now (the system's pick)."""
   with socket.socket() as s:
     s.bind(('127.0.0.1', 0))
     return s.getsockname()[1]
@@ -229,9 +230,12 @@ def federate(config, workdir: pathlib.Path, nodes: int, round_timeout: float, ti
         'config': config.to_json(), 'workdir': str(workdir / 'run'), 'state-dir': str(state_dir),
         'nodes': nodes, 'round-timeout': round_timeout, 'resume': resume}))
     with open(fed.logs / 'flwr_run.log', 'ab') as log:
-      subprocess.run([str(BIN / 'flwr'), 'run', str(APP), 'local', '--run-config',
-                      str(run_config)], stdout=log, stderr=subprocess.STDOUT, env=fed.env,
-                     check=True, timeout=120)
+      submitted = subprocess.run([str(BIN / 'flwr'), 'run', str(APP), 'local', '--run-config',
+                                  str(run_config)], stdout=log, stderr=subprocess.STDOUT,
+                                 env=fed.env, timeout=120, check=False)
+    if submitted.returncode:
+      return {'ok': False, 'error': f'flwr run failed (exit {submitted.returncode}; its output '
+                                    f'is in {log.name})'}
     return wait_for_edge(fed, timeout)
   finally:
     fed.stop()
