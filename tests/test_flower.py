@@ -16,7 +16,7 @@ import pytest
 
 pytest.importorskip('flwr')
 
-from test_experiment import REPO, _csv, _error_line, _train  # pylint: disable=g-import-not-at-top
+from test_experiment import REPO, _csv, _error_line  # pylint: disable=g-import-not-at-top
 from test_resume import _ledger, _restore_raw  # pylint: disable=g-import-not-at-top
 
 from cooperllm_jax.deploy import local  # pylint: disable=g-import-not-at-top
@@ -77,11 +77,14 @@ def _bits(tree):
 def test_a_deployed_run_is_the_in_process_run_bit_for_bit_also_after_its_edge_is_killed(tmp_path):
   """Round 1 deployed, the edge (the ServerApp's process) killed, the run resumed to round 2:
   every round's model equals the in-process run's, and the ledger replays."""
-  reference = tmp_path / 'reference'
-  done = _train(reference, *_flags(tmp_path), '--progress=false')
-  assert done.returncode == 0, done.stderr[-2000:]
+  flags = _flags(tmp_path)
+  reference = tmp_path / 'reference'   # the CLI's in-process run, beside the federation
+  inline = subprocess.Popen([sys.executable, '-m', 'experiments.train', f'--workdir={reference}',
+                             *flags, '--progress=false'], cwd=REPO,
+                            stdout=subprocess.DEVNULL, stderr=open(f'{reference}.log', 'wb'),
+                            env={**os.environ, 'JAX_PLATFORMS': 'cpu'})
   fed = tmp_path / 'fed'
-  proc = _launch(fed, *_flags(tmp_path), '--round_timeout=300')
+  proc = _launch(fed, *flags, '--round_timeout=300')
   try:
     saved = fed / 'run' / 'checkpoints' / '1' / 'commit_success.txt'   # orbax's last write
     _wait(saved.exists, proc, 'the checkpoint of round 1 of the deployed run')
@@ -94,8 +97,9 @@ def test_a_deployed_run_is_the_in_process_run_bit_for_bit_also_after_its_edge_is
   finally:
     proc.kill()
   assert 'the edge ended without finishing the run' in pathlib.Path(f'{fed}.log').read_text()
-  resumed = _launch(fed, *_flags(tmp_path), '--round_timeout=300', '--resume')
+  resumed = _launch(fed, *flags, '--round_timeout=300', '--resume')
   assert resumed.wait(400) == 0, pathlib.Path(f'{fed}.log').read_text()[-3000:]
+  assert inline.wait(400) == 0, pathlib.Path(f'{reference}.log').read_text()[-2000:]
   for r in range(1, ROUNDS + 1):
     assert _bits(_restore_raw(fed / 'run', r)) == _bits(_restore_raw(reference, r)), r
   assert [r['round'] for r in _rounds(fed / 'run')] == list(range(1, ROUNDS + 1))
@@ -140,16 +144,17 @@ def test_bad_input_is_one_error_line_and_nothing_runs(tmp_path):
   """A bad flag, too many end devices or a non-empty workdir: one line, exit 2."""
   (tmp_path / 'full').mkdir()
   (tmp_path / 'full' / 'x').write_text('')
+  tiny = _flags(tmp_path)
   for flags, says in ((('--nodes=5',), '--nodes=5'), (('--round_timeout=0',), 'positive'),
                       (('--resume',), 'holds no run'),
                       (('--config.algorithm=fedavg_bp',), 'cannot be deployed')):
     workdir = tmp_path / 'fed'
     cmd = [sys.executable, '-m', 'cooperllm_jax.deploy.local', f'--workdir={workdir}',
-           *_flags(tmp_path), *flags]
+           *tiny, *flags]
     done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
     assert says in _error_line(done), done.stderr
     assert not workdir.exists()
   done = subprocess.run([sys.executable, '-m', 'cooperllm_jax.deploy.local',
-                         f'--workdir={tmp_path / "full"}', *_flags(tmp_path)], cwd=REPO,
+                         f'--workdir={tmp_path / "full"}', *tiny], cwd=REPO,
                         capture_output=True, text=True, timeout=120)
   assert 'not empty' in _error_line(done)
