@@ -11,6 +11,8 @@ import subprocess
 import sys
 import time
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -19,7 +21,7 @@ pytest.importorskip('flwr')
 from test_experiment import REPO, _csv, _error_line  # pylint: disable=g-import-not-at-top
 from test_resume import _ledger, _restore_raw  # pylint: disable=g-import-not-at-top
 
-from cooperllm_jax.deploy import local  # pylint: disable=g-import-not-at-top
+from cooperllm_jax.deploy import procs, wire  # pylint: disable=g-import-not-at-top
 
 ROUNDS = 2
 TINY = ('--config=experiments/configs/demo.py:cooperllm', '--config.num_clients=2',
@@ -64,12 +66,11 @@ def _alive(pids):
 
 def _tree(workdir):
   """The ids of every process of the running federation (the launcher's pids.json, descendants)."""
-  pids = json.loads((workdir / 'flower' / local.PIDS).read_text())
-  return pids, {q for p in pids.values() for q in {p} | local.descendants(p)}
+  pids = json.loads((workdir / 'flower' / procs.PIDS).read_text())
+  return pids, {q for p in pids.values() for q in {p} | procs.descendants(p)}
 
 
 def _bits(tree):
-  import jax  # pylint: disable=g-import-not-at-top
   return [np.asarray(x).tobytes() for x in jax.tree.leaves(tree)]
 
 
@@ -89,7 +90,7 @@ def test_a_deployed_run_is_the_in_process_run_bit_for_bit_also_after_its_edge_is
     saved = fed / 'run' / 'checkpoints' / '1' / 'commit_success.txt'   # orbax's last write
     _wait(saved.exists, proc, 'the checkpoint of round 1 of the deployed run')
     pids, _ = _tree(fed)
-    edges = [p for p in local.descendants(pids['superlink'])
+    edges = [p for p in procs.descendants(pids['superlink'])
              if b'flwr-serverapp' in pathlib.Path(f'/proc/{p}/cmdline').read_bytes()]
     assert len(edges) == 1
     os.kill(edges[0], signal.SIGKILL)
@@ -124,9 +125,9 @@ def test_an_end_device_killed_mid_round_is_a_dropout_and_the_run_goes_on(tmp_pat
     _wait(lambda: node_log.exists() and 'end device 1: round 1' in node_log.read_text(), proc,
           'end device 1 training round 1')
     pids, tree = _tree(fed)
-    device = {pids['node1']} | local.descendants(pids['node1'])
+    device = {pids['node1']} | procs.descendants(pids['node1'])
     for pid in device:
-      os.kill(pid, signal.SIGKILL)
+      procs.send(pid, signal.SIGKILL)
     assert proc.wait(400) == 0, pathlib.Path(f'{fed}.log').read_text()[-3000:]
   finally:
     proc.kill()
@@ -158,3 +159,17 @@ def test_bad_input_is_one_error_line_and_nothing_runs(tmp_path):
                          f'--workdir={tmp_path / "full"}', *tiny], cwd=REPO,
                         capture_output=True, text=True, timeout=120)
   assert 'not empty' in _error_line(done)
+
+
+def test_the_wire_keeps_every_dtype_and_bit():
+  """bfloat16 and int4 leaves (which Flower's numpy arrays lose) arrive as they left."""
+  rng = np.random.default_rng(0)
+  tree = {'w': jnp.asarray(rng.normal(size=(3, 5)), jnp.bfloat16),
+          'q': jnp.asarray(rng.integers(-8, 8, size=(4, 2)), jnp.int4),
+          'lr': np.float32(0.01), 'none': None, 'ids': np.arange(3, dtype=np.int32)}
+  back = wire.decode(wire.encode(tree), {'w': 0, 'q': 0, 'lr': 0, 'none': None, 'ids': 0})
+  for a, b in zip(jax.tree.leaves(tree), jax.tree.leaves(back)):
+    assert np.asarray(a).dtype == b.dtype and np.asarray(a).shape == b.shape
+    assert np.asarray(a).tobytes() == b.tobytes()
+  with pytest.raises(ValueError, match='3 arrays for a tree of 1 leaves'):
+    wire.decode(wire.encode([1, 2, 3]), [0])

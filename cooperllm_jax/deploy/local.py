@@ -32,26 +32,32 @@ from ml_collections import config_flags
 
 from cooperllm_jax import cli
 from cooperllm_jax.deploy.apps import STATUS
+from cooperllm_jax.deploy.procs import PIDS, descendants, reap, send
 
 APP = pathlib.Path(__file__).with_name('app')
 ENV = {'FLWR_TELEMETRY_ENABLED': '0', 'FLWR_DISABLE_UPDATE_CHECK': '1'}
 BIN = pathlib.Path(sys.executable).parent
 PR_SET_CHILD_SUBREAPER = 36   # prctl: orphans of our descendants come back to us
-PIDS = 'pids.json'            # {process name: id} in the state dir, while the federation runs
 
-with cli.flag_errors():
-  CONFIG = config_flags.DEFINE_config_file(
-      'config', str(pathlib.Path(__file__).parents[1] / 'configs' / 'default.py'),
-      'Path to a config file with get_config() (as the CLI\'s --config).')
-_WORKDIR = flags.DEFINE_string('workdir', None, 'The federation\'s directory (new, or the one to '
-                               'resume): the run goes to WORKDIR/run.')
-_NODES = flags.DEFINE_integer('nodes', None, 'End devices, holding clients 0..N-1 '
-                              '(default: config.num_clients).')
-_ROUND_TIMEOUT = flags.DEFINE_float('round_timeout', 120.0, 'Seconds the edge waits for the '
-                                    'replies of a round; a missing one is a dropout.')
-_TIMEOUT = flags.DEFINE_float('timeout', 3600.0, 'Seconds the whole run may take.')
-_RESUME = flags.DEFINE_bool('resume', False, 'Continue the run in WORKDIR/run from its newest '
-                            'checkpoint.')
+FLAGS = flags.FLAGS
+
+
+def define_flags():
+  """Defines the command's flags (when it runs, not on import: the CLI defines --config and
+  --workdir too) and returns --config's holder."""
+  with cli.flag_errors():
+    config = config_flags.DEFINE_config_file(
+        'config', str(pathlib.Path(__file__).parents[1] / 'configs' / 'default.py'),
+        'Path to a config file with get_config() (as the CLI\'s --config).')
+  flags.DEFINE_string('workdir', None, 'The federation\'s directory (new, or the one to resume): '
+                      'the run goes to WORKDIR/run.')
+  flags.DEFINE_integer('nodes', None, 'End devices, holding clients 0..N-1 (default: '
+                       'config.num_clients).')
+  flags.DEFINE_float('round_timeout', 120.0, 'Seconds the edge waits for the replies of a round; '
+                     'a missing one is a dropout.')
+  flags.DEFINE_float('timeout', 3600.0, 'Seconds the whole run may take.')
+  flags.DEFINE_bool('resume', False, 'Continue the run in WORKDIR/run from its newest checkpoint.')
+  return config
 
 
 def free_port() -> int:
@@ -88,7 +94,7 @@ class Federation:
       pids |= {proc.pid} | descendants(proc.pid)
     pids |= descendants(os.getpid())
     for pid in pids:
-      _signal(pid, signal.SIGTERM)
+      send(pid, signal.SIGTERM)
     deadline = time.monotonic() + 10
     for proc in self.procs.values():
       try:
@@ -96,10 +102,10 @@ class Federation:
       except subprocess.TimeoutExpired:
         pass
     for pid in pids | descendants(os.getpid()):
-      _signal(pid, signal.SIGKILL)
+      send(pid, signal.SIGKILL)
     for proc in self.procs.values():
       proc.wait()
-    _reap()
+    reap()
     (self.state_dir / PIDS).unlink(missing_ok=True)
 
   def up(self, nodes: int, route: Optional[Callable[[int, str], str]] = None) -> str:
@@ -121,36 +127,6 @@ class Federation:
         f'[superlink]\ndefault = "local"\n\n[superlink.local]\naddress = "{link}"\n'
         'insecure = true\n')
     return link
-
-
-def _signal(pid: int, sig: int) -> None:
-  try:
-    os.kill(pid, sig)
-  except ProcessLookupError:
-    pass
-
-
-def descendants(pid: int) -> set:
-  """The ids of pid's descendants (Linux /proc)."""
-  out, todo = set(), [pid]
-  while todo:
-    try:
-      kids = {int(c) for t in pathlib.Path(f'/proc/{todo.pop()}/task').iterdir()
-              for c in (t / 'children').read_text().split()}
-    except OSError:
-      continue
-    todo.extend(kids - out)
-    out |= kids
-  return out
-
-
-def _reap() -> None:
-  """Collects the exit status of orphans this subreaper adopted."""
-  try:
-    while os.waitpid(-1, os.WNOHANG)[0]:
-      pass
-  except ChildProcessError:
-    pass
 
 
 def _edge_processes(pid: int) -> set:
@@ -190,22 +166,22 @@ def check_flags(config) -> tuple:
   from cooperllm_jax.federated import registry  # pylint: disable=g-import-not-at-top
   from cooperllm_jax.federated.api import Deployable  # pylint: disable=g-import-not-at-top
   import cooperllm_jax.federated.algorithms  # pylint: disable=g-import-not-at-top,unused-import
-  if not _WORKDIR.value:
+  if not FLAGS.workdir:
     raise ConfigError('--workdir is required: the federation\'s directory')
   cfg = config_lib.parse(config)
   if not issubclass(registry.lookup(cfg.algorithm), Deployable):
     raise ConfigError(f'{cfg.algorithm} does not split its round at the transport '
                       '(api.Deployable), so it cannot be deployed: the scalar protocols and '
                       'cooperllm can')
-  nodes = cfg.data.num_clients if _NODES.value is None else _NODES.value
+  nodes = cfg.data.num_clients if FLAGS.nodes is None else FLAGS.nodes
   if not 1 <= nodes <= cfg.data.num_clients:
     raise ConfigError(f'--nodes={nodes}: pass 1 to num_clients={cfg.data.num_clients} end devices')
-  if _ROUND_TIMEOUT.value <= 0 or _TIMEOUT.value <= 0:
+  if FLAGS.round_timeout <= 0 or FLAGS.timeout <= 0:
     raise ConfigError('--round_timeout and --timeout must be positive')
-  workdir = pathlib.Path(_WORKDIR.value).absolute()
-  if _RESUME.value and not (workdir / 'run').is_dir():
+  workdir = pathlib.Path(FLAGS.workdir).absolute()
+  if FLAGS.resume and not (workdir / 'run').is_dir():
     raise ConfigError(f'--resume: {workdir} holds no run ({workdir / "run"} is missing)')
-  if not _RESUME.value and workdir.exists() and any(workdir.iterdir()):
+  if not FLAGS.resume and workdir.exists() and any(workdir.iterdir()):
     raise ConfigError(f'--workdir {workdir} is not empty (pass --resume to continue its run)')
   return workdir, nodes
 
@@ -244,9 +220,9 @@ def federate(config, workdir: pathlib.Path, nodes: int, round_timeout: float, ti
 def _main(argv) -> None:
   del argv
   with cli.main_errors():
-    workdir, nodes = check_flags(CONFIG.value)
-  status = federate(CONFIG.value, workdir, nodes, _ROUND_TIMEOUT.value, _TIMEOUT.value,
-                    _RESUME.value)
+    workdir, nodes = check_flags(FLAGS.config)
+  status = federate(FLAGS.config, workdir, nodes, FLAGS.round_timeout, FLAGS.timeout,
+                    FLAGS.resume)
   if not status['ok']:
     cli.fail(status['error'])
   summary = json.loads((workdir / 'run' / 'summary.json').read_text())
@@ -256,8 +232,9 @@ def _main(argv) -> None:
 
 
 def main() -> None:
-  cli.run(_main, CONFIG, lambda: __doc__.strip() + '\n\nflags:\n' + flags.FLAGS.module_help(
-      flags.FLAGS.find_module_defining_flag('workdir')))
+  config = define_flags()
+  cli.run(_main, config, lambda: __doc__.strip() + '\n\nflags:\n' + FLAGS.module_help(
+      FLAGS.find_module_defining_flag('workdir')))
 
 
 if __name__ == '__main__':

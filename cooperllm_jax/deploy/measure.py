@@ -19,7 +19,7 @@ import time
 from absl import flags
 
 from cooperllm_jax import cli
-from cooperllm_jax.deploy import local
+from cooperllm_jax.deploy import local, procs
 from cooperllm_jax.deploy.apps import WIRE_LOG
 
 FLAGS = flags.FLAGS
@@ -76,7 +76,7 @@ class Memory:
 
   def _sample(self):
     while not self.stop.wait(0.2):
-      for pid in local.descendants(os.getpid()):   # all of them: this process is their subreaper
+      for pid in procs.descendants(os.getpid()):   # all of them: this process is their subreaper
         try:
           cmd = pathlib.Path(f'/proc/{pid}/cmdline').read_bytes()
           status = pathlib.Path(f'/proc/{pid}/status').read_text()
@@ -142,4 +142,4 @@ def _main(argv) -> None:
 
 
 if __name__ == '__main__':
-  cli.run(_main, local.CONFIG)
+  cli.run(_main, local.define_flags())
