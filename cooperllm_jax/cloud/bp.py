@@ -345,7 +345,8 @@ class CloudStep:
     # jit refuses arrays committed elsewhere; device_put is free for those already in place.
     return jitted(*jax.device_put(args, in_sh))
 
-  def jit_on_mesh(self, trainable, frozen, batches):
+  def jit_on_mesh(self, trainable: PyTree, frozen: PyTree,
+                  batches: dict) -> tuple[Callable, tuple]:
     """(the jitted program `step` runs on the mesh for arrays shaped like these, its input
     shardings): step(cloud_state, trainable, frozen, batches, key_data) -> (cloud_state,
     direction, stats), cloud_state donated. Public so it can be exported (jax.export) or
