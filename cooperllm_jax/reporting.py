@@ -15,10 +15,6 @@ import pathlib
 import time
 from typing import Optional
 
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
-from matplotlib.patches import Rectangle
-from matplotlib.ticker import MaxNLocator
 
 
 def _finite(value):
@@ -110,6 +106,22 @@ X_AXES = {'round': 'round', 'sim_time_s': 'simulated time (s)',
           'bytes_per_client': 'bytes per client, up + down, so far'}
 
 
+def _figure(**kwargs):
+  """A matplotlib Figure on the Agg canvas. matplotlib is imported at the first plot, not with the
+  package, so the CLI (and its --help) starts without it."""
+  # pylint: disable=g-import-not-at-top
+  from matplotlib.backends.backend_agg import FigureCanvasAgg
+  from matplotlib.figure import Figure
+  fig = Figure(**kwargs)
+  FigureCanvasAgg(fig)
+  return fig
+
+
+def _integer_ticks():
+  from matplotlib.ticker import MaxNLocator  # pylint: disable=g-import-not-at-top
+  return MaxNLocator(integer=True)
+
+
 def _curve(ax, rows: list[dict], x: str, key: str, **kwargs) -> None:
   """key against x over the rows that have both (accuracy is only measured on eval rounds, loss
   not at round 0); markers keep a curve with a single point visible."""
@@ -145,8 +157,7 @@ def plot_accuracy(runs: dict[str, list[dict]], path, title: str, x: str = 'round
   safe in headless jobs. A single run gets no legend (bar the target's): the title names it.
   """
   with_loss = any('train_loss' in row for rows in runs.values() for row in rows)
-  fig = Figure(figsize=(7, 7 if with_loss else 4.5), layout='constrained')
-  FigureCanvasAgg(fig)
+  fig = _figure(figsize=(7, 7 if with_loss else 4.5), layout='constrained')
   axes = fig.subplots(2 if with_loss else 1, 1, sharex=True, squeeze=False)[:, 0]
   for ax, (key, label) in zip(axes, [('test_accuracy', 'test accuracy'),
                                      ('train_loss', 'train loss')]):
@@ -160,7 +171,7 @@ def plot_accuracy(runs: dict[str, list[dict]], path, title: str, x: str = 'round
     axes[0].legend()
   axes[-1].set_xlabel(X_AXES[x])
   if x == 'round':
-    axes[-1].xaxis.set_major_locator(MaxNLocator(integer=True))
+    axes[-1].xaxis.set_major_locator(_integer_ticks())
   else:
     _wide_axis(axes[-1], runs.values(), x)
   fig.suptitle(title)
@@ -172,8 +183,7 @@ def plot_run(rows: list[dict], path, title: str, chance: Optional[float] = None)
   (with `chance`, the majority-class rate of the test split, as a dotted line), train loss, and
   the bytes each client sent and received per round (log scale: uplinks of scalars are 1e4-1e7
   times smaller than dense ones)."""
-  fig = Figure(figsize=(11, 7), layout='constrained')
-  FigureCanvasAgg(fig)
+  fig = _figure(figsize=(11, 7), layout='constrained')
   (acc_r, acc_t), (loss, comm) = fig.subplots(2, 2)
   for ax, x in ((acc_r, 'round'), (acc_t, 'sim_time_s')):
     _curve(ax, rows, x, 'test_accuracy', label='test accuracy')
@@ -193,7 +203,7 @@ def plot_run(rows: list[dict], path, title: str, chance: Optional[float] = None)
   comm.legend(loc='best')
   for ax in (acc_r, loss, comm):
     ax.set_xlabel('round')
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.xaxis.set_major_locator(_integer_ticks())
   for ax in (acc_r, acc_t, loss, comm):
     ax.grid(True, alpha=0.3)
   fig.suptitle(title)
@@ -205,8 +215,7 @@ def plot_comparison(runs: dict[str, list[dict]], path, title: str) -> None:
   bytes each client moved, and the learning rate each round ran at (log scale) with the divergence
   guard's rollbacks marked x."""
   runs = {name: with_bytes_moved(rows) for name, rows in runs.items()}
-  fig = Figure(figsize=(12, 8), layout='constrained')
-  FigureCanvasAgg(fig)
+  fig = _figure(figsize=(12, 8), layout='constrained')
   (by_round, by_time), (by_bytes, rate) = fig.subplots(2, 2)
   for ax, x in ((by_round, 'round'), (by_time, 'sim_time_s'), (by_bytes, 'bytes_per_client')):
     for name, rows in runs.items():
@@ -229,7 +238,7 @@ def plot_comparison(runs: dict[str, list[dict]], path, title: str) -> None:
   rate.grid(True, alpha=0.3)
   rate.legend(loc='best', fontsize=8)
   for ax in (by_round, rate):
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.xaxis.set_major_locator(_integer_ticks())
   by_round.legend(loc='lower right', fontsize=8)
   fig.suptitle(title)
   fig.savefig(path, dpi=120)
@@ -349,8 +358,7 @@ def plot_gantt(timelines: dict, path, title: str) -> None:
     for e in sorted(events.values(), key=lambda e: e.start):
       if e.task.resource not in rows:
         rows.append(e.task.resource)
-  fig = Figure(figsize=(10, 1.2 + 0.32 * len(rows) * len(timelines)), layout='constrained')
-  FigureCanvasAgg(fig)
+  fig = _figure(figsize=(10, 1.2 + 0.32 * len(rows) * len(timelines)), layout='constrained')
   axes = fig.subplots(len(timelines), 1, sharex=True, squeeze=False)[:, 0]
   for ax, (name, events) in zip(axes, timelines.items()):
     for e in events.values():
@@ -364,6 +372,7 @@ def plot_gantt(timelines: dict, path, title: str) -> None:
     ax.invert_yaxis()
     ax.grid(True, axis='x', alpha=0.3)
   axes[-1].set_xlabel('simulated time (s)')
+  from matplotlib.patches import Rectangle  # pylint: disable=g-import-not-at-top
   handles = [Rectangle((0, 0), 1, 1, color=c) for c in GANTT_COLORS.values()]
   axes[0].legend(handles, list(GANTT_COLORS), fontsize=7, loc='lower right', ncols=4)
   fig.suptitle(title)
