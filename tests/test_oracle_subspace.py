@@ -141,3 +141,18 @@ def test_coordinate_design_is_exact_when_the_clients_agree():
     np.testing.assert_allclose(est[covered], h[covered])
     seen |= covered
   assert seen.all()
+
+
+def test_probes_of_a_client_are_clients_of_a_share_of_its_weight():
+  """P probes per client estimate as P times the clients at weight w / P: with the coordinate
+  design and agreeing clients, 4 probes of 8 clients cover all 32 coordinates in one round."""
+  from experiments.bench.oracle_subspace import probe_estimate
+  h = np.arange(1.0, 33.0)
+  est = probe_estimate('coordinates', np.tile(h, (8, 1)), np.full(8, 1 / 8), np.arange(8), 1, 0,
+                       probes=4)
+  np.testing.assert_allclose(est, h)
+  def mse(probes):   # over 300 rounds (fresh directions each)
+    return np.mean([np.sum((probe_estimate('gaussian', np.tile(h, (8, 1)), np.full(8, 1 / 8),
+                                           np.arange(8), r, 0, probes=probes) - h) ** 2)
+                    for r in range(300)])
+  assert 3.0 < mse(1) / mse(4) < 5.3   # 4 times the probes: a quarter of the variance

@@ -363,9 +363,16 @@ ESTIMATES = ('exact', 'gaussian', 'coordinates')
 
 
 def probe_estimate(estimate: str, hs: np.ndarray, weights: np.ndarray, clients: np.ndarray,
-                   round_index: int, seed: int) -> np.ndarray:
-  """The edge's estimate of sum_i w_i hs[i] [m] when client i reports only hs[i] . u_i
-  (the module docstring); u_i is a function of (seed, round, client id), as the probe keys are."""
+                   round_index: int, seed: int, probes: int = 1) -> np.ndarray:
+  """The edge's estimate of sum_i w_i hs[i] [m] when client i reports only hs[i] . u_ip for its
+  `probes` directions u_ip (the module docstring); u is a function of (seed, round, client id,
+  probe), as the probe keys are. P probes of a client count as P clients of weight w_i / P."""
+  if probes > 1:
+    return probe_estimate(estimate, np.repeat(hs, probes, axis=0),
+                          np.repeat(weights, probes) / probes,
+                          np.asarray(clients, np.int64)[:, None] * probes + np.arange(probes),
+                          round_index, seed)
+  clients = np.ravel(clients)
   c, m = hs.shape
   if estimate == 'gaussian':
     u = np.stack([np.random.default_rng([seed, round_index, int(k), 0x9B0BE]).standard_normal(m)
@@ -382,7 +389,7 @@ def probe_estimate(estimate: str, hs: np.ndarray, weights: np.ndarray, clients: 
 
 def oracle_run(study: Study, theta0: np.ndarray, v0: Optional[np.ndarray], rule: str, lr: float,
                pool: Optional[np.ndarray], steps: Optional[list] = None,
-               estimate: str = 'exact') -> dict:
+               estimate: str = 'exact', probes: int = 1) -> dict:
   """The edge's rounds with the private gradient projected on V (pool: refreshed), exact or as
   the clients' probes estimate it; each round's step [d] is appended to `steps` if given."""
   cfg = study.cfg
@@ -404,7 +411,7 @@ def oracle_run(study: Study, theta0: np.ndarray, v0: Optional[np.ndarray], rule:
     else:
       hs = np.asarray(study.client_grads(theta, batches) @ v, np.float64)
       h = jnp.asarray(probe_estimate(estimate, hs, np.asarray(fedavg_weights(counts)), sampled,
-                                     r, cfg.seed), jnp.float32)
+                                     r, cfg.seed, probes), jnp.float32)
     if rule == 'sgd':
       step = lr * h
     else:
@@ -422,7 +429,8 @@ def oracle_run(study: Study, theta0: np.ndarray, v0: Optional[np.ndarray], rule:
 
 
 def study_one(setting: str, seed: int, candidates, ms, rule: str, lrs, out: pathlib.Path,
-              cache: pathlib.Path, bench: pathlib.Path, estimates=('exact',)) -> None:
+              cache: pathlib.Path, bench: pathlib.Path, estimates=('exact',),
+              probes: int = 1) -> None:
   cfg = run_config(setting, seed, bench)
   study = Study(cfg)
   t0 = time.time()
@@ -476,15 +484,17 @@ def study_one(setting: str, seed: int, candidates, ms, rule: str, lrs, out: path
       v = build(candidate, m, study, cloud, public_g, seed, private_g, full_steps)
       pool = cloud['grads'][-m:] if candidate == 'pool' else None
       for estimate, lr in itertools.product(estimates if v is not None else ('exact',), lrs):
-        suffix = '' if estimate == 'exact' else f'_{estimate}'
+        suffix = ('' if estimate == 'exact' else f'_{estimate}'
+                  + (f'_p{probes}' if probes > 1 else ''))
         path = root / f'{candidate}_m{m}_{rule}_lr{lr:g}{suffix}.json'
         if path.exists():
           continue
         t = time.time()
-        result = oracle_run(study, theta, v, rule, lr, pool, estimate=estimate)
+        result = oracle_run(study, theta, v, rule, lr, pool, estimate=estimate, probes=probes)
         result.update(candidate=candidate, m=m if v is not None else int(study.d),
                       basis_rank=int(v.shape[1]) if v is not None else int(study.d),
-                      rule=rule, estimate=estimate, lr=lr, distance=distance(v, private_top),
+                      rule=rule, estimate=estimate, probes=probes if estimate != 'exact' else 0,
+                      lr=lr, distance=distance(v, private_top),
                       captured=captured(v, private_mean), seconds=time.time() - t)
         write_text_atomic(path, json.dumps(result, indent=1))
         print(f'{path.name}: {result}', flush=True)
@@ -515,14 +525,16 @@ def report(out: pathlib.Path) -> str:
               '| val loss | distance | captured | grid edge |', '| --- ' * 13 + '|']
     groups = {}
     for r in runs:   # runs from before the probe estimates are exact
-      groups.setdefault((r['candidate'], r['m'], r['rule'], r.get('estimate', 'exact')),
-                        []).append(r)
+      estimate = r.get('estimate', 'exact')
+      if estimate != 'exact':
+        estimate += f' x{r.get("probes", 1)}'   # probes per client and round
+      groups.setdefault((r['candidate'], r['m'], r['rule'], estimate), []).append(r)
     picks = {key: max((r for r in rs if not r['diverged']),
                       key=lambda r: (r['val_accuracy'], -r['lr']), default=None)
              for key, rs in groups.items()}
     for (candidate, m, rule, estimate), rs in sorted(groups.items(), key=lambda kv: (
         CANDIDATES.index(kv[0][0]) if kv[0][0] in CANDIDATES else 99, kv[0][1], kv[0][2],
-        ESTIMATES.index(kv[0][3]))):
+        ESTIMATES.index(kv[0][3].split()[0]), kv[0][3])):
       best = picks[(candidate, m, rule, estimate)]
       if best is None:
         continue
@@ -560,6 +572,7 @@ def define_flags() -> None:
   flags.DEFINE_enum('rule', 'adam', list(GRIDS), 'The edge\'s step rule.')
   flags.DEFINE_list('estimates', ['exact'], 'How the edge gets h = V^T g: exact, or the '
                     'clients\' probes (gaussian, coordinates).')
+  flags.DEFINE_integer('probes', 1, 'Probes per client and round of the estimates.', lower_bound=1)
   flags.DEFINE_list('lrs', [], 'Rates to try (default: the rule\'s grid).')
   flags.DEFINE_enum('stage', 'all', ['all', 'runs', 'report'], 'Runs, the table, or both.')
   flags.DEFINE_string('out', 'experiments/results/oracle_subspace', 'Result JSON files.')
@@ -589,7 +602,7 @@ def main(argv):
     for setting in f.settings:
       for seed in f.seeds:
         study_one(setting, int(seed), f.candidates, [int(m) for m in f.ms],
-                  f.rule, lrs, out, cache, bench, f.estimates)
+                  f.rule, lrs, out, cache, bench, f.estimates, f.probes)
   if f.stage in ('all', 'report'):
     print(report(out))
 
