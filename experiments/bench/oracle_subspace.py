@@ -26,12 +26,15 @@ table). Candidates, all orthonormal [d, m] over the trainable leaves (LoRA + hea
 Two diagnostics the cloud cannot build (they read the private data), bounds for an m-dim V:
 
   private_pca  top-m principal directions of the private per-example gradients at the start
-  full_path    top-m principal directions of full's own steps (at full's picked rate): whether
-               the headroom lives in m dimensions at all
+  full_path    top-m principal directions of full's own steps (at full's picked rate). Meant to
+               say whether the headroom lives in m dimensions; with the adam rule the steps are
+               near sign vectors whose principal directions are mostly per-round noise, so it
+               is a weak bound (docs/subspace.md)
 
 Estimates of h = V^T g (--estimates): `exact` (the oracle), or what the clients' probes give,
-one probe per sampled client and round, each measuring only the directional derivative
-d_i = g_i . V u_i of its own batch gradient g_i (a central difference at small eps, to O(eps^2)):
+--probes per sampled client and round (1: the ZO controls' budget), each measuring only the
+directional derivative d_i = g_i . V u_i of its own batch gradient g_i (a central difference at
+small eps, to O(eps^2)):
 
   gaussian     u_i ~ N(0, I_m): h = sum_i w_i d_i u_i (unbiased, w the FedAvg weights)
   coordinates  u_i = e_j with j = (round * C + i) mod m, an orthogonal design across the round's
