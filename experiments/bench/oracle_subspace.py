@@ -537,7 +537,8 @@ def report(out: pathlib.Path) -> str:
              for key, rs in groups.items()}
     for (candidate, m, rule, estimate), rs in sorted(groups.items(), key=lambda kv: (
         CANDIDATES.index(kv[0][0]) if kv[0][0] in CANDIDATES else 99, kv[0][1], kv[0][2],
-        ESTIMATES.index(kv[0][3].split()[0]), kv[0][3])):
+        ESTIMATES.index(kv[0][3].split()[0]), int(kv[0][3].split(' x')[-1] if ' x' in kv[0][3]
+                                                 else 0))):
       best = picks[(candidate, m, rule, estimate)]
       if best is None:
         continue
