@@ -81,7 +81,8 @@ def test_report_picks_by_validation_and_measures_the_gap_on_test(tmp_path):
     ('--settings=nope', "unknown setting 'nope'"),
     ('--candidates=pca,bogus', "unknown candidate 'bogus'"),
     ('--ms=8,x', "--ms takes positive integers, got 'x'"),
-    ('--estimates=exact,spsa', "unknown estimate 'spsa'")])
+    ('--estimates=exact,spsa', "unknown estimate 'spsa'"),
+    ('--probes=0', '--probes takes a positive integer, got 0')])
 def test_bad_flags_are_one_line_errors_that_write_nothing(tmp_path, flag, message):
   import subprocess
   import sys

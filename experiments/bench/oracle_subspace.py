@@ -576,7 +576,7 @@ def define_flags() -> None:
   flags.DEFINE_enum('rule', 'adam', list(GRIDS), 'The edge\'s step rule.')
   flags.DEFINE_list('estimates', ['exact'], 'How the edge gets h = V^T g: exact, or the '
                     'clients\' probes (gaussian, coordinates).')
-  flags.DEFINE_integer('probes', 1, 'Probes per client and round of the estimates.', lower_bound=1)
+  flags.DEFINE_integer('probes', 1, 'Probes per client and round of the estimates.')
   flags.DEFINE_list('lrs', [], 'Rates to try (default: the rule\'s grid).')
   flags.DEFINE_enum('stage', 'all', ['all', 'runs', 'report'], 'Runs, the table, or both.')
   flags.DEFINE_string('out', 'experiments/results/oracle_subspace', 'Result JSON files.')
@@ -598,6 +598,8 @@ def main(argv):
                if not (m.isdigit() and int(m) > 0)]
   problems += [f'unknown estimate {e!r}; choose from {", ".join(ESTIMATES)}'
                for e in f.estimates if e not in ESTIMATES]
+  if f.probes < 1:
+    problems.append(f'--probes takes a positive integer, got {f.probes}')
   if problems:
     print(f'error: {problems[0]}', file=sys.stderr)
     sys.exit(2)
