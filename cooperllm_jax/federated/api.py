@@ -48,7 +48,7 @@ protocol, decorated with `registry.register('name', config=Section)` (docs/algor
 
 import abc
 import dataclasses
-from typing import Any, ClassVar, NamedTuple, Optional, Protocol
+from typing import Any, Callable, ClassVar, NamedTuple, Optional, Protocol
 
 import jax
 import numpy as np
@@ -201,5 +201,12 @@ class Deployable(abc.ABC):
   def run_round(self, state: ServerState, batches: dict, counts: np.ndarray, clients: np.ndarray,
                 round_index: int) -> tuple[ServerState, RoundResult]:
     """Algorithm.run_round: prepare, the clients in this process, apply."""
+    return self.run_round_through(self.run_clients, state, batches, counts, clients, round_index)
+
+  def run_round_through(self, run_clients: Callable[..., Replies], state: ServerState,
+                        batches: dict, counts: np.ndarray, clients: np.ndarray,
+                        round_index: int) -> tuple[ServerState, RoundResult]:
+    """run_round with the clients behind a transport: prepare, run_clients(state, messages,
+    batches) -> Replies (in this process, or a deployment's: cooperllm_jax/deploy), apply."""
     state, messages = self.prepare(state, clients, counts, round_index)
-    return self.apply(state, messages, self.run_clients(state, messages, batches))
+    return self.apply(state, messages, run_clients(state, messages, batches))

@@ -163,9 +163,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: Union[str, os
       if run_clients is None:
         run.state, ctx.result = algorithm.run_round(run.state, batches, counts, ctx.sampled, r)
       else:   # the round split at the transport (docs/engine.md)
-        state, messages = algorithm.prepare(run.state, ctx.sampled, counts, r)
-        run.state, ctx.result = algorithm.apply(state, messages,
-                                                run_clients(state, messages, batches))
+        run.state, ctx.result = algorithm.run_round_through(run_clients, run.state, batches,
+                                                            counts, ctx.sampled, r)
       ctx.guide, run.round = algorithm.guide(run.state), r
       for hook in hooks:
         hook.after_round(run, ctx)
